@@ -1,0 +1,65 @@
+"""Prefill and sampling shared by every language model here.
+
+A model provides `forward(input_ids, state) -> (logits, state)`, `step(token, state) ->
+(logits, state)` and `allocate_state(batch_size)`. Long prompts are prefilled chunk by
+chunk, so memory does not grow with the prompt beyond one chunk (and the model's own state).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+
+class GenerationMixin:
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor, state=None, chunk_len: int = 4096,
+                keep_logits: Callable[[int, int], slice] | None = None):
+        """Run a prompt of any length through the model in chunks.
+
+        Returns (logits of the last token [B, V], state). With `keep_logits`, a function of
+        (chunk start, chunk end) giving the positions whose logits to keep, returns those
+        concatenated instead of only the last.
+        """
+        if state is None:
+            state = self.allocate_state(input_ids.shape[0], input_ids.device)
+        kept = []
+        for start in range(0, input_ids.shape[1], chunk_len):
+            end = min(start + chunk_len, input_ids.shape[1])
+            logits, state = self(input_ids[:, start:end], state)
+            if keep_logits is not None:
+                kept.append(logits[:, keep_logits(start, end)].float())
+            last = logits[:, -1].float()
+        return (torch.cat(kept, 1) if keep_logits is not None else last), state
+
+    @torch.no_grad()
+    def stream(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
+               top_k: int | None = None, greedy: bool = False, chunk_len: int = 4096,
+               generator: torch.Generator | None = None) -> Iterator[Tensor]:
+        """Yield the next token [B] one at a time (O(1) work per token for MemMamba)."""
+        logits, state = self.prefill(input_ids, chunk_len=chunk_len)
+        for i in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, greedy, generator)
+            yield token
+            if i + 1 < max_new_tokens:
+                logits, state = self.step(token, state)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
+        """input_ids [B, T] -> [B, T + max_new_tokens]."""
+        new = list(self.stream(input_ids, max_new_tokens, **kwargs))
+        return torch.cat([input_ids, torch.stack(new, 1)], 1) if new else input_ids
+
+
+def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+           greedy: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    """logits [B, V] -> token ids [B]."""
+    if greedy or temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -1,0 +1,169 @@
+"""MemMamba: a Mamba language model whose layers take notes and read them back.
+
+    u     = RMSNorm(x)
+    c_tok = I_state(u) * Attn(u, pool_l(t))                if I_state(u) > tau2
+    c_lay = Attn(u, pool_{l-g+1}(t) .. pool_l(t))          on every p-th layer
+    xbar  = fuse(u, c_tok, c_lay)
+    x     = x + Mamba(xbar)
+
+`forward(input_ids, state)` runs a whole chunk in parallel and returns the state after it;
+`step(token, state)` runs one token in O(1). With `notes=False` every layer is plain Mamba.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from model.config import MemMambaConfig
+from model.generation import GenerationMixin
+from model.mixer import Mamba
+from model.notes import MemoryAttention, NoteBlock, PoolView
+from model.state import LayerState, ModelState
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class MemMambaLayer(nn.Module):
+    def __init__(self, config: MemMambaConfig, layer_idx: int):
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = Mamba(config)
+        self.has_notes = config.notes
+        self.has_cross_layer = config.has_cross_layer(layer_idx)
+        self.span = config.cross_layer_span
+        if self.has_notes:
+            self.notes = NoteBlock(config)
+            self.state_gate = nn.Linear(config.d_model, 1)           # I_state
+            self.tau2 = config.tau2
+            args = (config.d_model, config.summary_dim, config.attn_dim, config.attn_heads)
+            self.token_attention = MemoryAttention(*args)
+            self.fusion = config.fusion
+            if config.fusion == "weighted":
+                # Learned scalars, small but non-zero so every branch learns from step one.
+                self.fusion_weight = nn.Parameter(torch.full((2,), 0.1))
+            elif config.fusion == "gated":
+                self.fusion_gate = nn.Linear(config.d_model, 2)
+        if self.has_cross_layer:
+            self.layer_attention = MemoryAttention(*args)
+
+    def forward(self, x: Tensor, state: LayerState, position: int, views: tuple[PoolView, ...],
+                sp=None) -> tuple[Tensor, LayerState, PoolView | None]:
+        """x [B, T, D]; `views` are the earlier layers' pool views for these tokens."""
+        u = self.norm(x)
+        view, notes = None, None
+        if self.has_notes:
+            view, notes = self.notes(u, state.notes, position, sp)
+            u = self._read_memory(u, view, views)
+        out, mixer = self.mixer(u, state.mixer, sp)
+        return x + out, LayerState(mixer, notes), view
+
+    def step(self, x: Tensor, state: LayerState, position: int, views: tuple[PoolView, ...]
+             ) -> tuple[Tensor, LayerState, PoolView | None]:
+        """One token, x [B, D]."""
+        u = self.norm(x)
+        view, notes = None, None
+        if self.has_notes:
+            view, notes = self.notes.step(u, state.notes, position)
+            u = self._read_memory(u[:, None], view, views)[:, 0]
+        out, mixer = self.mixer.step(u, state.mixer)
+        return x + out, LayerState(mixer, notes), view
+
+    def _read_memory(self, u: Tensor, view: PoolView, views: tuple[PoolView, ...]) -> Tensor:
+        gate = torch.sigmoid(self.state_gate(u))                    # [B, T, 1]
+        active = gate.detach() > self.tau2
+        c_tok = gate * active * self.token_attention(u, view.notes, view.visible)
+        c_lay = 0.0
+        if self.has_cross_layer:
+            span = (*views, view)[-self.span:]
+            c_lay = self.layer_attention(u, torch.cat([v.notes for v in span], 1),
+                                         torch.cat([v.visible for v in span], -1))
+        if self.fusion == "weighted":
+            return u + self.fusion_weight[0] * c_tok + self.fusion_weight[1] * c_lay
+        if self.fusion == "gated":
+            g = torch.sigmoid(self.fusion_gate(u))
+            return u + g[..., :1] * c_tok + g[..., 1:] * c_lay
+        return u + c_tok + c_lay
+
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> LayerState:
+        notes = self.notes.allocate_state(batch_size, device, dtype) if self.has_notes else None
+        return LayerState(self.mixer.allocate_state(batch_size, device, dtype), notes)
+
+
+class MemMambaLM(GenerationMixin, nn.Module):
+    def __init__(self, config: MemMambaConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(MemMambaLayer(config, i) for i in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # As mamba_ssm: zero biases (except dt's), N(0, 0.02) embeddings, and output
+        # projections scaled by 1/sqrt(n_layer) so the residual stream keeps its scale.
+        if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, Mamba):
+            nn.init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                module.out_proj.weight /= math.sqrt(self.config.n_layer)
+
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
+        return ModelState([layer.allocate_state(batch_size, device, dtype) for layer in self.layers], 0)
+
+    def forward(self, input_ids: Tensor, state: ModelState | None = None, sp=None
+                ) -> tuple[Tensor, ModelState]:
+        """input_ids [B, T] -> (logits [B, T, V], state after the last token)."""
+        hidden, state = self.hidden_states(input_ids, state, sp)
+        return self.lm_head(hidden), state
+
+    def hidden_states(self, input_ids: Tensor, state: ModelState | None = None, sp=None
+                      ) -> tuple[Tensor, ModelState]:
+        """The final normed hidden states [B, T, D] (what the LM head reads) and the state."""
+        if state is None:
+            state = self.allocate_state(input_ids.shape[0], input_ids.device)
+        position = state.position if sp is None else sp.start_position(input_ids.shape[1])
+        x = self.embedding(input_ids)
+        views: tuple[PoolView, ...] = ()   # immutable: checkpointing recomputes with what it was given
+        layer_states = []
+        for layer, layer_state in zip(self.layers, state.layers):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, new_state, view = checkpoint(layer, x, layer_state, position, views, sp, use_reentrant=False)
+            else:
+                x, new_state, view = layer(x, layer_state, position, views, sp)
+            layer_states.append(new_state)
+            if view is not None:
+                views += (view,)
+        end = position + input_ids.shape[1] if sp is None else sp.end_position(input_ids.shape[1])
+        return self.norm_f(x), ModelState(layer_states, end)
+
+    def step(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """token [B] -> (logits [B, V], state). Constant time and memory per token."""
+        x = self.embedding(token)
+        views: tuple[PoolView, ...] = ()
+        layer_states = []
+        for layer, layer_state in zip(self.layers, state.layers):
+            x, new_state, view = layer.step(x, layer_state, state.position, views)
+            layer_states.append(new_state)
+            if view is not None:
+                views += (view,)
+        return self.lm_head(self.norm_f(x)), ModelState(layer_states, state.position + 1)

@@ -1,0 +1,206 @@
+"""Note taking and note reading: the memory of a MemMamba layer.
+
+Semantics (../shared/docs/memmamba-design.md): a token t is kept if I_token(t) > tau1;
+window j (absolute positions [jW, (j+1)W)) becomes one note, the max (or mean) of
+I_token * N(u) over its kept tokens, and makes no note if nothing was kept. pool(t) holds
+the notes of the windows complete at t, at most K of them: the newest (FIFO) or the most
+important (priority; ties go to the newer). Tokens read pool(t) through attention.
+
+The parallel form never loops over tokens. The candidates of a chunk are the carried pool
+plus the notes of the windows that close inside the chunk; since pool(t) only changes when
+a window closes, membership is computed once per "epoch" (number of complete windows) and
+expanded to tokens. `step` is the streaming form: insert one note, evict one note.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import MemMambaConfig
+from model.state import NoteState
+
+
+@dataclass
+class PoolView:
+    """What the tokens of one chunk can read from one layer's memory."""
+    notes: Tensor     # [B, M, S] candidate notes
+    visible: Tensor   # [B, T, M] bool, candidate m is in pool(t)
+
+
+class NoteBlock(nn.Module):
+    def __init__(self, config: MemMambaConfig):
+        super().__init__()
+        self.importance = nn.Linear(config.d_model, 1)                # I_token
+        self.note_proj = nn.Linear(config.d_model, config.summary_dim, bias=False)   # N^l
+        self.window, self.pool_size = config.note_window, config.pool_size
+        self.tau1, self.policy, self.pooling = config.tau1, config.pool_policy, config.pooling
+        self.empty_acc = float("-inf") if config.pooling == "max" else 0.0
+
+    def forward(self, u: Tensor, state: NoteState, position: int, sp=None) -> tuple[PoolView, NoteState]:
+        """u [B, T, D] at absolute positions position.. -> (view for these tokens, state after them)."""
+        T, W, K = u.shape[1], self.window, self.pool_size
+        importance, value, kept = self._score(u)
+
+        # Aggregate the windows this chunk touches: pad to whole windows and reduce.
+        first = position // W
+        lead = position - first * W
+        n_windows = -(-(lead + T) // W)
+        pad = (lead, n_windows * W - lead - T)
+        acc = _windows(torch.where(kept[..., None], value, self.empty_acc), pad, W, self.empty_acc)
+        acc = acc.amax(2) if self.pooling == "max" else acc.sum(2)          # [B, n_windows, S]
+        count = _windows(kept.long(), pad, W, 0).sum(2)                     # [B, n_windows]
+        imp = _windows(torch.where(kept, importance.detach(), 0.0), pad, W, 0.0).amax(2)
+
+        if sp is not None:  # the state at this rank's start, from the earlier ranks' windows
+            state = sp.note_state(self, acc, count, imp, first, position)
+        # The first window continues the carried open window (which is empty when lead == 0).
+        acc = torch.cat([self._combine(state.open_acc, acc[:, 0])[:, None], acc[:, 1:]], 1)
+        count = torch.cat([(state.open_count + count[:, 0])[:, None], count[:, 1:]], 1)
+        imp = torch.cat([torch.maximum(state.open_importance, imp[:, 0])[:, None], imp[:, 1:]], 1)
+
+        n_closed = (position + T) // W - first
+        notes, made = self._finish(acc[:, :n_closed], count[:, :n_closed])
+        closed_window = torch.arange(first, first + n_closed, device=u.device)
+        cand_notes = torch.cat([state.notes, notes.to(state.notes.dtype)], 1)            # [B, M, S]
+        cand_window = torch.cat([state.window, torch.where(made, closed_window, -1)], 1)  # [B, M]
+        cand_imp = torch.cat([state.importance, imp[:, :n_closed]], 1)
+
+        # Pool membership per epoch e (= number of complete windows), then per token.
+        first_epoch = (position + 1) // W
+        epochs = torch.arange(first_epoch, (position + T) // W + 1, device=u.device)
+        in_pool = pool_membership(cand_window, cand_imp, epochs, K, self.policy)      # [B, n_epochs, M]
+        token_epoch = (torch.arange(position + 1, position + T + 1, device=u.device) // W) - first_epoch
+        view = PoolView(cand_notes, in_pool[:, token_epoch])
+
+        if n_closed < n_windows:
+            open_window = (acc[:, -1], count[:, -1], imp[:, -1])
+        else:
+            open_window = self._empty_open(u.shape[0], acc)
+        new_state = _compact(cand_notes, cand_window, cand_imp, in_pool[:, -1], K, *open_window)
+        return view, new_state
+
+    def step(self, u: Tensor, state: NoteState, position: int) -> tuple[PoolView, NoteState]:
+        """One token u [B, D] at `position`: update the open window, insert a note when it closes."""
+        importance, value, kept = (t[:, 0] for t in self._score(u[:, None]))
+        acc = self._combine(state.open_acc, torch.where(kept[:, None], value, self.empty_acc))
+        count = state.open_count + kept.long()
+        imp = torch.maximum(state.open_importance, torch.where(kept, importance.detach(), 0.0))
+        if (position + 1) % self.window:
+            new_state = NoteState(state.notes, state.window, state.importance, acc, count, imp)
+        else:
+            note, made = self._finish(acc, count)
+            window = torch.where(made, position // self.window, -1)
+            new_state = self._insert(state, note.to(state.notes.dtype), window, imp)
+        return PoolView(new_state.notes, new_state.valid[:, None, :]), new_state
+
+    def allocate_state(self, batch_size: int, device=None, dtype=None) -> NoteState:
+        w = self.note_proj.weight
+        device, dtype = device or w.device, dtype or w.dtype
+        K, S = self.pool_size, w.shape[0]
+        return NoteState(
+            notes=torch.zeros(batch_size, K, S, device=device, dtype=dtype),
+            window=torch.full((batch_size, K), -1, device=device, dtype=torch.long),
+            importance=torch.zeros(batch_size, K, device=device),
+            open_acc=torch.full((batch_size, S), self.empty_acc, device=device, dtype=dtype),
+            open_count=torch.zeros(batch_size, device=device, dtype=torch.long),
+            open_importance=torch.zeros(batch_size, device=device))
+
+    def _score(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        importance = torch.sigmoid(self.importance(u).squeeze(-1))      # [B, T]
+        value = importance[..., None] * self.note_proj(u)               # [B, T, S]
+        return importance, value, importance.detach() > self.tau1
+
+    def _combine(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.maximum(a, b) if self.pooling == "max" else a + b
+
+    def _finish(self, acc: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        """Window aggregates -> (notes, made). A window with no kept token makes no note."""
+        made = count > 0
+        if self.pooling == "mean":
+            acc = acc / count.clamp(min=1)[..., None]
+        return torch.where(made[..., None], acc, 0.0), made
+
+    def _empty_open(self, batch_size: int, like: Tensor):
+        return (like.new_full((batch_size, like.shape[-1]), self.empty_acc),
+                torch.zeros(batch_size, dtype=torch.long, device=like.device),
+                torch.zeros(batch_size, device=like.device))
+
+    def _insert(self, state: NoteState, note: Tensor, window: Tensor, imp: Tensor) -> NoteState:
+        """Streaming insertion: add the note (if made), evict the lowest-ranked one if over K."""
+        notes = torch.cat([state.notes, note[:, None]], 1)
+        windows = torch.cat([state.window, window[:, None]], 1)
+        importance = torch.cat([state.importance, imp[:, None]], 1)
+        valid = windows >= 0
+        big = torch.iinfo(torch.long).max
+        if self.policy == "fifo":
+            victim = torch.where(valid, windows, big).argmin(1)
+        else:  # lowest importance, and among equals the oldest
+            lowest = torch.where(valid, importance, float("inf")).amin(1, keepdim=True)
+            victim = torch.where(valid & (importance == lowest), windows, big).argmin(1)
+        evict = (valid.sum(1) > self.pool_size)[:, None] & (torch.arange(windows.shape[1], device=windows.device) == victim[:, None])
+        keep = valid & ~evict
+        empty = self._empty_open(notes.shape[0], notes[:, 0])
+        return _compact(notes, windows, importance, keep, self.pool_size, *empty)
+
+
+def pool_membership(window: Tensor, importance: Tensor, epochs: Tensor, K: int, policy: str) -> Tensor:
+    """in_pool[b, e, m]: candidate m is in the pool once epochs[e] windows are complete.
+
+    Candidates are ordered by window index among the valid ones (window >= 0). A candidate
+    is present at epoch e if its window is complete (window < e); it is in the pool if
+    fewer than K present candidates outrank it.
+    """
+    valid = window >= 0
+    present = valid[:, None, :] & (window[:, None, :] < epochs[None, :, None])       # [B, E, M]
+    if policy == "fifo":  # outranked by every newer present candidate
+        rank = present.sum(-1, keepdim=True) - present.long().cumsum(-1)
+    else:  # outranked by higher importance, or equal importance and newer
+        newer = window[:, None, :] > window[:, :, None]                                # [B, m, m']
+        imp_m, imp_o = importance[:, :, None], importance[:, None, :]
+        outranks = (imp_o > imp_m) | ((imp_o == imp_m) & newer)
+        rank = torch.einsum("bej,bmj->bem", present.float(), outranks.float())
+    return present & (rank < K)
+
+
+def _compact(notes, window, importance, keep, K, open_acc, open_count, open_importance) -> NoteState:
+    """The K-slot pool of the kept candidates, oldest first, empty slots last."""
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :K]
+    keep = keep.gather(1, order)
+    return NoteState(
+        notes=torch.where(keep[..., None], notes.gather(1, order[..., None].expand(-1, -1, notes.shape[-1])), 0.0),
+        window=torch.where(keep, window.gather(1, order), -1),
+        importance=torch.where(keep, importance.gather(1, order), 0.0),
+        open_acc=open_acc, open_count=open_count, open_importance=open_importance)
+
+
+def _windows(t: Tensor, pad: tuple[int, int], W: int, fill) -> Tensor:
+    """[B, T, ...] -> [B, n_windows, W, ...], padding `pad` tokens before and after with `fill`."""
+    extra = [0, 0] * (t.dim() - 2)
+    t = F.pad(t, (*extra, *pad), value=fill)
+    return t.view(t.shape[0], -1, W, *t.shape[2:])
+
+
+class MemoryAttention(nn.Module):
+    """Multi-head attention from tokens (width D) to notes (width S)."""
+
+    def __init__(self, d_model: int, summary_dim: int, attn_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(d_model, attn_dim, bias=False)
+        self.kv_proj = nn.Linear(summary_dim, 2 * attn_dim, bias=False)
+        self.out_proj = nn.Linear(attn_dim, d_model, bias=False)
+
+    def forward(self, u: Tensor, notes: Tensor, visible: Tensor) -> Tensor:
+        """u [B, T, D], notes [B, M, S], visible [B, T, M] -> [B, T, D]; 0 where nothing is visible."""
+        B, T, _ = u.shape
+        M, H = notes.shape[1], self.heads
+        q = self.q_proj(u).view(B, T, H, -1).transpose(1, 2)
+        k, v = self.kv_proj(notes.to(u.dtype)).view(B, M, 2, H, -1).permute(2, 0, 3, 1, 4)
+        anything = visible.any(-1, keepdim=True)
+        # A row with nothing visible attends everywhere (finite, no NaN) and is zeroed after.
+        mask = (visible | ~anything)[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, -1)) * anything

@@ -1,0 +1,53 @@
+"""Building models from configs, and saving/loading trained weights without DeepSpeed.
+
+An exported model is a folder with `model.safetensors` and `config.json` (the `model`
+section of the training config, plus whatever metadata the exporter adds, e.g. the
+tokenizer's checksum). `load_pretrained(folder)` gives back the model.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model.config import MemMambaConfig, TransformerConfig, model_config_from_dict, model_config_to_dict
+from model.memmamba import MemMambaLM
+from model.transformer import TransformerLM
+
+
+def build_model(config: MemMambaConfig | TransformerConfig | dict[str, Any]) -> nn.Module:
+    if isinstance(config, dict):
+        config = model_config_from_dict(config)
+    return MemMambaLM(config) if isinstance(config, MemMambaConfig) else TransformerLM(config)
+
+
+def save_pretrained(model: nn.Module, folder: str | Path, metadata: dict[str, Any] | None = None) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Tied weights are stored once; safetensors refuses shared storage.
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+               if not (model.config.tie_embeddings and k == "lm_head.weight")}
+    save_file(tensors, str(folder / "model.safetensors"))
+    info = {"model": model_config_to_dict(model.config), **(metadata or {})}
+    (folder / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    folder = Path(folder)
+    for name in ("config.json", "model.safetensors"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name}: missing; an exported model folder holds "
+                                    "config.json and model.safetensors")
+    info = json.loads((folder / "config.json").read_text())
+    model = build_model(info["model"])
+    tensors = load_file(str(folder / "model.safetensors"), device=str(device))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not (model.config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{folder / 'model.safetensors'}: does not match its config.json "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device)

@@ -1,0 +1,102 @@
+"""The selective scan h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,  y_t = C_t . h_t.
+
+`selective_scan` is the pure-PyTorch path (any device, differentiable by autograd);
+`selective_scan_cuda` wraps mamba_ssm's fused kernel, which has no initial state of its
+own: since the recurrence is linear in h, the state an input starts from only adds
+C_t . (exp(A cumsum(dt))_t * h0) to the outputs (`initial_state_contribution`), the term
+sequence parallelism uses as well.
+
+Layouts follow mamba_ssm: x, dt [B, E, T]; A [E, N]; B, C [B, N, T]; states [B, E, N].
+The scan always runs in fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+try:  # optional fast path, CUDA only
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+except ImportError:
+    selective_scan_fn = None
+
+
+def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                   h0: Tensor | None = None, chunk_size: int | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """Chunked two-level scan. Returns (y [B, E, T], final state [B, E, N]), both fp32.
+
+    The sequence is cut into chunks of L tokens. Each chunk's end state from zero is a
+    weighted sum with weights exp(total - cumsum) <= 1, so it is computed for all chunks
+    at once without overflow; the chunk start states then follow from a short loop over
+    chunks, and a loop over the L positions runs all chunks in parallel. That is
+    T/L + L Python steps instead of T, with L about sqrt(T).
+    """
+    batch, E, T = x.shape
+    N = A.shape[1]
+    L = chunk_size or min(128, max(16, 2 ** round(math.log2(math.sqrt(T)))))
+    n_chunks = -(-T // L)
+    pad = n_chunks * L - T
+
+    # [B, T, E, N] log-decays (all <= 0) and inputs, padded with dt = 0 (identity steps)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
+    log_a = dt.transpose(1, 2)[..., None] * A
+    bx = (dt * x).transpose(1, 2)[..., None] * B.transpose(1, 2)[:, :, None, :]
+    c = C.transpose(1, 2)
+    if pad:
+        log_a = torch.nn.functional.pad(log_a, (0, 0, 0, 0, 0, pad))
+        bx = torch.nn.functional.pad(bx, (0, 0, 0, 0, 0, pad))
+        c = torch.nn.functional.pad(c, (0, 0, 0, pad))
+    log_a = log_a.view(batch, n_chunks, L, E, N)
+    bx = bx.view(batch, n_chunks, L, E, N)
+    c = c.view(batch, n_chunks, L, N)
+
+    cum = log_a.cumsum(2)
+    total = cum[:, :, -1]                                            # [B, n_chunks, E, N]
+    end_from_zero = (torch.exp(total[:, :, None] - cum) * bx).sum(2)
+
+    h = x.new_zeros(batch, E, N) if h0 is None else h0.to(x.dtype)
+    starts = []
+    for decay_k, end_k in zip(torch.exp(total).unbind(1), end_from_zero.unbind(1)):
+        starts.append(h)
+        h = decay_k * h + end_k
+    h_last = h
+
+    # unbind, not indexing: its backward is one stack instead of L zero-filled copies
+    h = torch.stack(starts, 1)                                       # [B, n_chunks, E, N]
+    ys = []
+    for a_i, bx_i, c_i in zip(torch.exp(log_a).unbind(2), bx.unbind(2), c.unbind(2)):
+        h = a_i * h + bx_i
+        ys.append((h * c_i[:, :, None]).sum(-1))
+    y = torch.stack(ys, 2).reshape(batch, n_chunks * L, E)[:, :T]
+    return y.transpose(1, 2), h_last
+
+
+def initial_state_contribution(dt: Tensor, A: Tensor, C: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
+    """What starting from h0 instead of zero adds: (to y [B, E, T], to the final state).
+
+    y_t gains sum_n C_t[n] exp(A[e, n] * cumsum(dt)_t[e]) h0[e, n]; the final state gains
+    exp(A * sum(dt)) * h0.
+    """
+    dtype = torch.promote_types(dt.dtype, torch.float32)
+    dt, A, C, h0 = (t.to(dtype) for t in (dt, A, C, h0))
+    decay = torch.exp(dt.cumsum(-1)[..., None] * A[:, None, :])      # [B, E, T, N]
+    y = torch.einsum("betn,ben,bnt->bet", decay, h0, C)
+    return y, decay[:, :, -1] * h0
+
+
+def selective_scan_cuda(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                        h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """mamba_ssm's fused kernel with the same contract as `selective_scan`."""
+    y, h_last = selective_scan_fn(x, dt, A.float(), B, C, return_last_state=True)
+    y, h_last = y.float(), h_last.float()
+    if h0 is not None:
+        y_h0, h_last_h0 = initial_state_contribution(dt, A, C, h0)
+        y, h_last = y + y_h0, h_last + h_last_h0
+    return y, h_last
+
+
+def cuda_scan_available() -> bool:
+    return selective_scan_fn is not None and torch.cuda.is_available()

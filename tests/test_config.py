@@ -1,0 +1,39 @@
+"""Bad model configs raise one clear ConfigError that names the key."""
+import pytest
+
+from model import ConfigError, MemMambaConfig, model_config_from_dict
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"d_modle": 64}, "unknown key model.d_modle"),
+    ({"summary_dim": 0}, "model.summary_dim must be a positive integer, got 0"),
+    ({"summary_dim": -3}, "model.summary_dim must be a positive integer, got -3"),
+    ({"pool_size": 0}, "model.pool_size must be a positive integer, got 0"),
+    ({"pool_policy": "lru"}, "model.pool_policy must be one of 'fifo', 'priority', got 'lru'"),
+    ({"fusion": "sum"}, "model.fusion must be one of 'weighted', 'gated', 'residual'"),
+    ({"pooling": "avg"}, "model.pooling must be one of 'max', 'mean'"),
+    ({"tau1": 1.5}, "model.tau1 is a threshold on a sigmoid"),
+    ({"notes": "yes"}, "model.notes must be bool"),
+    ({"d_model": 64.5}, "model.d_model must be int"),
+    ({"dt_rank": "big"}, "model.dt_rank must be int or one of 'auto', got 'big'"),
+    ({"attn_dim": 30, "attn_heads": 4}, "model.attn_dim (30) must be divisible by model.attn_heads (4)"),
+    ({"size": "7b"}, "model.size must be one of ['130m', '200m', 'tiny']"),
+    ({"arch": "rwkv"}, "model.arch must be one of ['memmamba', 'transformer']"),
+    ({"arch": "transformer", "pool_size": 4}, "unknown key model.pool_size for arch 'transformer'"),
+])
+def test_bad_model_config(section, message):
+    with pytest.raises(ConfigError) as error:
+        model_config_from_dict(section)
+    assert message in str(error.value)
+
+
+def test_size_preset_with_overrides():
+    config = model_config_from_dict({"size": "200m", "pool_policy": "priority", "note_window": 32})
+    assert (config.d_model, config.n_layer, config.summary_dim, config.pool_size) == (1024, 24, 64, 50)
+    assert config.pool_policy == "priority" and config.note_window == 32
+    assert isinstance(config, MemMambaConfig)
+
+
+def test_cross_layer_every_p_layers_counted_from_one():
+    config = MemMambaConfig(n_layer=8, cross_layer_every=4)
+    assert [i for i in range(8) if config.has_cross_layer(i)] == [3, 7]

@@ -1,0 +1,207 @@
+"""MemMamba's parallel, chunked and token-by-token forms compute one function (fp32, CPU)."""
+import dataclasses
+
+import pytest
+import torch
+
+from model import MemMambaConfig, MemMambaLM, build_model
+from model.config import SIZES
+
+# Small windows and a high tau1 so that some windows make no note, a small pool so that
+# notes get evicted, and cross-layer attention on every second layer.
+TEST_CONFIG = MemMambaConfig(d_model=32, n_layer=4, vocab_size=97, d_state=4, summary_dim=8, pool_size=3,
+                             note_window=4, tau1=0.55, tau2=0.45, attn_dim=16, attn_heads=2,
+                             cross_layer_every=2, cross_layer_span=2)
+SPLITS = [[41], [5, 1, 11, 13, 11], [4, 4, 33], [1] * 6 + [35], [3, 38]]
+
+
+def make_model(seed=0, **overrides) -> MemMambaLM:
+    torch.manual_seed(seed)
+    return MemMambaLM(dataclasses.replace(TEST_CONFIG, **overrides)).eval()
+
+
+def tokens(batch=3, T=41, seed=1, vocab=97):
+    return torch.randint(0, vocab, (batch, T), generator=torch.Generator().manual_seed(seed))
+
+
+def chunked(model, ids, sizes):
+    state, outs = None, []
+    start = 0
+    for size in sizes:
+        logits, state = model(ids[:, start:start + size], state)
+        outs.append(logits)
+        start += size
+    return torch.cat(outs, 1), state
+
+
+def assert_states_equal(a, b):
+    assert a.position == b.position
+    for la, lb in zip(a.layers, b.layers):
+        torch.testing.assert_close(la.mixer.conv, lb.mixer.conv, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(la.mixer.ssm, lb.mixer.ssm, rtol=1e-5, atol=1e-5)
+        if la.notes is not None:
+            assert torch.equal(la.notes.window, lb.notes.window)
+            torch.testing.assert_close(la.notes.notes, lb.notes.notes, rtol=1e-5, atol=1e-5)
+            assert torch.equal(la.notes.open_count, lb.notes.open_count)
+
+
+POLICIES = [dict(pool_policy="fifo"), dict(pool_policy="priority"), dict(pooling="mean"),
+            dict(fusion="gated"), dict(fusion="residual"), dict(notes=False)]
+
+
+@pytest.mark.parametrize("overrides", POLICIES, ids=lambda o: "-".join(map(str, o.values())))
+@pytest.mark.parametrize("sizes", SPLITS, ids=lambda s: "+".join(map(str, s)))
+def test_forward_equals_chunked_forward(overrides, sizes):
+    model = make_model(**overrides)
+    ids = tokens()
+    with torch.no_grad():
+        full, state = model(ids)
+        parts, parts_state = chunked(model, ids, sizes)
+    torch.testing.assert_close(parts, full, rtol=1e-5, atol=1e-5)
+    assert_states_equal(parts_state, state)
+
+
+@pytest.mark.parametrize("overrides", POLICIES[:3], ids=lambda o: "-".join(map(str, o.values())))
+def test_forward_equals_step_by_step(overrides):
+    model = make_model(**overrides)
+    ids = tokens()
+    with torch.no_grad():
+        full, state = model(ids)
+        step_state, outs = model.allocate_state(ids.shape[0]), []
+        for t in range(ids.shape[1]):
+            logits, step_state = model.step(ids[:, t], step_state)
+            outs.append(logits)
+    torch.testing.assert_close(torch.stack(outs, 1), full, rtol=1e-5, atol=1e-5)
+    assert_states_equal(step_state, state)
+
+
+def test_thresholds_are_active_in_the_equivalence_tests():
+    """Some windows make no note, some notes are evicted, some tokens skip the attention."""
+    model = make_model()
+    ids = tokens()
+    layer = model.layers[0]
+    with torch.no_grad():
+        u = layer.norm(model.embedding(ids))
+        view, _ = layer.notes(u, layer.notes.allocate_state(ids.shape[0]), 0)
+        gate = torch.sigmoid(layer.state_gate(u))
+    complete_windows = ids.shape[1] // TEST_CONFIG.note_window
+    made = view.visible.any(1).sum(-1)                     # FIFO: every made note is seen once
+    assert (made < complete_windows).any()                 # a window without any kept token
+    assert (made > TEST_CONFIG.pool_size).any()            # evictions happened
+    assert (view.visible.sum(-1) == TEST_CONFIG.pool_size).any()
+    assert ((gate > TEST_CONFIG.tau2).any() and (gate <= TEST_CONFIG.tau2).any())
+
+
+@pytest.mark.parametrize("overrides", POLICIES[:2], ids=lambda o: o["pool_policy"])
+def test_causality(overrides):
+    model = make_model(**overrides)
+    ids = tokens(batch=1)
+    with torch.no_grad():
+        before, _ = model(ids)
+        for t in (0, 13, 27, 40):
+            changed = ids.clone()
+            changed[0, t] = (changed[0, t] + 1) % TEST_CONFIG.vocab_size
+            after, _ = model(changed)
+            torch.testing.assert_close(after[:, :t], before[:, :t], rtol=0, atol=1e-6)
+            assert not torch.allclose(after[:, t], before[:, t])
+
+
+def test_batch_items_are_independent():
+    model = make_model(pool_policy="priority")
+    ids = tokens(batch=4)
+    with torch.no_grad():
+        batched, _ = model(ids)
+        for b in range(4):
+            alone, _ = model(ids[b:b + 1])
+            torch.testing.assert_close(alone[0], batched[b], rtol=1e-5, atol=1e-5)
+
+
+def test_notes_off_is_plain_mamba():
+    from tests.reference import mamba_lm_reference
+    model = make_model(notes=False)
+    assert not any("notes" in n or "attention" in n for n, _ in model.named_parameters())
+    state_dict = {("backbone." + k if not k.startswith("lm_head") else k): v
+                  for k, v in model.state_dict().items()}
+    ids = tokens()
+    with torch.no_grad():
+        ours, _ = model(ids)
+        ref = mamba_lm_reference(state_dict, ids, TEST_CONFIG.n_layer)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fusion", ["weighted", "gated", "residual"])
+def test_gradients_reach_every_memory_parameter(fusion):
+    model = make_model(fusion=fusion).train()
+    logits, _ = model(tokens())
+    logits.logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = tokens()
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model().train()
+        model.gradient_checkpointing = checkpointing
+        logits, _ = model(ids)
+        logits.logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["memmamba", "transformer"])
+@pytest.mark.parametrize("size", ["tiny", "130m", "200m"])
+def test_named_sizes_have_the_parameter_count_their_name_says(arch, size):
+    with torch.device("meta"):
+        model = build_model({"arch": arch, "size": size})
+    count = sum(p.numel() for p in model.parameters())
+    if size == "tiny":
+        assert count < 1_000_000
+    else:
+        expected = int(size.removesuffix("m")) * 1_000_000
+        assert abs(count - expected) <= 0.1 * expected, f"{count / 1e6:.1f}M"
+
+
+def test_tiny_memmamba_and_transformer_are_matched_in_size():
+    counts = [sum(p.numel() for p in build_model({"arch": a, "size": "tiny"}).parameters())
+              for a in ("memmamba", "transformer")]
+    assert abs(counts[0] - counts[1]) < 0.15 * counts[0]
+
+
+def test_sizes_table_names_every_arch():
+    assert set(SIZES) == {"memmamba", "transformer"}
+
+
+def test_generate_greedy_is_the_argmax_of_the_forward_pass():
+    model = make_model()
+    prompt = tokens(batch=2, T=9)
+    out = model.generate(prompt, 6, greedy=True)
+    assert out.shape == (2, 15) and torch.equal(out[:, :9], prompt)
+    with torch.no_grad():
+        logits, _ = model(out[:, :-1])
+    assert torch.equal(logits[:, 8:].argmax(-1), out[:, 9:])
+
+
+def test_top_k_sampling_stays_in_the_top_k():
+    from model.generation import sample
+    logits = torch.randn(4, 50)
+    g = torch.Generator().manual_seed(0)
+    top3 = torch.topk(logits, 3).indices
+    for _ in range(20):
+        token = sample(logits, temperature=1.5, top_k=3, generator=g)
+        assert (top3 == token[:, None]).any(1).all()
+    assert torch.equal(sample(logits, top_k=1, generator=g), logits.argmax(-1))
+
+
+def test_chunked_prefill_equals_one_pass():
+    model = make_model()
+    ids = tokens(T=40)
+    with torch.no_grad():
+        full, _ = model(ids)
+        last, state = model.prefill(ids, chunk_len=7)
+        kept, _ = model.prefill(ids, chunk_len=7, keep_logits=lambda s, e: slice(None))
+    torch.testing.assert_close(last, full[:, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-5)
+    assert state.position == 40

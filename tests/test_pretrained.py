@@ -1,0 +1,105 @@
+"""Weights in and out: mamba_ssm checkpoints, and our own exported folders."""
+import json
+
+import pytest
+import torch
+
+from model import ConfigError, MemMambaConfig, MemMambaLM, build_model, load_pretrained, save_pretrained
+from model.mamba_import import config_from_mamba_ssm, load_mamba_ssm_state_dict, main as import_main
+from tests.reference import mamba_lm_reference
+
+HF_CONFIG = {"d_model": 48, "n_layer": 3, "vocab_size": 101, "ssm_cfg": {"d_state": 8},
+             "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+             "pad_vocab_size_multiple": 8}
+
+
+def random_mamba_ssm_state_dict(d_model=48, n_layer=3, vocab=104, d_state=8, d_conv=4, expand=2, seed=0):
+    """Random weights with the names and shapes of mamba_ssm's MambaLMHeadModel."""
+    g = torch.Generator().manual_seed(seed)
+    E, R = expand * d_model, -(-d_model // 16)
+    shapes = {"in_proj.weight": (2 * E, d_model), "conv1d.weight": (E, 1, d_conv), "conv1d.bias": (E,),
+              "x_proj.weight": (R + 2 * d_state, E), "dt_proj.weight": (E, R), "dt_proj.bias": (E,),
+              "out_proj.weight": (d_model, E)}
+    sd = {"backbone.embedding.weight": torch.randn(vocab, d_model, generator=g) * 0.1,
+          "backbone.norm_f.weight": 1 + 0.1 * torch.randn(d_model, generator=g)}
+    for i in range(n_layer):
+        p = f"backbone.layers.{i}."
+        for name, shape in shapes.items():
+            sd[p + "mixer." + name] = torch.randn(shape, generator=g) * 0.2
+        sd[p + "mixer.A_log"] = torch.log(torch.rand(E, d_state, generator=g) * 4 + 0.5)
+        sd[p + "mixer.D"] = torch.randn(E, generator=g)
+        sd[p + "norm.weight"] = 1 + 0.1 * torch.randn(d_model, generator=g)
+    sd["lm_head.weight"] = sd["backbone.embedding.weight"]
+    return sd
+
+
+def test_mamba_ssm_checkpoint_gives_the_reference_logits():
+    config = config_from_mamba_ssm(HF_CONFIG)
+    assert config.vocab_size == 104 and not config.notes
+    model = MemMambaLM(config)
+    sd = random_mamba_ssm_state_dict()
+    assert load_mamba_ssm_state_dict(model, sd) == []
+    ids = torch.randint(0, 104, (2, 23))
+    with torch.no_grad():
+        ours, _ = model(ids)
+    torch.testing.assert_close(ours, mamba_lm_reference(sd, ids, 3), rtol=1e-4, atol=1e-4)
+
+
+def test_import_into_memmamba_keeps_the_backbone_and_initialises_the_notes():
+    model = MemMambaLM(config_from_mamba_ssm(HF_CONFIG, notes=True, summary_dim=8, attn_dim=16, attn_heads=2))
+    sd = random_mamba_ssm_state_dict()
+    fresh = load_mamba_ssm_state_dict(model, sd)
+    assert fresh and all(any(k in n for k in ("notes", "attention", "state_gate", "fusion")) for n in fresh)
+    torch.testing.assert_close(model.layers[1].mixer.in_proj.weight, sd["backbone.layers.1.mixer.in_proj.weight"])
+
+
+def test_import_refuses_a_vocabulary_mismatch():
+    model = MemMambaLM(config_from_mamba_ssm({**HF_CONFIG, "vocab_size": 200}))
+    with pytest.raises(ConfigError, match="vocabulary mismatch: the checkpoint has 104 embedding rows, model.vocab_size is 200"):
+        load_mamba_ssm_state_dict(model, random_mamba_ssm_state_dict())
+
+
+def test_import_refuses_a_shape_mismatch():
+    model = MemMambaLM(config_from_mamba_ssm({**HF_CONFIG, "ssm_cfg": {"d_state": 16}}))
+    with pytest.raises(ConfigError, match=r"checkpoint backbone.layers.0.mixer.x_proj.weight|layers.0.mixer.x_proj.weight has shape"):
+        load_mamba_ssm_state_dict(model, random_mamba_ssm_state_dict())
+
+
+def test_import_cli_writes_a_loadable_export(tmp_path):
+    torch.save(random_mamba_ssm_state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(HF_CONFIG))
+    out = tmp_path / "export"
+    assert import_main(["--weights", str(tmp_path / "pytorch_model.bin"), "--config", str(tmp_path / "config.json"),
+                        "--out", str(out)]) == 0
+    model = load_pretrained(out)
+    ids = torch.randint(0, 104, (1, 11))
+    with torch.no_grad():
+        ours, _ = model(ids)
+    torch.testing.assert_close(ours, mamba_lm_reference(random_mamba_ssm_state_dict(), ids, 3), rtol=1e-4, atol=1e-4)
+
+
+def test_import_cli_reports_a_missing_file(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(HF_CONFIG))
+    code = import_main(["--weights", str(tmp_path / "nope.bin"), "--config", str(tmp_path / "config.json"),
+                        "--out", str(tmp_path / "out")])
+    assert code == 1 and "nope.bin" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("section", [{"arch": "memmamba", "size": "tiny", "pool_policy": "priority"},
+                                     {"arch": "transformer", "size": "tiny"}])
+def test_save_and_load_round_trip(tmp_path, section):
+    torch.manual_seed(0)
+    model = build_model(section).eval()
+    save_pretrained(model, tmp_path, {"tokenizer_checksum": "abc"})
+    loaded = load_pretrained(tmp_path).eval()
+    assert json.loads((tmp_path / "config.json").read_text())["tokenizer_checksum"] == "abc"
+    ids = torch.randint(0, 1024, (2, 37))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids)[0], model(ids)[0], rtol=0, atol=0)
+    assert loaded.lm_head.weight.data_ptr() == loaded.embedding.weight.data_ptr()
+
+
+def test_load_names_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json: missing"):
+        load_pretrained(tmp_path)
