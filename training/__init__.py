@@ -1,0 +1,1 @@
+"""Training, evaluation and generation for MemMamba and its baselines."""

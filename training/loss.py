@@ -1,0 +1,64 @@
+"""The training objective: mean next-token cross-entropy over a window of tokens.
+
+Full-vocabulary logits of a long sequence are large (8k tokens x 32k vocabulary is 1 GiB
+in fp32), so the loss is taken from the hidden states in slices, each recomputed in the
+backward pass, and never holds more than one slice of logits. With `chunk_len`, the
+sequence itself runs chunk by chunk, carrying the model state, with activations
+checkpointed per chunk: peak memory is that of one chunk plus the carried states, and the
+loss and gradients equal those of the unchunked run.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+LOSS_SLICE = 2048   # tokens of logits alive at once
+IGNORE = -100       # cross_entropy's ignore_index
+
+
+def lm_loss(model: nn.Module, window: Tensor, chunk_len: int | None = None,
+            loss_mask: Tensor | None = None) -> Tensor:
+    """window [B, T + 1] token ids -> mean cross-entropy of predicting window[:, 1:].
+
+    `loss_mask` [B, T] (bool) restricts the mean to some targets, e.g. a passkey's answer.
+    """
+    inputs, targets = window[:, :-1], window[:, 1:]
+    count = targets.numel()
+    if loss_mask is not None:
+        targets = targets.masked_fill(~loss_mask, IGNORE)
+        count = loss_mask.sum().clamp(min=1)
+    T = inputs.shape[1]
+    if not chunk_len or chunk_len >= T:
+        hidden, _ = model.hidden_states(inputs)
+        return _summed_cross_entropy(model, hidden, targets) / count
+    state, total = None, 0.0
+    for start in range(0, T, chunk_len):
+        end = min(start + chunk_len, T)
+        loss_sum, state = checkpoint(_chunk_loss, model, inputs[:, start:end], targets[:, start:end], state,
+                                     use_reentrant=False)
+        total = total + loss_sum
+    return total / count
+
+
+def _chunk_loss(model: nn.Module, inputs: Tensor, targets: Tensor, state):
+    hidden, state = model.hidden_states(inputs, state)
+    return _summed_cross_entropy(model, hidden, targets), state
+
+
+def _summed_cross_entropy(model: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    total = 0.0
+    for start in range(0, hidden.shape[1], LOSS_SLICE):
+        piece = slice(start, start + LOSS_SLICE)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_slice_loss, model.lm_head, hidden[:, piece], targets[:, piece],
+                                       use_reentrant=False)
+        else:
+            total = total + _slice_loss(model.lm_head, hidden[:, piece], targets[:, piece])
+    return total
+
+
+def _slice_loss(lm_head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(lm_head(hidden).flatten(0, 1).float(), targets.flatten(), reduction="sum",
+                           ignore_index=IGNORE)
