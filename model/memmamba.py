@@ -153,8 +153,7 @@ class MemMambaLM(GenerationMixin, nn.Module):
             layer_states.append(new_state)
             if view is not None:
                 views += (view,)
-        end = position + input_ids.shape[1] if sp is None else sp.end_position(input_ids.shape[1])
-        return self.norm_f(x), ModelState(layer_states, end)
+        return self.norm_f(x), ModelState(layer_states, position + input_ids.shape[1])
 
     def step(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         """token [B] -> (logits [B, V], state). Constant time and memory per token."""

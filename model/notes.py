@@ -55,7 +55,7 @@ class NoteBlock(nn.Module):
         imp = _windows(torch.where(kept, importance.detach(), 0.0), pad, W, 0.0).amax(2)
 
         if sp is not None:  # the state at this rank's start, from the earlier ranks' windows
-            state = sp.note_state(self, acc, count, imp, first, position)
+            state = sp.note_state(self, acc, count, imp, T)
         # The first window continues the carried open window (which is empty when lead == 0).
         acc = torch.cat([self._combine(state.open_acc, acc[:, 0])[:, None], acc[:, 1:]], 1)
         count = torch.cat([(state.open_count + count[:, 0])[:, None], count[:, 1:]], 1)

@@ -6,6 +6,11 @@ backward pass, and never holds more than one slice of logits. With `chunk_len`, 
 sequence itself runs chunk by chunk, carrying the model state, with activations
 checkpointed per chunk: peak memory is that of one chunk plus the carried states, and the
 loss and gradients equal those of the unchunked run.
+
+With sequence parallelism (`sp`, a model.sequence_parallel.SequenceParallel), each rank of
+the group takes its piece of the window and returns P * (its summed loss) / (the sequence's
+target count): the mean of that over the group is the sequence's mean loss, so DeepSpeed's
+usual averaging of gradients over all ranks yields exactly the gradient of the mean loss.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ IGNORE = -100       # cross_entropy's ignore_index
 
 
 def lm_loss(model: nn.Module, window: Tensor, chunk_len: int | None = None,
-            loss_mask: Tensor | None = None) -> Tensor:
+            loss_mask: Tensor | None = None, sp=None) -> Tensor:
     """window [B, T + 1] token ids -> mean cross-entropy of predicting window[:, 1:].
 
     `loss_mask` [B, T] (bool) restricts the mean to some targets, e.g. a passkey's answer.
@@ -29,6 +34,12 @@ def lm_loss(model: nn.Module, window: Tensor, chunk_len: int | None = None,
     if loss_mask is not None:
         targets = targets.masked_fill(~loss_mask, IGNORE)
         count = loss_mask.sum().clamp(min=1)
+    if sp is not None:
+        if chunk_len:
+            raise ValueError("chunked training and sequence parallelism cannot be combined: "
+                             "set train.chunk_len to null or parallel.sequence_parallel_size to 1")
+        hidden, _ = model.hidden_states(sp.local(inputs), sp=sp)
+        return _summed_cross_entropy(model, hidden, sp.local(targets)) * sp.size / count
     T = inputs.shape[1]
     if not chunk_len or chunk_len >= T:
         hidden, _ = model.hidden_states(inputs)

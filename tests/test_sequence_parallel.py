@@ -1,0 +1,90 @@
+"""Sequence parallelism across P gloo processes == one process on the whole sequence."""
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from model import MemMambaLM
+from model.sequence_parallel import SequenceParallel
+from tests.test_model import TEST_CONFIG
+from training.loss import lm_loss
+
+T = 48
+
+
+def loss_weights(vocab):
+    # a loss that weighs every position and logit differently, so every gradient is checked
+    return torch.linspace(-1, 1, T * vocab).view(1, T, vocab).sin()
+
+
+def run_rank(rank, world, rendezvous, overrides):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = MemMambaLM(dataclasses.replace(TEST_CONFIG, **overrides))
+        ids = torch.randint(0, TEST_CONFIG.vocab_size, (2, T), generator=torch.Generator().manual_seed(3))
+        w = loss_weights(TEST_CONFIG.vocab_size)
+
+        reference, _ = model(ids)
+        (reference * w).sum().backward()
+        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+
+        sp = SequenceParallel()
+        logits, _ = model(sp.local(ids), sp=sp)
+        (logits * sp.local(w)).sum().backward()
+        torch.testing.assert_close(logits, sp.local(reference), rtol=1e-5, atol=1e-5)
+        for name, p in model.named_parameters():
+            grad = p.grad.clone()
+            dist.all_reduce(grad)            # what data-parallel averaging sums up
+            scale = ref_grads[name].abs().max().item()
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6 * max(scale, 1), msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+CASES = [(2, dict(pool_policy="fifo")), (2, dict(pool_policy="priority", pooling="mean")),
+         (2, dict(notes=False)), (4, dict(pool_policy="fifo")), (4, dict(pool_policy="priority")),
+         (4, dict(note_window=16, pool_size=2)), (3, dict(pool_policy="priority"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, overrides", CASES, ids=[f"P{w}-" + "-".join(map(str, o.values())) for w, o in CASES])
+def test_sequence_parallel_equals_one_process(tmp_path, world, overrides):
+    mp.spawn(run_rank, args=(world, tmp_path / "rendezvous", overrides), nprocs=world)
+
+
+def run_rank_loss(rank, world, rendezvous):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = MemMambaLM(dataclasses.replace(TEST_CONFIG, pool_policy="priority"))
+        window = torch.randint(0, TEST_CONFIG.vocab_size, (2, T + 1), generator=torch.Generator().manual_seed(3))
+        mask = torch.rand(2, T, generator=torch.Generator().manual_seed(4)) < 0.7
+        reference = lm_loss(model, window, loss_mask=mask)
+        reference.backward()
+        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+
+        loss = lm_loss(model, window, loss_mask=mask, sp=SequenceParallel())
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        torch.testing.assert_close(mean_loss / world, reference.detach(), rtol=1e-5, atol=1e-6)
+        for name, p in model.named_parameters():
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+            grad /= world                     # DeepSpeed averages gradients over all ranks
+            scale = ref_grads[name].abs().max().item()
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6 * max(scale, 1e-3), msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sequence_parallel_loss_and_averaged_gradients_equal_one_process(tmp_path):
+    mp.spawn(run_rank_loss, args=(2, tmp_path / "rendezvous"), nprocs=2)
