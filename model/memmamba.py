@@ -84,12 +84,10 @@ class MemMambaLayer(nn.Module):
     def _read_memory(self, u: Tensor, view: PoolView, views: tuple[PoolView, ...]) -> Tensor:
         gate = torch.sigmoid(self.state_gate(u))                    # [B, T, 1]
         active = gate.detach() > self.tau2
-        c_tok = gate * active * self.token_attention(u, view.notes, view.visible)
+        c_tok = gate * active * self.token_attention(u, [view])
         c_lay = 0.0
         if self.has_cross_layer:
-            span = (*views, view)[-self.span:]
-            c_lay = self.layer_attention(u, torch.cat([v.notes for v in span], 1),
-                                         torch.cat([v.visible for v in span], -1))
+            c_lay = self.layer_attention(u, [*views, view][-self.span:])
         if self.fusion == "weighted":
             return u + self.fusion_weight[0] * c_tok + self.fusion_weight[1] * c_lay
         if self.fusion == "gated":

@@ -25,9 +25,16 @@ from model.state import NoteState
 
 @dataclass
 class PoolView:
-    """What the tokens of one chunk can read from one layer's memory."""
+    """What the tokens of one chunk can read from one layer's memory.
+
+    Tokens are grouped by epoch (tokens of one epoch share a pool): in a layout of
+    n_epochs * width slots, token t of the chunk sits at slot lead + t.
+    """
     notes: Tensor     # [B, M, S] candidate notes
-    visible: Tensor   # [B, T, M] bool, candidate m is in pool(t)
+    members: Tensor   # [B, n_epochs, K] long, the candidates in each epoch's pool
+    valid: Tensor     # [B, n_epochs, K] bool, False for empty pool slots
+    lead: int
+    width: int
 
 
 class NoteBlock(nn.Module):
@@ -68,12 +75,12 @@ class NoteBlock(nn.Module):
         cand_window = torch.cat([state.window, torch.where(made, closed_window, -1)], 1)  # [B, M]
         cand_imp = torch.cat([state.importance, imp[:, :n_closed]], 1)
 
-        # Pool membership per epoch e (= number of complete windows), then per token.
+        # Pool membership per epoch e (= number of complete windows at a token).
         first_epoch = (position + 1) // W
         epochs = torch.arange(first_epoch, (position + T) // W + 1, device=u.device)
         in_pool = pool_membership(cand_window, cand_imp, epochs, K, self.policy)      # [B, n_epochs, M]
-        token_epoch = (torch.arange(position + 1, position + T + 1, device=u.device) // W) - first_epoch
-        view = PoolView(cand_notes, in_pool[:, token_epoch])
+        members = torch.argsort((~in_pool).to(torch.int8), dim=-1, stable=True)[..., :K]
+        view = PoolView(cand_notes, members, in_pool.gather(-1, members), lead=(position + 1) % W, width=W)
 
         if n_closed < n_windows:
             open_window = (acc[:, -1], count[:, -1], imp[:, -1])
@@ -94,7 +101,8 @@ class NoteBlock(nn.Module):
             note, made = self._finish(acc, count)
             window = torch.where(made, position // self.window, -1)
             new_state = self._insert(state, note.to(state.notes.dtype), window, imp)
-        return PoolView(new_state.notes, new_state.valid[:, None, :]), new_state
+        slots = torch.arange(self.pool_size, device=u.device).expand(u.shape[0], 1, -1)
+        return PoolView(new_state.notes, slots, new_state.valid[:, None, :], lead=0, width=1), new_state
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> NoteState:
         w = self.note_proj.weight
@@ -149,20 +157,20 @@ class NoteBlock(nn.Module):
 def pool_membership(window: Tensor, importance: Tensor, epochs: Tensor, K: int, policy: str) -> Tensor:
     """in_pool[b, e, m]: candidate m is in the pool once epochs[e] windows are complete.
 
-    Candidates are ordered by window index among the valid ones (window >= 0). A candidate
-    is present at epoch e if its window is complete (window < e); it is in the pool if
-    fewer than K present candidates outrank it.
+    A candidate is present at epoch e if it is valid (window >= 0) and its window is
+    complete (window < e); it is in the pool if fewer than K present candidates rank above
+    it: newer ones (FIFO), or more important ones, the newer among equals (priority).
+    Sorting the candidates by rank once makes that a cumulative count.
     """
-    valid = window >= 0
-    present = valid[:, None, :] & (window[:, None, :] < epochs[None, :, None])       # [B, E, M]
-    if policy == "fifo":  # outranked by every newer present candidate
-        rank = present.sum(-1, keepdim=True) - present.long().cumsum(-1)
-    else:  # outranked by higher importance, or equal importance and newer
-        newer = window[:, None, :] > window[:, :, None]                                # [B, m, m']
-        imp_m, imp_o = importance[:, :, None], importance[:, None, :]
-        outranks = (imp_o > imp_m) | ((imp_o == imp_m) & newer)
-        rank = torch.einsum("bej,bmj->bem", present.float(), outranks.float())
-    return present & (rank < K)
+    order = torch.argsort(window, dim=-1, descending=True, stable=True)        # newest first
+    if policy == "priority":
+        by_importance = torch.argsort(importance.gather(-1, order), dim=-1, descending=True, stable=True)
+        order = order.gather(-1, by_importance)
+    ranked_window = window.gather(-1, order)[:, None, :]                       # [B, 1, M]
+    present = (ranked_window >= 0) & (ranked_window < epochs[None, :, None])   # [B, E, M]
+    ahead = present.long().cumsum(-1) - present.long()
+    in_pool_ranked = present & (ahead < K)
+    return torch.zeros_like(in_pool_ranked).scatter(-1, order[:, None, :].expand_as(present), in_pool_ranked)
 
 
 def _compact(notes, window, importance, keep, K, open_acc, open_count, open_importance) -> NoteState:
@@ -184,7 +192,7 @@ def _windows(t: Tensor, pad: tuple[int, int], W: int, fill) -> Tensor:
 
 
 class MemoryAttention(nn.Module):
-    """Multi-head attention from tokens (width D) to notes (width S)."""
+    """Multi-head attention from tokens (width D) to the notes of one or more pools (width S)."""
 
     def __init__(self, d_model: int, summary_dim: int, attn_dim: int, heads: int):
         super().__init__()
@@ -193,14 +201,24 @@ class MemoryAttention(nn.Module):
         self.kv_proj = nn.Linear(summary_dim, 2 * attn_dim, bias=False)
         self.out_proj = nn.Linear(attn_dim, d_model, bias=False)
 
-    def forward(self, u: Tensor, notes: Tensor, visible: Tensor) -> Tensor:
-        """u [B, T, D], notes [B, M, S], visible [B, T, M] -> [B, T, D]; 0 where nothing is visible."""
+    def forward(self, u: Tensor, views: list[PoolView]) -> Tensor:
+        """u [B, T, D] -> [B, T, D]. Each token attends over its epoch's pool in every view
+        (the union of pools); 0 where they are all empty. Cost O(T K), not O(T M)."""
         B, T, _ = u.shape
-        M, H = notes.shape[1], self.heads
-        q = self.q_proj(u).view(B, T, H, -1).transpose(1, 2)
-        k, v = self.kv_proj(notes.to(u.dtype)).view(B, M, 2, H, -1).permute(2, 0, 3, 1, 4)
-        anything = visible.any(-1, keepdim=True)
-        # A row with nothing visible attends everywhere (finite, no NaN) and is zeroed after.
-        mask = (visible | ~anything)[:, None]
+        lead, width, n_epochs = views[0].lead, views[0].width, views[0].members.shape[1]
+        H, A = self.heads, self.q_proj.out_features
+        # keys and values of every epoch's pool members: [B, n_epochs, sum K, 2A]
+        kv = torch.cat([self.kv_proj(v.notes.to(u.dtype)).gather(
+            1, v.members.flatten(1)[..., None].expand(-1, -1, 2 * A)).view(B, n_epochs, -1, 2 * A)
+            for v in views], 2)
+        valid = torch.cat([v.valid for v in views], -1)                          # [B, n_epochs, sum K]
+        k, v = kv.view(B * n_epochs, -1, 2, H, A // H).permute(2, 0, 3, 1, 4)
+        # queries laid out by epoch: [B * n_epochs, H, width, A / H]
+        q = F.pad(self.q_proj(u), (0, 0, lead, n_epochs * width - lead - T))
+        q = q.view(B * n_epochs, width, H, A // H).transpose(1, 2)
+        anything = valid.any(-1, keepdim=True)
+        # An epoch with an empty pool attends everywhere (finite, no NaN) and is zeroed after.
+        mask = (valid | ~anything).view(B * n_epochs, 1, 1, -1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, -1)) * anything
+        out = (out * anything.view(B * n_epochs, 1, 1, 1)).transpose(1, 2).reshape(B, n_epochs * width, A)
+        return self.out_proj(out[:, lead:lead + T])
