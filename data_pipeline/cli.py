@@ -1,0 +1,108 @@
+"""`python -m data_pipeline <command>`: prepare (everything), or each step on its own, and verify.
+
+Problems with the data end the command with a one-line message and exit status 1, not a traceback.
+"""
+
+import argparse
+import hashlib
+import shlex
+import sys
+
+from data_pipeline import __version__
+from data_pipeline.corpus import SPLITS, Corpus
+from data_pipeline.errors import DataError
+from data_pipeline.prepare import prepare, tokenizer_for
+from data_pipeline.reader import ShardedBooks
+from data_pipeline.storage import display, join
+from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.writer import default_workers, shard_split
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def corpus_args(command):
+        command.add_argument("--input", required=True, help="PG19-layout corpus: a folder or fsspec URL (gs://, s3://)")
+        command.add_argument("--output", required=True, help="folder or fsspec URL for tokenizer and shards")
+        command.add_argument("--gutenberg", action="store_true",
+                             help="strip Project Gutenberg licence header/footer (raw downloads; PG19 needs none)")
+
+    def tokenizer_args(command):
+        command.add_argument("--vocab-size", type=int, default=32000)
+        command.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+        command.add_argument("--sample-mb", type=float, default=100.0,
+                             help="MB of train text the tokenizer is trained on (default 100)")
+        command.add_argument("--seed", type=int, default=0, help="seed of the tokenizer's training sample")
+
+    def shard_args(command):
+        command.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
+        command.add_argument("--tokens-per-shard", type=int, default=50_000_000)
+        command.add_argument("--workers", type=int, default=default_workers(), help="tokenizing processes (all cores)")
+        command.add_argument("--quiet", action="store_true", help="no progress output, only the final report")
+
+    command = commands.add_parser("prepare", help="train the tokenizer (if needed) and shard every split")
+    corpus_args(command), tokenizer_args(command), shard_args(command)
+    command = commands.add_parser("tokenizer", help="only train <output>/tokenizer.model (if needed)")
+    corpus_args(command), tokenizer_args(command)
+    command = commands.add_parser("shard", help="only shard splits with the existing <output>/tokenizer.model")
+    corpus_args(command), shard_args(command)
+    command = commands.add_parser("verify", help="check every shard of prepared splits, sha256 included")
+    command.add_argument("output", help="the --output of prepare")
+    command.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
+    return parser
+
+
+def _print_reports(reports):
+    for report in reports:
+        print("\n".join(report.lines()))
+
+
+def _verify(output, splits):
+    for split in splits:
+        books = ShardedBooks(output, split)  # size, tar structure and npy headers of every shard
+        for path, shard in zip(books.paths, books.manifest["shards"]):
+            digest = hashlib.sha256()
+            with books.fs.open(path, "rb") as file:
+                while block := file.read(1 << 24):
+                    digest.update(block)
+            if digest.hexdigest() != shard["sha256"]:
+                raise DataError(f"{display(books.fs, path)}: sha256 does not match manifest.json (corrupt data)")
+        print(f"{split}: {len(books.paths)} shards, {len(books)} books, {int(books.num_tokens.sum()):,} tokens: ok")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    command = shlex.join(["python", "-m", "data_pipeline", *argv])
+    try:
+        if args.command == "verify":
+            _verify(args.output, args.splits)
+            return 0
+        tokenizer_settings = {}
+        if args.command in ("prepare", "tokenizer"):
+            tokenizer_settings = dict(vocab_size=args.vocab_size, model_type=args.model_type,
+                                      sample_bytes=int(args.sample_mb * 1e6), seed=args.seed)
+        if args.command == "prepare":
+            _print_reports(prepare(args.input, args.output, args.splits, tokens_per_shard=args.tokens_per_shard,
+                                   workers=args.workers, gutenberg=args.gutenberg, progress=not args.quiet,
+                                   command=command, **tokenizer_settings))
+        elif args.command == "tokenizer":
+            tokenizer_for(Corpus(args.input), args.output, gutenberg=args.gutenberg, log=sys.stderr,
+                          **tokenizer_settings)
+        else:
+            corpus = Corpus(args.input)
+            tokenizer = Tokenizer(join(args.output, "tokenizer.model"))
+            _print_reports([
+                shard_split(corpus, split, tokenizer, args.output, args.tokens_per_shard, args.workers,
+                            args.gutenberg, not args.quiet, command)
+                for split in args.splits
+            ])
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to go on where it stopped", file=sys.stderr)
+        return 130
+    return 0

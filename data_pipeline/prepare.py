@@ -1,0 +1,43 @@
+"""The whole preprocessing run: a tokenizer trained on the train split, then every split tokenized into shards."""
+
+import sys
+
+from data_pipeline.corpus import SPLITS, Corpus
+from data_pipeline.tokenizer import existing_tokenizer, train_tokenizer
+from data_pipeline.writer import shard_split
+
+
+def tokenizer_for(corpus, output, vocab_size=32000, model_type="bpe", sample_bytes=100_000_000, seed=0,
+                  gutenberg=False, log=None):
+    """The tokenizer in <output>/tokenizer.model, trained first if it is not there yet."""
+    settings = {"model_type": model_type, "vocab_size": vocab_size, "sample_bytes": sample_bytes, "seed": seed,
+                "gutenberg": gutenberg}
+    tokenizer = existing_tokenizer(output, settings)
+    if tokenizer is not None:
+        _log(log, f"tokenizer: using {tokenizer.name} ({tokenizer.checksum[:12]}...)")
+        return tokenizer
+    _log(log, f"tokenizer: training a {vocab_size}-piece {model_type} model on {sample_bytes / 1e6:g} MB of train text")
+    tokenizer, training = train_tokenizer(corpus, **settings)
+    tokenizer.save(output, training)
+    _log(log, f"tokenizer: saved {output}/tokenizer.model ({tokenizer.checksum[:12]}...)")
+    return tokenizer
+
+
+def prepare(input, output, splits=SPLITS, vocab_size=32000, model_type="bpe", sample_bytes=100_000_000, seed=0,
+            tokens_per_shard=50_000_000, workers=None, gutenberg=False, progress=True, command=None):
+    """Tokenizer + shards of every split in `splits`; returns one SplitReport per split.
+
+    Safe to re-run: a complete tokenizer and complete shards are kept, anything partial is redone.
+    """
+    log = sys.stderr if progress else None
+    corpus = Corpus(input)
+    tokenizer = tokenizer_for(corpus, output, vocab_size, model_type, sample_bytes, seed, gutenberg, log)
+    return [
+        shard_split(corpus, split, tokenizer, output, tokens_per_shard, workers, gutenberg, progress, command)
+        for split in splits
+    ]
+
+
+def _log(stream, message):
+    if stream is not None:
+        print(f"[data_pipeline] {message}", file=stream, flush=True)

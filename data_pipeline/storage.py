@@ -1,0 +1,82 @@
+"""Local paths and fsspec URLs behind one small interface.
+
+Every module resolves its inputs and outputs here, so a local folder, file://, memory:// (tests) and cloud
+buckets (gs:// with gcsfs, s3:// with s3fs) go through the same code.
+"""
+
+import os
+
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+
+from data_pipeline.errors import DataError
+
+# fsspec knows these protocols but needs an optional package to reach them.
+_OPTIONAL_PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "s3a": "s3fs", "az": "adlfs", "abfs": "adlfs"}
+
+
+def resolve(url):
+    """(filesystem, path inside it) for a local path or any fsspec URL."""
+    url = os.fspath(url)
+    try:
+        return url_to_fs(url)
+    except ImportError:
+        protocol = url.split("://", 1)[0]
+        package = _OPTIONAL_PACKAGES.get(protocol, f"the fsspec backend for {protocol}://")
+        raise DataError(f"{url}: {protocol}:// needs the optional package {package} (pip install {package})") from None
+    except ValueError as error:  # an unknown protocol
+        raise DataError(f"{url}: {error}") from None
+
+
+def join(path, *parts):
+    return "/".join([path.rstrip("/"), *parts])
+
+
+def is_local(fs):
+    return isinstance(fs, LocalFileSystem)
+
+
+def display(fs, path):
+    """How to name a file in messages: a plain path when local, the full URL otherwise."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def partial_name(path):
+    """The temporary name a file is written under before it is renamed into place.
+
+    A hidden name, so nothing that lists `shard-*.tar` or reads `manifest.json` ever sees an unfinished file.
+    """
+    head, _, name = path.rpartition("/")
+    return f"{head}/.{name}.partial"
+
+
+def is_process_local(fs):
+    """Whether files in fs exist only inside this process (memory://), out of reach of worker processes."""
+    return isinstance(fs, MemoryFileSystem)
+
+
+def open_partial(fs, path):
+    """A new file to write `path` through; `commit` renames it into place once it is complete."""
+    fs.makedirs(path.rpartition("/")[0], exist_ok=True)
+    return open(partial_name(path), "wb") if is_local(fs) else fs.open(partial_name(path), "wb")
+
+
+def commit(fs, file, path):
+    """Close a file from open_partial and rename it to path: path is either absent or complete, never partial."""
+    if is_local(fs):
+        file.flush()
+        os.fsync(file.fileno())  # the bytes must be on disk before the rename makes them visible
+        file.close()
+        os.replace(partial_name(path), path)
+    else:
+        # Object stores publish an object only once its upload is complete; there the rename is a copy.
+        file.close()
+        fs.mv(partial_name(path), path)
+
+
+def write_bytes(fs, path, data):
+    """Write a small file atomically."""
+    file = open_partial(fs, path)
+    file.write(data)
+    commit(fs, file, path)

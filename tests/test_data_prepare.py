@@ -1,0 +1,314 @@
+"""prepare: tokenizer training, shard writing, manifests, resuming, and the CLI, on pg19-mini."""
+
+import hashlib
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import webdataset
+
+from data_pipeline import DataError
+from data_pipeline.corpus import Corpus, read_book
+from data_pipeline.evaluation import iter_books
+from data_pipeline.prepare import prepare
+from data_pipeline.progress import Progress
+from data_pipeline.stream import PackedWindows
+from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snapshot(folder):
+    """Every file under folder with its modification time and sha256."""
+    return {
+        path.relative_to(folder): (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+        for path in sorted(folder.rglob("*")) if path.is_file()
+    }
+
+
+def manifest_of(root, split):
+    return json.loads((Path(root) / split / "manifest.json").read_text())
+
+
+def test_layout_and_tokenizer(pg19_shards):
+    root = pg19_shards.root
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["test", "tokenizer.json", "tokenizer.model", "train", "validation"]
+    info = json.loads((root / "tokenizer.json").read_text())
+    tokenizer = Tokenizer(pg19_shards.tokenizer_path)
+    assert info["checksum"] == tokenizer.checksum == hashlib.sha256(pg19_shards.tokenizer_path.read_bytes()).hexdigest()
+    assert info["special_ids"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "newline": 4}
+    assert (tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2, 3)
+    assert tokenizer.vocab_size == 1024 and tokenizer.dtype == np.uint16
+    assert [r.shards_written for r in pg19_shards.reports] == [6, 1, 1]
+    for split in ("train", "validation", "test"):
+        manifest = manifest_of(root, split)
+        assert manifest["complete"] and manifest["tokenizer_checksum"] == tokenizer.checksum
+        assert sorted(p.name for p in (root / split).iterdir()) == (
+            ["manifest.json"] + [s["name"] for s in manifest["shards"]]
+        )
+
+
+def test_tokenizer_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match=f"^{tmp_path}/missing.model: no such tokenizer model$"):
+        Tokenizer(tmp_path / "missing.model")
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(DataError, match=f"^{tmp_path}/junk.model: not a sentencepiece model"):
+        Tokenizer(tmp_path / "junk.model")
+
+
+def test_round_trip_reproduces_normalised_text(pg19_mini, pg19_shards):
+    corpus, tokenizer = Corpus(pg19_mini), Tokenizer(pg19_shards.tokenizer_path)
+    books = {book.book_id: book for split in ("validation", "test") for book in corpus.books(split)}
+    for split in ("validation", "test"):
+        for meta, tokens in iter_books(pg19_shards.root, split, pg19_shards.checksum):
+            text, _, _ = read_book(corpus.fs, books[meta["book_id"]])
+            assert tokenizer.decode(tokens) == text
+            if split == "validation":  # encoding line by line gives sentencepiece's ids for the whole text
+                assert tokenizer._sp.encode(text) == tokens.tolist()
+
+
+def test_manifest_counts_match_a_plain_tarfile_read(pg19_shards):
+    for split in ("train", "validation", "test"):
+        manifest = manifest_of(pg19_shards.root, split)
+        for shard in manifest["shards"]:
+            path = pg19_shards.root / split / shard["name"]
+            assert path.stat().st_size == shard["bytes"]
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+            with tarfile.open(path) as tar:
+                members = tar.getmembers()
+                npys = [m for m in members if m.name.endswith(".npy")]
+                jsons = [json.load(tar.extractfile(m)) for m in members if m.name.endswith(".json")]
+                arrays = [np.load(io.BytesIO(tar.extractfile(m).read())) for m in npys]
+            assert len(npys) == len(jsons) == shard["num_samples"] == len(shard["samples"])
+            assert sum(a.size for a in arrays) == shard["num_tokens"]
+            for sample, member, meta, array in zip(shard["samples"], npys, jsons, arrays):
+                assert member.name == f"{sample['key']}.npy" and array.dtype == np.uint16
+                assert meta == {k: sample[k] for k in ("book_id", "title", "year", "num_tokens")}
+                assert sample["offset"] == member.offset_data + member.size - array.nbytes
+        assert manifest["num_tokens"] == sum(s["num_tokens"] for s in manifest["shards"])
+        assert manifest["num_books"] == 29 if split == "train" else 3
+
+
+def test_webdataset_reads_shards_as_they_are(pg19_shards):
+    split = pg19_shards.root / "validation"
+    urls = [str(split / s["name"]) for s in manifest_of(pg19_shards.root, "validation")["shards"]]
+    samples = list(webdataset.WebDataset(urls, shardshuffle=False).decode())
+    expected = list(iter_books(pg19_shards.root, "validation"))
+    assert [s["__key__"] for s in samples] == ["11", "98", "219"]
+    for sample, (meta, tokens) in zip(samples, expected):
+        assert sample["json"] == meta
+        assert np.array_equal(sample["npy"], tokens)
+
+
+def test_rerunning_prepare_is_a_no_op(pg19_mini, pg19_shards):
+    before = snapshot(pg19_shards.root)
+    reports = prepare(pg19_mini, pg19_shards.root, workers=2, progress=False, **pg19_shards.settings)
+    assert [(r.books, r.shards_written, r.shards_kept) for r in reports] == [(0, 0, 6), (0, 0, 1), (0, 0, 1)]
+    assert snapshot(pg19_shards.root) == before
+
+
+def test_tokenizer_training_is_reproducible(pg19_mini):
+    corpus = Corpus(pg19_mini)
+    first, _ = train_tokenizer(corpus, vocab_size=400, sample_bytes=300_000, seed=1)
+    second, training = train_tokenizer(corpus, vocab_size=400, sample_bytes=300_000, seed=1)
+    other, _ = train_tokenizer(corpus, vocab_size=400, sample_bytes=300_000, seed=2)
+    assert first.checksum == second.checksum != other.checksum
+    assert training["sample_lines"] > 1000
+
+
+def test_settings_that_differ_from_existing_output_are_refused(pg19_mini, pg19_shards):
+    with pytest.raises(DataError, match=r"tokenizer.model: trained with vocab_size=1024 \(asked 2048\)"):
+        prepare(pg19_mini, pg19_shards.root, vocab_size=2048, sample_bytes=2_000_000, progress=False)
+    settings = {**pg19_shards.settings, "tokens_per_shard": 123}
+    with pytest.raises(DataError, match=r"train/manifest.json: made with a different tokens_per_shard"):
+        prepare(pg19_mini, pg19_shards.root, progress=False, **settings)
+
+
+KILLER = """
+import json, os, signal, sys
+from data_pipeline import writer
+from data_pipeline.prepare import prepare
+
+limit, written = int(sys.argv[3]), 0
+tokenizer_settings = json.loads(sys.argv[4])
+write = writer._HashingFile.write
+
+def write_then_die(self, data):
+    # Write part of this block, then die as a killed process does: no cleanup, no exception handlers.
+    global written
+    if written + len(data) > limit:
+        self.file.write(data[: limit - written])
+        self.file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    written += len(data)
+    return write(self, data)
+
+writer._HashingFile.write = write_then_die
+prepare(sys.argv[1], sys.argv[2], splits=["validation", "test"], tokens_per_shard=150_000, workers=2,
+        progress=False, **tokenizer_settings)
+"""
+
+
+def test_killed_run_resumes_to_byte_identical_shards(pg19_mini, tmp_path, output_with_tokenizer, tokenizer_settings):
+    reference = tmp_path / "reference"
+    shutil.copytree(output_with_tokenizer, reference)
+    prepare(pg19_mini, reference, splits=["validation", "test"], tokens_per_shard=150_000, workers=1,
+            progress=False, **tokenizer_settings)
+    validation = [s["bytes"] for s in manifest_of(reference, "validation")["shards"]]
+    test = [s["bytes"] for s in manifest_of(reference, "test")["shards"]]
+    assert len(validation) == 2 and len(test) == 2
+    kill_at = sum(validation) + test[0] + test[1] // 2  # the middle of test/shard-000001.tar
+
+    arguments = [str(pg19_mini), str(output_with_tokenizer), str(kill_at), json.dumps(tokenizer_settings)]
+    killed = subprocess.run([sys.executable, "-c", KILLER, *arguments], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    out = output_with_tokenizer
+    assert (out / "test" / "shard-000000.tar").exists() and not (out / "test" / "shard-000001.tar").exists()
+    assert (out / "test" / ".shard-000001.tar.partial").stat().st_size == test[1] // 2
+    assert not manifest_of(out, "test")["complete"] and len(manifest_of(out, "test")["shards"]) == 1
+    with pytest.raises(DataError, match="test/manifest.json: unfinished"):
+        PackedWindows(out, "test", 128, seed=0)
+
+    reports = prepare(pg19_mini, out, splits=["validation", "test"], tokens_per_shard=150_000, workers=1,
+                      progress=False, **tokenizer_settings)
+    assert [(r.shards_kept, r.shards_written) for r in reports] == [(2, 0), (1, 1)]
+    for split in ("validation", "test"):
+        names = sorted(p.name for p in (out / split).iterdir())
+        assert names == sorted(p.name for p in (reference / split).iterdir())  # the partial file is gone
+        for name in names:
+            if name.endswith(".tar"):
+                assert (out / split / name).read_bytes() == (reference / split / name).read_bytes()
+        resumed, uninterrupted = manifest_of(out, split), manifest_of(reference, split)
+        resumed.pop("created_by"), uninterrupted.pop("created_by")  # the command that made it
+        assert resumed == uninterrupted
+
+
+def test_a_lost_shard_is_noticed_and_the_split_redone(pg19_mini, output_with_tokenizer, tokenizer_settings):
+    def run():
+        return prepare(pg19_mini, output_with_tokenizer, splits=["validation"], tokens_per_shard=150_000, workers=1,
+                       progress=False, **tokenizer_settings)[0]
+
+    run()
+    shards = sorted((output_with_tokenizer / "validation").glob("shard-*.tar"))
+    before = [shard.read_bytes() for shard in shards]
+    shards[1].unlink()
+    report = run()
+    assert report.warnings == [f"{shards[1]}: missing or changed since it was written; redoing validation"]
+    assert (report.shards_kept, report.shards_written) == (0, 2)
+    assert [shard.read_bytes() for shard in shards] == before
+
+
+def test_memory_urls_for_input_and_output(pg19_mini):
+    fs = fsspec.filesystem("memory")
+    for path in ["metadata.csv", "train/46.txt", "train/2542.txt", "validation/11.txt"]:
+        fs.pipe(f"/pg19/{path}", (pg19_mini / path).read_bytes())
+    try:
+        reports = prepare("memory://pg19", "memory://prepared", splits=["train", "validation"], vocab_size=512,
+                          sample_bytes=200_000, tokens_per_shard=50_000, workers=1, progress=False)
+        assert [r.books for r in reports] == [2, 1] and reports[0].shards_written == 2
+        assert fs.exists("/prepared/tokenizer.model") and fs.exists("/prepared/train/shard-000001.tar")
+        tokenizer = Tokenizer("memory://prepared/tokenizer.model")
+        ((meta, tokens),) = list(iter_books("memory://prepared", "validation", tokenizer.checksum))
+        assert meta["book_id"] == "11" and tokenizer.decode(tokens) == (pg19_mini / "validation/11.txt").read_text()
+        windows = PackedWindows("memory://prepared", "train", 64, seed=0)
+        assert windows[len(windows) + 3].shape == (65,)
+        with pytest.raises(DataError, match="memory:// files are not visible to worker processes"):
+            prepare("memory://pg19", "memory://prepared", workers=2, vocab_size=512, sample_bytes=200_000,
+                    progress=False)
+    finally:
+        fs.rm("/pg19", recursive=True)
+        fs.rm("/prepared", recursive=True)
+
+
+def test_file_urls_for_input_and_output(pg19_mini, pg19_shards, output_with_tokenizer):
+    prepare(f"file://{pg19_mini}", f"file://{output_with_tokenizer}", splits=["validation"], workers=1,
+            progress=False, **pg19_shards.settings)
+    shard = "validation/shard-000000.tar"
+    assert (output_with_tokenizer / shard).read_bytes() == (pg19_shards.root / shard).read_bytes()
+    assert len(list(iter_books(f"file://{output_with_tokenizer}", "validation"))) == 3
+
+
+def test_bad_books_are_skipped_and_counted(pg19_mini, output_with_tokenizer, tmp_path, tokenizer_settings):
+    corpus = tmp_path / "corpus"
+    (corpus / "train").mkdir(parents=True)
+    shutil.copy(pg19_mini / "train/46.txt", corpus / "train/46.txt")
+    (corpus / "train/5.txt").write_bytes(b"Windows line\r\nends, and a bad byte: \xff.\r\n")
+    (corpus / "train/6.txt").write_bytes(b"\n \n")
+    (corpus / "train/7.txt").mkdir()  # not a readable file
+    (corpus / "metadata.csv").write_text("46,A Christmas Carol,1843,url\n5,Five,,url\n6,Six,1900,url\n")
+    (report,) = prepare(corpus, output_with_tokenizer, splits=["train"], workers=2, progress=False,
+                        **tokenizer_settings)
+    assert report.books == 2 and len(report.skipped) == 2
+    assert report.skipped[0] == "train/6.txt: empty" and report.skipped[1].startswith("train/7.txt: unreadable")
+    assert report.warnings == [
+        "train/5.txt: 1 undecodable bytes replaced with U+FFFD",
+        "train/7.txt: no row in metadata.csv",
+    ]
+    manifest = manifest_of(output_with_tokenizer, "train")
+    assert manifest["skipped"] == report.skipped and manifest["warnings"] == report.warnings
+    books = dict((meta["book_id"], (meta, tokens)) for meta, tokens in iter_books(output_with_tokenizer, "train"))
+    meta, tokens = books["5"]
+    assert (meta["title"], meta["year"]) == ("Five", None)
+    assert Tokenizer(output_with_tokenizer / "tokenizer.model").decode(tokens) == (
+        "Windows line\nends, and a bad byte: \ufffd.\n"
+    )
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "data_pipeline", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_prepare_shard_and_verify(pg19_mini, pg19_shards, output_with_tokenizer):
+    done = run_cli("shard", "--input", pg19_mini, "--output", output_with_tokenizer, "--splits", "validation",
+                   "--tokens-per-shard", 1_000_000, "--workers", 1)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("validation: 3 books, 443,219 tokens, 1 shards written")
+    shard = "validation/shard-000000.tar"
+    assert (output_with_tokenizer / shard).read_bytes() == (pg19_shards.root / shard).read_bytes()
+    assert manifest_of(output_with_tokenizer, "validation")["created_by"]["command"].startswith(
+        "python -m data_pipeline shard --input"
+    )
+    verified = run_cli("verify", output_with_tokenizer, "--splits", "validation")
+    assert verified.returncode == 0 and verified.stdout == "validation: 1 shards, 3 books, 443,219 tokens: ok\n"
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, pg19_shards):
+    missing = run_cli("prepare", "--input", tmp_path / "nowhere", "--output", tmp_path / "out")
+    assert (missing.returncode, missing.stderr) == (1, f"error: {tmp_path}/nowhere: no such directory\n")
+    cloud = run_cli("prepare", "--input", "s3://bucket/pg19", "--output", tmp_path / "out")
+    assert cloud.returncode == 1
+    assert cloud.stderr == "error: s3://bucket/pg19: s3:// needs the optional package s3fs (pip install s3fs)\n"
+    copy = tmp_path / "copy"
+    shutil.copytree(pg19_shards.root, copy)
+    shard = copy / "validation" / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[-20000] ^= 0xFF  # inside the last book's tokens: only the sha256 can tell
+    shard.write_bytes(bytes(data))
+    corrupt = run_cli("verify", copy)
+    assert corrupt.returncode == 1
+    assert corrupt.stderr == f"error: {shard}: sha256 does not match manifest.json (corrupt data)\n"
+
+
+def test_progress_without_a_terminal_is_plain_log_lines():
+    stream = io.StringIO()
+    progress = Progress("train", total_books=3, interval=0.0, stream=stream)
+    progress.update(tokens=1_500_000, nbytes=6_000_000)
+    progress.update(tokens=2_000, nbytes=8_000)
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[data_pipeline] train: 1/3 books, 1.5M tokens, ")
+    assert lines[1].startswith("[data_pipeline] train: 2/3 books, 1.5M tokens, ") and lines[1].endswith(" MB/s")
+    silent = io.StringIO()
+    Progress("train", 3, enabled=False, interval=0.0, stream=silent).update(1, 1)
+    assert silent.getvalue() == ""

@@ -1,0 +1,210 @@
+"""The training stream and the evaluation readers: packing, shuffling, rank splitting, exact resume, bad data."""
+
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline import DataError
+from data_pipeline.evaluation import iter_books, validation_windows
+from data_pipeline.reader import ShardedBooks
+from data_pipeline.stream import PackedWindows, RankBatches, train_loader
+from data_pipeline.tokenizer import EOS_ID
+
+
+def packed_stream(root, split, book_order=None):
+    """The split's books joined with EOS, in manifest order or in the given order of book indices."""
+    books = [tokens for _, tokens in iter_books(root, split)]
+    order = range(len(books)) if book_order is None else book_order
+    return np.concatenate([np.append(books[i].astype(np.int64), EOS_ID) for i in order])
+
+
+def test_unshuffled_windows_tile_the_packed_stream(pg19_shards):
+    ds = PackedWindows(pg19_shards.root, "validation", seq_len=1000, seed=0, shuffle=False)
+    stream = packed_stream(pg19_shards.root, "validation")
+    assert len(ds) == (len(stream) - 1) // 1000 == 443
+    for k in range(len(ds)):
+        assert torch.equal(ds[k], torch.from_numpy(stream[k * 1000 : k * 1000 + 1001]))
+    assert ds[0].dtype == torch.int64
+
+
+def test_each_epoch_is_a_reshuffle_of_books_and_windows(pg19_shards):
+    ds = PackedWindows(pg19_shards.root, "validation", seq_len=1000, seed=7)
+    for epoch in (0, 1):
+        books, _, windows = ds._epoch(epoch)
+        assert sorted(windows) == list(range(len(ds)))  # every window of the epoch exactly once
+        stream = packed_stream(pg19_shards.root, "validation", books)
+        for i in range(0, len(ds), 37):
+            w = int(windows[i])
+            assert torch.equal(ds[epoch * len(ds) + i], torch.from_numpy(stream[w * 1000 : w * 1000 + 1001]))
+    assert not np.array_equal(ds._epoch(0)[2], ds._epoch(1)[2])
+    same = PackedWindows(pg19_shards.root, "validation", seq_len=1000, seed=7)
+    other = PackedWindows(pg19_shards.root, "validation", seq_len=1000, seed=8)
+    assert all(torch.equal(ds[k], same[k]) for k in (0, 5, 900))
+    assert not torch.equal(ds[0], other[0])
+    with pytest.raises(IndexError):
+        ds[-1]
+
+
+def test_rank_batches_follow_the_global_order():
+    batches = RankBatches(micro_batch_size=3, dp_rank=1, dp_world=4, consumed_samples=24)
+    first = [next(b) for b in [iter(batches)] for _ in range(3)]
+    assert first == [[27, 28, 29], [39, 40, 41], [51, 52, 53]]
+    with pytest.raises(ValueError):
+        RankBatches(2, dp_rank=2, dp_world=2)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_union_over_ranks_and_workers_is_exactly_the_epoch(pg19_shards, num_workers):
+    ds = PackedWindows(pg19_shards.root, "validation", seq_len=2048, seed=3)
+    dp_world, micro = 3, 4
+    steps = len(ds) // (dp_world * micro)  # whole global batches in one epoch (216 windows -> 18)
+    seen = {}
+    for rank in range(dp_world):
+        loader = iter(train_loader(ds, micro, rank, dp_world, consumed_samples=0, num_workers=num_workers))
+        for step in range(steps):
+            batch = next(loader)
+            assert batch.shape == (micro, 2049) and batch.dtype == torch.int64
+            for i, row in enumerate(batch):
+                seen[step * dp_world * micro + rank * micro + i] = row
+    assert sorted(seen) == list(range(steps * dp_world * micro))
+    assert len(ds) == steps * dp_world * micro  # so the union is the whole epoch
+    for k, row in seen.items():
+        assert torch.equal(row, ds[k])
+
+
+def run(ds, dp_world, micro, accum, steps, consumed=0, num_workers=0):
+    """The global batches of `steps` optimizer steps, each as rows in global order, as a data-parallel job sees them."""
+    loaders = [iter(train_loader(ds, micro, r, dp_world, consumed, num_workers)) for r in range(dp_world)]
+    out = []
+    for _ in range(steps):
+        rows = [next(loaders[r]) for _ in range(accum) for r in range(dp_world)]  # micro-step by micro-step
+        out.append(torch.cat(rows))
+    return out
+
+
+def test_resume_on_same_and_different_rank_counts(pg19_shards):
+    ds = PackedWindows(pg19_shards.root, "validation", seq_len=4096, seed=11)
+    global_batch = 8
+    assert len(ds) == 108  # so 20 steps of 8 cross into the second epoch
+    uninterrupted = run(ds, dp_world=2, micro=2, accum=2, steps=20)
+    for step, batch in enumerate(uninterrupted):  # step s is samples [8s, 8s + 8), in order
+        assert torch.equal(batch, torch.stack([ds[k] for k in range(step * 8, step * 8 + 8)]))
+
+    state = ds.state_dict(consumed_samples=9 * global_batch)  # a checkpoint after 9 steps
+    assert json.loads(json.dumps(state)) == state and state["consumed_samples"] == 72
+    for dp_world, micro, accum, workers in [(2, 2, 2, 2), (4, 1, 2, 1), (1, 4, 2, 0), (8, 1, 1, 0)]:
+        restarted = PackedWindows(pg19_shards.root, "validation", seq_len=4096, seed=11)
+        consumed = restarted.load_state_dict(state)
+        resumed = run(restarted, dp_world, micro, accum, steps=11, consumed=consumed, num_workers=workers)
+        assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted[9:], strict=True))
+
+
+def test_checkpoint_state_of_another_dataset_is_refused(pg19_shards):
+    ds = PackedWindows(pg19_shards.root, "validation", seq_len=4096, seed=11)
+    state = ds.state_dict(64)
+    for other in (PackedWindows(pg19_shards.root, "validation", seq_len=2048, seed=11),
+                  PackedWindows(pg19_shards.root, "test", seq_len=4096, seed=11),
+                  PackedWindows(pg19_shards.root, "validation", seq_len=4096, seed=12)):
+        with pytest.raises(DataError, match="checkpoint's data stream does not match this dataset"):
+            other.load_state_dict(state)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # more workers than cores, on purpose
+def test_a_rank_with_fewer_shards_than_workers_does_not_hang(pg19_shards):
+    ds = PackedWindows(pg19_shards.root, "test", seq_len=512, seed=0)  # one shard, three books
+    assert len(ds.books.paths) == 1
+    loader = iter(train_loader(ds, micro_batch_size=2, dp_rank=1, dp_world=2, num_workers=3))
+    assert [tuple(next(loader).shape) for _ in range(10)] == [(2, 513)] * 10
+
+
+def test_windows_read_a_long_split_without_loading_whole_books(pg19_shards):
+    ds = PackedWindows(pg19_shards.root, "train", seq_len=8000, seed=0)
+    assert len(ds) == (int(ds.books.num_tokens.sum()) + 29 - 1) // 8000
+    tokens = ds.books.tokens(0, 10, 20)
+    assert isinstance(tokens.base, np.memmap) or isinstance(tokens.base.base, np.memmap)
+    assert ds[123456].shape == (8001,)
+
+
+def test_iter_books_and_validation_windows(pg19_shards):
+    books = list(iter_books(pg19_shards.root, "test", pg19_shards.checksum))
+    assert [m["book_id"] for m, _ in books] == ["43", "145", "2591"]
+    meta, tokens = books[0]
+    assert meta == {"book_id": "43", "title": "The Strange Case Of Dr. Jekyll And Mr. Hyde by Robert Louis Stevenson",
+                    "year": 1886, "num_tokens": len(tokens)}
+
+    windows = validation_windows(pg19_shards.root, "validation", seq_len=1024, max_windows=16)
+    assert windows.shape == (16, 1025)
+    unshuffled = PackedWindows(pg19_shards.root, "validation", 1024, seed=0, shuffle=False)
+    assert torch.equal(windows[0], unshuffled[0]) and torch.equal(windows[-1], unshuffled[len(unshuffled) - 1])
+    assert torch.equal(windows, validation_windows(pg19_shards.root, "validation", 1024, 16))
+
+
+@pytest.fixture
+def copy(pg19_shards, tmp_path):
+    """A copy of the session's shards that a test may damage."""
+    shutil.copytree(pg19_shards.root, tmp_path / "shards")
+    return tmp_path / "shards"
+
+
+def test_wrong_tokenizer_is_refused(copy):
+    with pytest.raises(DataError, match=f"{copy}/train/manifest.json: shards were made with tokenizer .*, not 000000"):
+        PackedWindows(copy, "train", 128, seed=0, tokenizer_checksum="0" * 64)
+    with pytest.raises(DataError, match=f"{copy}/test/manifest.json: shards were made with tokenizer"):
+        list(iter_books(copy, "test", tokenizer_checksum="0" * 64))
+
+
+def test_truncated_shard_names_the_shard_or_is_skipped_and_counted(copy):
+    shard = copy / "train" / "shard-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:-5000])
+    with pytest.raises(DataError, match=f"^{shard}: .* bytes, manifest.json says .* \\(truncated or overwritten\\)$"):
+        PackedWindows(copy, "train", 128, seed=0)
+    ds = PackedWindows(copy, "train", 128, seed=0, skip_bad_shards=True)
+    assert len(ds.books.bad_shards) == 1 and ds.books.bad_shards[0].startswith(str(shard))
+    lost = json.loads((copy / "train/manifest.json").read_text())["shards"][2]["num_samples"]
+    assert len(ds.books) == 29 - lost
+    assert ds[len(ds) * 2].shape == (129,)
+
+
+def test_corrupt_tar_header_names_the_shard(copy):
+    shard = copy / "train" / "shard-000001.tar"
+    with tarfile.open(shard) as tar:
+        header = tar.getmembers()[2].offset  # the tar header of the second book's .json
+    data = bytearray(shard.read_bytes())
+    data[header : header + 100] = b"x" * 100  # its name field: the header checksum no longer matches
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"^{shard}: corrupt, or its members do not match manifest.json$"):
+        list(iter_books(copy, "train"))
+    (meta, _), *_ = iter_books(copy, "train", skip_bad_shards=True)
+    assert meta["book_id"] == "12"  # the first book of shard-000000
+
+
+def test_manifest_that_does_not_match_the_shards_is_refused(copy):
+    path = copy / "validation" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["shards"][0]["samples"][1]["num_tokens"] += 1
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"^{copy}/validation/shard-000000.tar: 98.npy does not match manifest.json$"):
+        ShardedBooks(copy, "validation")
+
+
+def test_missing_and_unfinished_splits_are_refused(copy, tmp_path):
+    with pytest.raises(DataError, match=f"^{tmp_path}/nothing/train: no such directory$"):
+        PackedWindows(tmp_path / "nothing", "train", 128, seed=0)
+    (copy / "test" / "manifest.json").unlink()
+    with pytest.raises(DataError, match=f"^{copy}/test/manifest.json: missing"):
+        list(iter_books(copy, "test"))
+    path = copy / "validation" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(DataError, match=f"^{path}: unfinished"):
+        validation_windows(copy, "validation", 128, 4)
+    path.write_text(json.dumps({**manifest, "shards": []}))
+    with pytest.raises(DataError, match=f"^{copy}/validation: no shards$"):
+        ShardedBooks(copy, "validation")
+    (copy / "train" / "shard-000003.tar").unlink()
+    with pytest.raises(DataError, match=f"^{copy}/train/shard-000003.tar: missing \\(listed in manifest.json\\)$"):
+        ShardedBooks(copy, "train")

@@ -1,0 +1,59 @@
+"""Text normalisation and corpus reading: the parts of the pipeline before the tokenizer."""
+
+import fsspec
+import pytest
+
+from data_pipeline import DataError
+from data_pipeline.corpus import Corpus, read_book
+from data_pipeline.text import decode_utf8, normalise_newlines, strip_gutenberg
+
+
+def test_decode_counts_and_replaces_undecodable_bytes():
+    assert decode_utf8("naïve".encode()) == ("naïve", 0)
+    assert decode_utf8(b"caf\xe9 \xff\xfe ok") == ("caf\ufffd \ufffd\ufffd ok", 3)
+
+
+def test_newlines_and_byte_order_mark():
+    assert normalise_newlines("\ufeffone\r\ntwo\rthree\n") == "one\ntwo\nthree\n"
+
+
+def test_strip_gutenberg_keeps_only_the_book():
+    raw = (
+        "The Project Gutenberg EBook of Example, by Someone\n\nLicence blah.\n\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK EXAMPLE ***\n\n\nChapter 1\n\nIt was a dark night.\n\n"
+        "End of the Project Gutenberg EBook of Example\n\n*** END OF THIS PROJECT GUTENBERG EBOOK EXAMPLE ***\nmore\n"
+    )
+    assert strip_gutenberg(raw) == ("Chapter 1\n\nIt was a dark night.\n", True)
+    assert strip_gutenberg("Just a book.\n") == ("Just a book.\n", False)
+
+
+def test_corpus_reads_layout_metadata_and_order(pg19_mini):
+    corpus = Corpus(pg19_mini)
+    books = corpus.books("validation")
+    assert [book.book_id for book in books] == ["11", "98", "219"]  # numeric order
+    assert books[0].title == "Alice's Adventures in Wonderland by Lewis Carroll" and books[0].year == 1865
+    assert len(corpus.books("train")) == 29 and corpus.warnings == []
+    text, warnings, nbytes = read_book(corpus.fs, books[0])
+    assert text.startswith("ALICE’S ADVENTURES IN WONDERLAND") and warnings == [] and nbytes == len(text.encode())
+
+
+def test_corpus_errors_name_the_missing_folder(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path}/nothing: no such directory"):
+        Corpus(tmp_path / "nothing")
+    (tmp_path / "train").mkdir()
+    corpus = Corpus(tmp_path)
+    assert corpus.warnings == [f"{tmp_path}/metadata.csv: missing, books get empty titles and no year"]
+    with pytest.raises(DataError, match=f"{tmp_path}/test: no such directory"):
+        corpus.books("test")
+
+
+def test_memory_corpus_with_crlf_and_bad_bytes():
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/text-corpus/train/7.txt": b"one\r\ntwo \xff\r\n", "/text-corpus/metadata.csv": b'7,"A, B",1900,url\n'})
+    corpus = Corpus("memory://text-corpus")
+    (book,) = corpus.books("train")
+    assert (book.title, book.year) == ("A, B", 1900)
+    text, warnings, nbytes = read_book(corpus.fs, book)
+    assert (text, nbytes) == ("one\ntwo \ufffd\n", 12)
+    assert warnings == ["train/7.txt: 1 undecodable bytes replaced with U+FFFD"]
+    fs.rm("/text-corpus", recursive=True)
