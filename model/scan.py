@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 try:  # optional fast path, CUDA only
@@ -27,50 +28,45 @@ def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    ) -> tuple[Tensor, Tensor]:
     """Chunked two-level scan. Returns (y [B, E, T], final state [B, E, N]), both fp32.
 
-    The sequence is cut into chunks of L tokens. Each chunk's end state from zero is a
-    weighted sum with weights exp(total - cumsum) <= 1, so it is computed for all chunks
-    at once without overflow; the chunk start states then follow from a short loop over
-    chunks, and a loop over the L positions runs all chunks in parallel. That is
-    T/L + L Python steps instead of T, with L about sqrt(T).
+    The sequence is cut into chunks of L tokens, all scanned at once: a loop over the L
+    positions finds where each chunk would end from a zero state, a loop over the chunks
+    passes the true start states along (a chunk's decay is exp(A * sum(dt))), and a second
+    loop over the positions produces the outputs from those start states. That is
+    T/L + 2L Python steps instead of T, with L about sqrt(T).
     """
     batch, E, T = x.shape
     N = A.shape[1]
     L = chunk_size or min(128, max(16, 2 ** round(math.log2(math.sqrt(T)))))
     n_chunks = -(-T // L)
-    pad = n_chunks * L - T
 
-    # [B, T, E, N] log-decays (all <= 0) and inputs, padded with dt = 0 (identity steps)
+    # [B, n_chunks, L, ...] views; padding with dt = 0 makes identity steps. Per-step tensors
+    # come from unbind, not indexing: its backward is one stack, not L zero-filled copies.
     dtype = torch.promote_types(x.dtype, torch.float32)
     x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
-    log_a = dt.transpose(1, 2)[..., None] * A
-    bx = (dt * x).transpose(1, 2)[..., None] * B.transpose(1, 2)[:, :, None, :]
-    c = C.transpose(1, 2)
-    if pad:
-        log_a = torch.nn.functional.pad(log_a, (0, 0, 0, 0, 0, pad))
-        bx = torch.nn.functional.pad(bx, (0, 0, 0, 0, 0, pad))
-        c = torch.nn.functional.pad(c, (0, 0, 0, pad))
-    log_a = log_a.view(batch, n_chunks, L, E, N)
-    bx = bx.view(batch, n_chunks, L, E, N)
-    c = c.view(batch, n_chunks, L, N)
+    chunked = lambda t: F.pad(t, (0, n_chunks * L - T)).view(*t.shape[:-1], n_chunks, L).movedim(-3, -1)
+    dt, dtx, B, C = chunked(dt), chunked(dt * x), chunked(B), chunked(C)    # [B, n_chunks, L, E or N]
+    a = torch.exp(dt[..., None] * A).unbind(2)                                # L x [B, n_chunks, E, N]
+    bx = (dtx[..., None] * B[..., None, :]).unbind(2)
 
-    cum = log_a.cumsum(2)
-    total = cum[:, :, -1]                                            # [B, n_chunks, E, N]
-    end_from_zero = (torch.exp(total[:, :, None] - cum) * bx).sum(2)
+    h = torch.zeros_like(bx[0])
+    for a_i, bx_i in zip(a, bx):
+        h = a_i * h + bx_i
+    end_from_zero = h.unbind(1)
+    decay = torch.exp(dt.sum(2)[..., None] * A).unbind(1)
 
-    h = x.new_zeros(batch, E, N) if h0 is None else h0.to(x.dtype)
+    h = x.new_zeros(batch, E, N) if h0 is None else h0.to(dtype)
     starts = []
-    for decay_k, end_k in zip(torch.exp(total).unbind(1), end_from_zero.unbind(1)):
+    for decay_k, end_k in zip(decay, end_from_zero):
         starts.append(h)
         h = decay_k * h + end_k
     h_last = h
 
-    # unbind, not indexing: its backward is one stack instead of L zero-filled copies
     h = torch.stack(starts, 1)                                       # [B, n_chunks, E, N]
     ys = []
-    for a_i, bx_i, c_i in zip(torch.exp(log_a).unbind(2), bx.unbind(2), c.unbind(2)):
+    for a_i, bx_i, c_i in zip(a, bx, C.unbind(2)):
         h = a_i * h + bx_i
         ys.append((h * c_i[:, :, None]).sum(-1))
-    y = torch.stack(ys, 2).reshape(batch, n_chunks * L, E)[:, :T]
+    y = torch.stack(ys, 2).flatten(1, 2)[:, :T]                      # [B, T, E]
     return y.transpose(1, 2), h_last
 
 
