@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 
 class ConfigError(ValueError):
@@ -151,17 +152,22 @@ def _check_types(config) -> None:
     hints = get_type_hints(type(config))
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if not _matches(value, hints[field.name]):
-            raise ConfigError(f"model.{field.name} must be {_describe(hints[field.name])}, "
-                              f"got {value!r}")
+        if not matches_type(value, hints[field.name]):
+            raise ConfigError(f"model.{field.name} must be {describe_type(hints[field.name])}, got {value!r}")
 
 
-def _matches(value, hint) -> bool:
+def matches_type(value, hint) -> bool:
+    """Whether a JSON value fits a type hint (Literal, unions, list[...], None, int, float, ...)."""
     origin = get_origin(hint)
     if origin is Literal:
         return value in get_args(hint)
-    if origin is not None:  # a union such as `int | Literal["auto"]`
-        return any(_matches(value, arg) for arg in get_args(hint))
+    if origin in (Union, UnionType):
+        return any(matches_type(value, arg) for arg in get_args(hint))
+    if origin is list:
+        (item,) = get_args(hint)
+        return isinstance(value, list) and all(matches_type(v, item) for v in value)
+    if hint is type(None):
+        return value is None
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
@@ -169,10 +175,16 @@ def _matches(value, hint) -> bool:
     return isinstance(value, hint)
 
 
-def _describe(hint) -> str:
+def describe_type(hint) -> str:
+    """A type hint in words, for error messages."""
     origin = get_origin(hint)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(hint))
-    if origin is not None:
-        return " or ".join(_describe(a) for a in get_args(hint))
-    return hint.__name__
+    if origin in (Union, UnionType):
+        return " or ".join(describe_type(a) for a in get_args(hint))
+    if origin is list:
+        return f"a list of {describe_type(get_args(hint)[0])}"
+    if hint is type(None):
+        return "null"
+    return {dict: "a JSON object", str: "a string", bool: "true or false", int: "an integer",
+            float: "a number"}[hint]

@@ -20,7 +20,7 @@ class Mamba(nn.Module):
     def __init__(self, config: MemMambaConfig, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4):
         super().__init__()
         D, E, N = config.d_model, config.d_inner, config.d_state
-        self.d_state, self.d_conv, self.dt_rank = N, config.d_conv, config.dt_rank_value
+        self.d_inner, self.d_state, self.d_conv, self.dt_rank = E, N, config.d_conv, config.dt_rank_value
         self.in_proj = nn.Linear(D, 2 * E, bias=False)
         self.conv1d = nn.Conv1d(E, E, config.d_conv, groups=E, bias=True)
         self.x_proj = nn.Linear(E, self.dt_rank + 2 * N, bias=False)
@@ -54,7 +54,7 @@ class Mamba(nn.Module):
         xz = self.in_proj(u).transpose(1, 2)                            # [B, 2E, T]
         x, z = xz.chunk(2, dim=1)
         conv_in = torch.cat([state.conv.to(x.dtype) if sp is None else sp.conv_halo(x, self.d_conv - 1), x], -1)
-        x = F.silu(F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias, groups=x.shape[1]))
+        x = F.silu(self.conv1d(conv_in))
         new_conv = conv_in[..., conv_in.shape[-1] - (self.d_conv - 1):]
 
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
@@ -88,11 +88,12 @@ class Mamba(nn.Module):
         return self.out_proj(y.to(u.dtype)), MixerState(conv=window[:, :, 1:], ssm=h)
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> MixerState:
-        E = self.D.shape[0]
+        # sizes from the config, not from parameter shapes, which ZeRO-3 partitions
         device = device or self.D.device
         return MixerState(
-            conv=torch.zeros(batch_size, E, self.d_conv - 1, device=device, dtype=dtype or self.in_proj.weight.dtype),
-            ssm=torch.zeros(batch_size, E, self.d_state, device=device, dtype=torch.float32))
+            conv=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device,
+                             dtype=dtype or self.in_proj.weight.dtype),
+            ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32))
 
     def _use_cuda(self, x: Tensor) -> bool:
         return self.backend != "torch" and x.is_cuda and cuda_scan_available()

@@ -42,7 +42,7 @@ class NoteBlock(nn.Module):
         super().__init__()
         self.importance = nn.Linear(config.d_model, 1)                # I_token
         self.note_proj = nn.Linear(config.d_model, config.summary_dim, bias=False)   # N^l
-        self.window, self.pool_size = config.note_window, config.pool_size
+        self.window, self.pool_size, self.summary_dim = config.note_window, config.pool_size, config.summary_dim
         self.tau1, self.policy, self.pooling = config.tau1, config.pool_policy, config.pooling
         self.empty_acc = float("-inf") if config.pooling == "max" else 0.0
 
@@ -107,7 +107,7 @@ class NoteBlock(nn.Module):
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> NoteState:
         w = self.note_proj.weight
         device, dtype = device or w.device, dtype or w.dtype
-        K, S = self.pool_size, w.shape[0]
+        K, S = self.pool_size, self.summary_dim     # not w.shape: ZeRO-3 partitions parameters
         return NoteState(
             notes=torch.zeros(batch_size, K, S, device=device, dtype=dtype),
             window=torch.full((batch_size, K), -1, device=device, dtype=torch.long),
