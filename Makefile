@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 quickstart: setup
-	$(PY) -m model.demo
+	PYTHON=$(PY) bash launch/quickstart.sh
 
 test: setup
 	$(PY) -m pytest

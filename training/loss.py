@@ -73,3 +73,20 @@ def _summed_cross_entropy(model: nn.Module, hidden: Tensor, targets: Tensor) -> 
 def _slice_loss(lm_head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(lm_head(hidden).flatten(0, 1).float(), targets.flatten(), reduction="sum",
                            ignore_index=IGNORE)
+
+
+class LanguageModelObjective(nn.Module):
+    """The language model and its loss as one module: what the DeepSpeed engine wraps.
+
+    DeepSpeed scales gradients for accumulation, and ZeRO-3 does its per-micro-step
+    bookkeeping, from hooks on the output of the engine's forward: the loss must be that
+    output, not something computed from the module's parts. In checkpoints the model's
+    parameters therefore carry the prefix `model.`.
+    """
+
+    def __init__(self, model: nn.Module, chunk_len: int | None = None):
+        super().__init__()
+        self.model, self.chunk_len = model, chunk_len
+
+    def forward(self, window: Tensor, loss_mask: Tensor | None = None, sp=None) -> Tensor:
+        return lm_loss(self.model, window, self.chunk_len, loss_mask, sp)

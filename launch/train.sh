@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+""":"
+# This file is both a bash script and a Python program:
+#
+#   bash launch/train.sh CONFIG [--set KEY=VALUE ...]    a person: starts the DeepSpeed launcher on this file
+#   deepspeed launch/train.sh CONFIG [--set ...]          the launcher: runs `python -u launch/train.sh` per rank
+#
+# To bash, the quotes on line 2 are the no-op command ':', and the lines up to `exec` are the script (bash reads
+# a script as it runs it, so it never reaches the Python). To Python, everything from those quotes to the
+# matching ones below is a string, and the code after it is each rank's entry point.
+# Launcher options go in DEEPSPEED_ARGS, e.g. DEEPSPEED_ARGS="--num_gpus 2" bash launch/train.sh CONFIG.
+set -euo pipefail
+if [[ -n "${RANK:-}${LOCAL_RANK:-}" ]]; then  # one rank of a launcher that runs it as a program (--no_python)
+  exec "${PYTHON:-python3}" -u "$0" "$@"
+fi
+exec "${PYTHON:-python3}" -m deepspeed.launcher.runner ${DEEPSPEED_ARGS:-} "$0" "$@"
+":"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `import training`
+
+from training.train import main  # noqa: E402
+
+sys.exit(main())

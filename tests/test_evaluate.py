@@ -1,0 +1,300 @@
+"""The evaluation runners and CLIs, on tiny checkpoints and pg19-mini."""
+import argparse
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.reader import ShardedBooks
+from data_pipeline.tokenizer import Tokenizer
+from model import build_model, save_pretrained
+from training import evaluate, generate
+from training.evaluation import passkey
+from training.evaluation.common import (EvalError, chunked_hidden, greedy, load_checkpoint, parse_length,
+                                        unique_names)
+from training.evaluation.fidelity import (CrossLayerStats, cosine_fidelity, expected_embedding, ridge_fidelity,
+                                          ridge_score)
+from training.evaluation.perplexity import evaluate as perplexity_evaluate, scored_nll, window_starts
+from training.tasks import BookFiller, PasskeyTask
+
+SPECS = {"memmamba": {"arch": "memmamba", "size": "tiny"},
+         "mamba": {"arch": "memmamba", "size": "tiny", "notes": False},
+         "transformer": {"arch": "transformer", "size": "tiny"}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared CPU an intra-op thread
+    that waits for a busy core makes every small op many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(pg19_shards, tmp_path_factory):
+    """Exported tiny models (random weights) with the session tokenizer next to them."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    folders = {}
+    for name, spec in SPECS.items():
+        torch.manual_seed(0)
+        folders[name] = root / name
+        save_pretrained(build_model(spec), folders[name], {"tokenizer_checksum": pg19_shards.checksum})
+        shutil.copy(pg19_shards.tokenizer_path, folders[name] / "tokenizer.model")
+    return folders
+
+
+def book_window(pg19_shards, length, start=1000):
+    books = ShardedBooks(pg19_shards.root, "test")
+    return torch.from_numpy(books.tokens(0, start, start + length).astype(np.int64))[None]
+
+
+@pytest.mark.parametrize("kind", SPECS)
+def test_window_perplexity_is_exp_of_the_mean_nll_computed_by_hand(pg19_shards, checkpoints, kind):
+    model = load_checkpoint(str(checkpoints[kind]), torch.device("cpu")).model
+    window = book_window(pg19_shards, 301)
+    with torch.no_grad():
+        logits, _ = model(window[:, :-1])                        # one unchunked pass
+    log_probs = torch.log_softmax(logits[0, -40:].double(), -1)
+    by_hand = -log_probs.gather(1, window[0, -40:, None]).mean()
+    nll = scored_nll(model, window, scored=40, chunk_len=64)    # five chunks, the last 40 kept
+    assert nll.shape == (1, 40)
+    torch.testing.assert_close(nll.mean().exp(), by_hand.exp(), rtol=1e-5, atol=0)
+
+
+def test_windows_spread_over_the_book_and_short_books_are_skipped():
+    assert window_starts(1001, 100, 10) == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]
+    assert window_starts(1001, 100, 3) == [0, 450, 900]
+    assert window_starts(101, 100, 10) == [0]
+    assert window_starts(100, 100, 10) == []
+
+
+class Books:
+    """Two books of given lengths, in ShardedBooks' interface."""
+
+    def __init__(self, *lengths):
+        rng = np.random.default_rng(0)
+        self.data = [rng.integers(5, 1000, n) for n in lengths]
+        self.num_tokens = np.array(lengths)
+        self.books = [{"book_id": str(i)} for i in range(len(lengths))]
+
+    def __len__(self):
+        return len(self.data)
+
+    def tokens(self, index, start, stop):
+        return self.data[index][start:stop]
+
+
+def test_perplexity_pools_the_windows_of_the_books_long_enough(checkpoints):
+    checkpoint = load_checkpoint(str(checkpoints["mamba"]), torch.device("cpu"))
+    books = Books(70, 200)
+    args = argparse.Namespace(windows_per_book=3, scored=20, batch_size=2, chunk_len=32, device="cpu")
+    short, long = perplexity_evaluate(checkpoint, books, [50, 100], args)
+    assert (short["books"], short["books_skipped"], short["windows"]) == (2, 0, 6)
+    assert (long["books"], long["books_skipped"], long["windows"], long["tokens"]) == (1, 1, 3, 60)
+    nll = torch.cat([scored_nll(checkpoint.model, torch.from_numpy(books.data[1][s:s + 101])[None], 20, 32)
+                     for s in window_starts(200, 100, 3)])
+    assert math.isclose(long["ppl"], float(nll.mean().exp()), rel_tol=1e-9)
+    assert long["ci95"][0] < long["ppl"] < long["ci95"][1]
+
+
+def test_greedy_decoding_with_a_chunked_prefill_equals_generate(pg19_shards, checkpoints):
+    for kind in SPECS:
+        model = load_checkpoint(str(checkpoints[kind]), torch.device("cpu")).model
+        prompt = book_window(pg19_shards, 30)
+        expected = model.generate(prompt, 4, greedy=True)[:, 30:]
+        assert torch.equal(greedy(model, prompt, 4, chunk_len=7), expected)
+
+
+def test_a_100k_token_passkey_prompt_runs_in_chunks_with_a_constant_state(pg19_shards, checkpoints):
+    checkpoint = load_checkpoint(str(checkpoints["memmamba"]), torch.device("cpu"))
+    model = checkpoint.model
+    chunks, state_bytes = [], []
+    forward = model.hidden_states
+
+    def recording(ids, state=None):
+        hidden, state = forward(ids, state)
+        chunks.append(ids.shape[1])
+        state_bytes.append(sum(t.numel() * t.element_size() for t in _tensors(state)))
+        return hidden, state
+
+    model.hidden_states = recording
+    task = PasskeyTask(checkpoint.tokenizer, BookFiller(ShardedBooks(pg19_shards.root, "test")))
+    args = argparse.Namespace(samples=1, batch_size=1, chunk_len=8192, device="cpu", seed=0)
+    result = passkey.evaluate(checkpoint, task, [100_000], [0.5], args)
+    assert sum(chunks) == 100_000 and max(chunks) == 8192 and len(chunks) == 13
+    assert len(set(state_bytes)) == 1                           # the memory does not grow with the input
+    assert result["lengths"][0]["length"] == 100_000 and len(result["predictions"]) == 1
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif hasattr(obj, "__dataclass_fields__"):
+        for name in obj.__dataclass_fields__:
+            yield from _tensors(getattr(obj, name))
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+
+
+def test_token_fidelity_is_one_for_identical_and_near_zero_for_unrelated_representations():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 500, 64, generator=g)
+    assert cosine_fidelity(t, t, 0) == pytest.approx((1000.0, 1000))
+    total, count = cosine_fidelity(t, torch.randn(2, 500, 64, generator=g), 0)
+    assert abs(total / count) < 0.02
+    shifted = torch.roll(t, 8, dims=1)                          # t^_{i+8} = t_i
+    total, count = cosine_fidelity(t, shifted, 8)
+    assert count == 2 * 492 and total / count == pytest.approx(1.0)
+
+
+def test_cross_layer_fidelity_is_one_for_identical_and_near_zero_for_unrelated_layers():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 32, generator=g)
+    assert ridge_fidelity(x, x) == pytest.approx(1.0, abs=1e-4)
+    assert ridge_fidelity(x, x @ torch.randn(32, 32, generator=g) * 0.3) == pytest.approx(1.0, abs=1e-4)
+    assert abs(ridge_fidelity(x, torch.randn(4000, 32, generator=g))) < 0.05
+
+
+def test_cross_layer_statistics_streamed_in_chunks_give_the_one_shot_score():
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.randn(1, 600, 16, generator=g)]
+    for _ in range(3):
+        layers.append(torch.tanh(layers[-1] @ torch.randn(16, 16, generator=g)) + 0.1 * torch.randn(1, 600, 16))
+    stats = CrossLayerStats(4, 16, [1, 2], "cpu")
+    for piece in (slice(0, 250), slice(250, 600)):
+        stats.add([h[:, piece] for h in layers])
+    expected = [ridge_fidelity(layers[l][0], layers[l + 2][0]) for l in range(2)]
+    assert stats.scores(2, 1e-4) == pytest.approx(expected, abs=1e-9)
+    assert len(stats.scores(1, 1e-4)) == 3
+    x = layers[0][0].double()
+    assert ridge_score(x.T @ x, x.T @ x, float((x * x).sum()), float((x * x).sum())) == pytest.approx(1, abs=1e-4)
+
+
+def test_expected_embedding_of_a_certain_prediction_is_that_tokens_embedding():
+    model = build_model({**SPECS["transformer"], "tie_embeddings": False})
+    with torch.no_grad():
+        model.lm_head.weight.copy_(torch.eye(model.config.vocab_size, 64) * 100)   # logit v = 100 * hidden[v]
+    hidden = torch.zeros(1, 3, 64)
+    hidden[0, torch.arange(3), torch.tensor([5, 9, 60])] = 1.0
+    t_hat = expected_embedding(model, hidden)
+    torch.testing.assert_close(t_hat[0], model.embedding.weight[[5, 9, 60]], rtol=1e-4, atol=1e-4)
+
+
+def run_cli(module, argv, capsys):
+    code = module.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_every_evaluation_runs_end_to_end_on_tiny_checkpoints(pg19_shards, checkpoints, tmp_path, capsys):
+    models = [arg for kind in SPECS for arg in ("--checkpoint", checkpoints[kind])]
+    data = ["--data", pg19_shards.root]
+    runs = {
+        "ppl": [*data, "--lengths", 64, 128, "--windows-per-book", 2, "--scored", 20, "--chunk-len", 50],
+        "passkey": [*data, "--lengths", 100, 200, "--depths", 0, 1, "--samples", 1, "--batch-size", 2],
+        "retrieval": [*data, "--distractors", 1, 2, "--samples", 2],
+        "fidelity": [*data, "--length", 96, "--windows", 2, "--gaps", 1, 2, 5, "--chunk-len", 40],
+    }
+    for task, argv in runs.items():
+        code, out, err = run_cli(evaluate, [task, *models, *argv, "--out", tmp_path / task], capsys)
+        assert code == 0, err
+        record = json.loads((tmp_path / task / f"{task}.json").read_text())
+        assert [m["kind"] for m in record["models"]] == ["memmamba", "mamba", "transformer"]
+        assert set(record["results"]) == {"memmamba", "mamba", "transformer"}
+        assert (tmp_path / task / f"{task}.md").read_text().count("| transformer |") >= 1
+        assert "| memmamba |" in out
+    ppl = json.loads((tmp_path / "ppl" / "ppl.json").read_text())["results"]
+    assert all(1 < entry["ppl"] < 2000 and entry["windows"] == 6 for r in ppl.values() for entry in r)
+    passkey_run = json.loads((tmp_path / "passkey" / "passkey.json").read_text())["results"]["mamba"]
+    assert [e["length"] for e in passkey_run["lengths"]] == [100, 200] and len(passkey_run["predictions"]) == 4
+    fidelity = json.loads((tmp_path / "fidelity" / "fidelity.json").read_text())["results"]
+    assert fidelity["memmamba"]["eclmf"]["5"] is None and len(fidelity["memmamba"]["eclmf_per_layer"]["1"]) == 3
+    assert all(-1 <= r["etmf"][d] <= 1 for r in fidelity.values() for d in ("0", "8", "16", "32"))
+
+
+def test_latency_compares_with_the_transformer(checkpoints, tmp_path, capsys):
+    argv = ["latency", "--model", "memmamba:tiny", "--model", "transformer:tiny", "--checkpoint", checkpoints["mamba"],
+            "--lengths", 32, 64, "--positions", 40, "--repeats", 1, "--gen-tokens", 2, "--out", tmp_path]
+    code, out, err = run_cli(evaluate, argv, capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "latency.json").read_text())["results"]
+    assert set(results["ratios"]) == {"mamba", "memmamba:tiny"}
+    forward = results["models"]["memmamba:tiny"]["forward"]
+    assert [e["length"] for e in forward] == [32, 64] and all(e["ms"] > 0 for e in forward)
+    assert results["models"]["transformer:tiny"]["generation"][0]["position"] == 40
+    assert "Mean latency ratio mamba / transformer:tiny" in out
+
+
+def test_generate_streams_the_decoded_continuation(checkpoints, capsys):
+    code, out, err = run_cli(generate, ["--checkpoint", checkpoints["memmamba"], "--prompt", "It was a dark night",
+                                        "--max-new-tokens", 12, "--greedy"], capsys)
+    assert code == 0, err
+    model = load_checkpoint(str(checkpoints["memmamba"]), torch.device("cpu"))
+    ids = torch.tensor([model.tokenizer.encode("It was a dark night")])
+    tokens = model.model.generate(ids, 12, greedy=True)[0, ids.shape[1]:].tolist()
+    assert out == model.tokenizer.decode(tokens) + "\n"
+    assert "12 new tokens" in err
+
+
+def test_text_stream_reassembles_multibyte_characters(pg19_shards):
+    tokenizer = Tokenizer(str(pg19_shards.tokenizer_path))
+    text = "Ünïcode — “quotes” and 漢字, then plain text again."
+    ids = tokenizer.encode(text)
+    stream = generate.TextStream(tokenizer, [])
+    assert "".join(stream.push(i) for i in ids) == text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ppl", "--checkpoint", "nowhere", "--data", "x"], "nowhere: no such checkpoint folder"),
+    (["ppl", "--data", "x"], "give at least one --checkpoint"),
+    (["passkey", "--checkpoint", "{memmamba}", "--data", "{data}", "--lengths", "4x"], "'4x': not a length"),
+    (["passkey", "--checkpoint", "{memmamba}", "--data", "{data}", "--lengths", "20"], "at least"),
+    (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--split", "nope"], "nope: no such directory"),
+    (["retrieval", "--checkpoint", "{memmamba}"], "needs --passages"),
+    (["latency", "--model", "memmamba:huge"], "model.size must be one of"),
+])
+def test_problems_end_with_one_line_and_status_1(pg19_shards, checkpoints, capsys, argv, message):
+    argv = [a.format(memmamba=checkpoints["memmamba"], data=pg19_shards.root) for a in argv]
+    code, out, err = run_cli(evaluate, argv, capsys)
+    assert code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_checkpoint_with_another_tokenizer_is_refused(checkpoints, tmp_path, pg19_shards):
+    folder = tmp_path / "copy"
+    shutil.copytree(checkpoints["mamba"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tokenizer_checksum": "0" * 64}))
+    with pytest.raises(EvalError, match="not the tokenizer"):
+        load_checkpoint(str(folder), torch.device("cpu"))
+
+
+def test_lengths_read_k_as_thousands():
+    assert [parse_length(x) for x in ("4096", "4k", "1.5K", "400k")] == [4096, 4000, 1500, 400_000]
+
+
+def test_tables_name_checkpoints_by_run_and_keep_names_unique():
+    paths = ["runs/a/checkpoints", "runs/a/checkpoints/step-00000100", "exports/x", "other/x", "exports/y"]
+    assert unique_names(paths) == ["a", "a/step-00000100", "exports/x", "other/x", "y"]
+
+
+def test_chunked_hidden_keeps_positions_across_chunk_boundaries(checkpoints, pg19_shards):
+    model = load_checkpoint(str(checkpoints["memmamba"]), torch.device("cpu")).model
+    ids = book_window(pg19_shards, 120)
+    full, _ = model.hidden_states(ids)
+    kept, _ = chunked_hidden(model, ids, 32, keep=(30, 70))
+    torch.testing.assert_close(kept, full[:, 30:70], rtol=1e-5, atol=1e-5)
+
+
+def test_results_get_a_png_plot_when_matplotlib_is_installed(checkpoints, pg19_shards, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    argv = ["ppl", "--checkpoint", checkpoints["mamba"], "--data", pg19_shards.root, "--lengths", 64, 128,
+            "--windows-per-book", 1, "--scored", 10, "--out", tmp_path]
+    code, _, err = run_cli(evaluate, argv, capsys)
+    assert code == 0, err
+    assert (tmp_path / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,401 @@
+"""The training stack: configs, FLOP counts, and real runs through the DeepSpeed launcher on the CPU (gloo).
+
+The end-to-end tests share one straight two-rank run (`straight_run`) of the tiny model on pg19-mini shards,
+and compare other runs with it: stopped by SIGTERM and resumed, resumed on one rank, with ZeRO stage 2.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import ConfigError, build_model, load_pretrained
+from training import data
+from training.config import apply_override, batch_layout, config_from_dict, load_config
+from training.distributed import free_port
+from training.export import load_model
+from training.flops import forward_flops_per_token
+from training.optim import param_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+STEPS = 16  # of the straight run; checkpoints every 4 steps, the latest 3 kept
+# The tiny config, made smaller still: 8 windows of 64 tokens per step, reported every step.
+TINY = ["data.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=8", "optimizer.warmup_steps=0",
+        "logging.every=1", "validation.every=8", "validation.windows=4", "checkpoint.every=4", "checkpoint.keep=3"]
+
+
+# --- configs -------------------------------------------------------------------------------------------------
+
+def tiny_config(**sections):
+    raw = json.loads((CONFIGS / "tiny_cpu.json").read_text())
+    for key, value in sections.items():
+        apply_override(raw, f"{key}={json.dumps(value)}")
+    return raw
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train.micro_batch_size": 0}, "train.micro_batch_size must be a positive integer, got 0"),
+    ({"train.micro_batch_size": "2"}, "train.micro_batch_size must be an integer, got '2'"),
+    ({"train.grad_accum": 2.5}, "train.grad_accum must be an integer or null, got 2.5"),
+    ({"train.max_stpes": 10}, "unknown key train.max_stpes"),
+    ({"optimiser": {"lr": 1e-4}}, "unknown key optimiser"),
+    ({"optimizer.lr": -1}, "optimizer.lr must be positive, got -1"),
+    ({"optimizer.betas": [0.9]}, "optimizer.betas must be two numbers in [0, 1), got [0.9]"),
+    ({"train.precision": "fp16"}, "train.precision must be one of 'auto', 'bf16', 'fp32', got 'fp16'"),
+    ({"data.source": "web"}, "data.source must be one of 'shards', 'passkey', got 'web'"),
+    ({"data.path": None}, "missing key data.path"),
+    ({"model.d_model": 0}, "model.d_model must be a positive integer, got 0"),
+    ({"deepspeed.zero_optimization.stage": 4}, "deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got 4"),
+    ({"deepspeed.gradient_clipping": 0.5}, "deepspeed.gradient_clipping is set from train.grad_clip"),
+    ({"deepspeed.bf16": {"enabled": True}}, "deepspeed.bf16 is set from train.precision"),
+    ({"parallel.sequence_parallel_size": 3}, "data.seq_len (256) must be divisible by "
+                                             "parallel.sequence_parallel_size (3)"),
+    ({"parallel.sequence_parallel_size": 2, "model": {"arch": "transformer", "size": "tiny"}},
+     "parallel.sequence_parallel_size=2 needs a MemMamba or Mamba model"),
+    ({"parallel.sequence_parallel_size": 2, "train.chunk_len": 64},
+     "train.chunk_len and parallel.sequence_parallel_size > 1 cannot be combined"),
+])
+def test_bad_values_raise_one_error_naming_the_key(change, message):
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(tiny_config(**change))
+    assert message in str(error.value)
+
+
+def test_missing_sections_and_keys_are_named():
+    raw = tiny_config()
+    del raw["train"]["max_steps"]
+    with pytest.raises(ConfigError, match="missing key train.max_steps"):
+        config_from_dict(raw)
+    del raw["output_dir"]
+    with pytest.raises(ConfigError, match="missing key output_dir"):
+        config_from_dict(raw)
+
+
+def test_overrides_reach_nested_keys_and_parse_json(tmp_path):
+    cfg = load_config(CONFIGS / "tiny_cpu.json", ["train.micro_batch_size=2", "data.path=/data/pg19",
+                                                   "deepspeed.zero_optimization.stage=2", "train.chunk_len=null",
+                                                   "optimizer.betas=[0.9,0.99]"])
+    assert cfg.train.micro_batch_size == 2 and cfg.data.path == "/data/pg19" and cfg.zero_stage == 2
+    assert cfg.train.chunk_len is None and cfg.optimizer.betas == [0.9, 0.99]
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(CONFIGS / "tiny_cpu.json", ["train.micro_batch_size"])
+    with pytest.raises(ConfigError, match="train.seed is not a section"):
+        load_config(CONFIGS / "tiny_cpu.json", ["train.seed.x=1"])
+
+
+def test_global_batch_is_micro_batch_times_accumulation_times_data_parallel_ranks():
+    train = config_from_dict(tiny_config(**{"train.micro_batch_size": 2, "train.global_batch_size": 32})).train
+    assert [batch_layout(train, world).grad_accum for world in (1, 2, 4, 16)] == [16, 8, 4, 1]
+    assert batch_layout(train, 4, sequence_parallel_size=2).grad_accum == 8   # 2 data-parallel ranks
+    with pytest.raises(ConfigError, match=r"global_batch_size \(32\) must be a multiple of .* \(2 x 32\)"):
+        batch_layout(train, 32)
+    with pytest.raises(ConfigError, match=r"world size \(3\) must be divisible by .*sequence_parallel_size \(2\)"):
+        batch_layout(train, 3, sequence_parallel_size=2)
+    fixed = config_from_dict(tiny_config(**{"train.global_batch_size": None, "train.grad_accum": 4})).train
+    assert [batch_layout(fixed, world).global_batch_size for world in (1, 8)] == [16, 128]
+    both = config_from_dict(tiny_config(**{"train.grad_accum": 4})).train   # 4 x 4 x 1 != 8
+    with pytest.raises(ConfigError, match=r"train.grad_accum \(4\) disagrees with train.global_batch_size \(8"):
+        batch_layout(both, 1)
+
+
+def test_the_papers_run_and_its_variants():
+    paper = load_config(CONFIGS / "200m_8k.json")
+    m = paper.model_config
+    assert (m.arch, m.n_layer, m.d_model, m.summary_dim, m.pool_size, m.notes) == ("memmamba", 24, 1024, 64, 50, True)
+    assert (paper.data.seq_len, paper.train.grad_accum, paper.train.grad_clip, paper.train.seed) == (8000, 4, 1.0, 123)
+    assert (paper.optimizer.lr, paper.optimizer.weight_decay, paper.train.max_steps) == (1e-4, 0.1, 100_000)
+    assert paper.train.activation_checkpointing and paper.train.micro_batch_size == 1
+    cluster = load_config(CONFIGS / "200m_8k_h800.json")
+    assert cluster.optimizer == paper.optimizer and cluster.train.global_batch_size == 32
+    assert cluster.model_config == m and cluster.zero_stage == 2
+    assert load_config(CONFIGS / "mamba_200m_8k.json").model_config.notes is False
+    assert load_config(CONFIGS / "transformer_200m_8k.json").model_config.arch == "transformer"
+    for path in CONFIGS.glob("*.json"):
+        load_config(path)
+
+
+def test_no_weight_decay_on_norms_biases_and_ssm_dynamics():
+    model = build_model({"arch": "memmamba", "size": "tiny"})
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    for name in names.values():
+        exempt = (name.endswith(("A_log", ".D", "dt_proj.bias", "norm.weight", "norm_f.weight", ".bias"))
+                  or "fusion_weight" in name)
+        assert (name not in decayed) == exempt, name
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("section", [{"arch": "memmamba", "size": "tiny", "notes": False},
+                                     {"arch": "transformer", "size": "tiny"}])
+def test_dense_flops_equal_a_flop_counter(section):
+    """Every weight matmul and convolution the model runs, counted exactly (the counter skips attention)."""
+    model = build_model(section)
+    T = 128
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randint(0, 1024, (2, T)))
+    assert counter.get_total_flops() / (2 * T) == forward_flops_per_token(model.config, T)["dense"]
+
+
+def test_memmamba_dense_flops_within_one_percent_of_a_flop_counter():
+    # The counter also sees the keys and values of the carried pool, which every forward call projects again.
+    model = build_model({"arch": "memmamba", "size": "tiny"})
+    T = 256
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randint(0, 1024, (2, T)))
+    ours = forward_flops_per_token(model.config, T)["dense"]
+    assert abs(counter.get_total_flops() / (2 * T) / ours - 1) < 0.01
+
+
+def test_passkey_source_gives_masked_batches_and_a_masked_loss(pg19_shards):
+    from training.loss import LanguageModelObjective
+
+    cfg = config_from_dict(tiny_config(**{"data.source": "passkey", "data.path": str(pg19_shards.root),
+                                          "data.seq_len": 128, "train.micro_batch_size": 2}))
+    dataset = data.train_dataset(cfg, pg19_shards.checksum)
+    window, mask = next(iter(data.train_batches(dataset, cfg, dp_rank=0, dp_world=1, consumed_samples=0,
+                                                pin_memory=False)))
+    assert window.shape == (2, 129) and mask.shape == (2, 128) and mask.dtype == torch.bool
+    assert 0 < mask.sum() < mask.numel() and mask[:, -1].all()   # the answer ends the window
+    model = build_model(cfg.model_config)
+    masked = LanguageModelObjective(model)(window, mask)
+    with torch.no_grad():
+        logits, _ = model(window[:, :-1])
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), window[:, 1:], reduction="none")
+    assert masked.item() == pytest.approx(nll[mask].mean().item(), rel=1e-5)
+
+
+# --- runs through the launcher -------------------------------------------------------------------------------
+
+def train_command(ranks, shards, output_dir, *overrides, config="configs/tiny_cpu.json"):
+    if ranks == 1:  # a process on its own is rank 0 of 1
+        launcher = [sys.executable]
+    else:
+        launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
+                    "--master_port", str(free_port())]
+    return [*launcher, "launch/train.sh", str(config), "--set", *TINY, f"data.path={shards}",
+            f"output_dir={output_dir}", *overrides]
+
+
+def train(ranks, shards, output_dir, *overrides, check=True, config="configs/tiny_cpu.json"):
+    result = subprocess.run(train_command(ranks, shards, output_dir, *overrides, config=config), cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def scalars(output_dir, tag):
+    events = EventAccumulator(str(Path(output_dir) / "tensorboard"))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def checkpoints(output_dir):
+    return sorted(p.name for p in (Path(output_dir) / "checkpoints").glob("step-*"))
+
+
+def module_state(checkpoint):
+    return torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(pg19_shards, tmp_path_factory):
+    output = tmp_path_factory.mktemp("straight")
+    train(2, pg19_shards.root, output, f"train.max_steps={STEPS}")
+    return output
+
+
+@pytest.mark.slow
+def test_two_ranks_learn_log_and_checkpoint(straight_run):
+    losses = scalars(straight_run, "train/loss")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    first, last = sum(losses[s] for s in range(1, 5)) / 4, sum(losses[s] for s in range(STEPS - 3, STEPS + 1)) / 4
+    assert last < first - 0.3, losses
+    for tag in ("train/ppl", "train/lr", "train/grad_norm", "train/skipped_steps", "train/tokens_seen", "perf/tps",
+                "perf/tps_total", "perf/tflops", "perf/mfu", "perf/memory_gib", "perf/data_wait_s"):
+        assert sorted(scalars(straight_run, tag)) == list(range(1, STEPS + 1)), tag
+    assert scalars(straight_run, "train/tokens_seen")[STEPS] == STEPS * 8 * 64
+    assert sorted(scalars(straight_run, "val/loss")) == [8, 16]
+    assert checkpoints(straight_run) == ["step-00000008", "step-00000012", "step-00000016"]  # the latest 3
+    latest = straight_run / "checkpoints" / "step-00000016"
+    assert {"meta.json", "rank-00000.pt", "rank-00001.pt", "tokenizer.model"} <= {p.name for p in latest.iterdir()}
+    meta = json.loads((latest / "meta.json").read_text())
+    assert meta["state"] == {"step": STEPS, "consumed_samples": STEPS * 8, "tokens_seen": STEPS * 8 * 64,
+                             "skipped_steps": 0}
+    assert meta["world_size"] == 2 and meta["zero_stage"] == 1
+
+
+@pytest.mark.slow
+def test_stopped_by_sigterm_and_resumed_equals_the_straight_run(pg19_shards, straight_run, tmp_path):
+    # Data loading in a worker process too: it must outlive the signal, which goes to the whole process group.
+    command = train_command(2, pg19_shards.root, tmp_path, f"train.max_steps={STEPS}", "data.num_workers=1")
+    process = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    for line in process.stdout:
+        if line.startswith("step 4/"):
+            os.killpg(process.pid, signal.SIGTERM)  # as Slurm does on pre-emption
+            break
+    output = line + process.communicate(timeout=300)[0]
+    assert "stopped by SIGTERM" in output, output[-3000:]
+    stopped_at = checkpoints(tmp_path)[-1]
+    step = int(stopped_at.split("-")[1])
+    assert 4 < step < STEPS
+
+    resumed = train(2, pg19_shards.root, tmp_path, f"train.max_steps={STEPS}", "data.num_workers=1")
+    assert f"resumed from {tmp_path / 'checkpoints' / stopped_at} at step {step}" in resumed.stdout
+    assert scalars(tmp_path, "train/loss") == scalars(straight_run, "train/loss")   # every step, bit for bit
+    final, straight = module_state(tmp_path / "checkpoints" / "step-00000016"), module_state(
+        straight_run / "checkpoints" / "step-00000016")
+    assert all(torch.equal(final[name], straight[name]) for name in straight)
+
+
+@pytest.mark.slow
+def test_resume_on_one_rank_continues_the_data_order(pg19_shards, straight_run, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copytree(straight_run / "checkpoints" / "step-00000008", tmp_path / "checkpoints" / "step-00000008")
+    result = train(1, pg19_shards.root, tmp_path, f"train.max_steps={STEPS}")
+    assert "resumed from" in result.stdout and "accumulation 4 x 1 data-parallel ranks" in result.stdout
+    one_rank, two_ranks = scalars(tmp_path, "train/loss"), scalars(straight_run, "train/loss")
+    assert sorted(one_rank) == list(range(9, STEPS + 1))
+    # The same samples in the same steps; only the order of the gradient sums differs.
+    for step in one_rank:
+        assert one_rank[step] == pytest.approx(two_ranks[step], rel=1e-4)
+    meta = json.loads((tmp_path / "checkpoints" / "step-00000016" / "meta.json").read_text())
+    assert meta["state"]["consumed_samples"] == STEPS * 8 and meta["world_size"] == 1
+
+
+@pytest.fixture(scope="module")
+def zero2_run(pg19_shards, tmp_path_factory):
+    """Two ranks with the cluster config's ZeRO stage 2 and communication settings."""
+    output = tmp_path_factory.mktemp("zero2")
+    deepspeed = json.loads((CONFIGS / "200m_8k_h800.json").read_text())["deepspeed"]
+    train(2, pg19_shards.root, output, "train.max_steps=2", f"deepspeed={json.dumps(deepspeed)}")
+    return output
+
+
+@pytest.fixture(scope="module")
+def zero3_run(pg19_shards, tmp_path_factory):
+    """Two ranks with ZeRO stage 3 (parameters partitioned), otherwise the straight run."""
+    output = tmp_path_factory.mktemp("zero3")
+    train(2, pg19_shards.root, output, "train.max_steps=3", "deepspeed.zero_optimization.stage=3")
+    return output
+
+
+@pytest.mark.slow
+def test_zero3_follows_the_zero1_run_step_for_step(zero3_run, straight_run):
+    # ZeRO-3 with gradient accumulation (2 micro-batches per step here) must reduce exactly what ZeRO-1 does.
+    for tag in ("train/loss", "train/grad_norm"):
+        zero3, zero1 = scalars(zero3_run, tag), scalars(straight_run, tag)
+        assert sorted(zero3) == [1, 2, 3]
+        for step in zero3:
+            assert zero3[step] == pytest.approx(zero1[step], rel=1e-4), (tag, step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["straight_run", "zero2_run", "zero3_run"])
+def test_exported_weights_give_the_logits_of_the_trained_model(run, request, tmp_path):
+    """The export (from the module's state) equals the ZeRO optimizer's fp32 master weights, on every rank."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root = request.getfixturevalue(run) / "checkpoints"
+    latest = root / checkpoints(root.parent)[-1]
+    cli = subprocess.run([sys.executable, "-m", "training.export", str(latest), str(tmp_path / "export")],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    exported = load_pretrained(tmp_path / "export")
+    info = json.loads((tmp_path / "export" / "config.json").read_text())
+    meta = json.loads((latest / "meta.json").read_text())
+    assert info["step"] == meta["state"]["step"] and info["tokenizer_checksum"] == meta["tokenizer_checksum"]
+    assert (tmp_path / "export" / "tokenizer.model").read_bytes() == (latest / "tokenizer.model").read_bytes()
+
+    master = build_model(exported.config)
+    master_state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=latest.name)
+    master.load_state_dict({name.removeprefix("model."): tensor for name, tensor in master_state.items()})
+    ids = torch.randint(0, 1024, (2, 96))
+    with torch.no_grad():
+        expected = master(ids)[0]
+        assert torch.equal(exported(ids)[0], expected)
+        assert torch.equal(load_model(root)(ids)[0], expected)   # evaluation's way in: a folder of checkpoints
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_non_finite_steps_are_skipped_then_the_run_aborts(pg19_shards, tmp_path, stage):
+    # A huge learning rate: step 1 is applied and ruins the weights, after which every loss is NaN.
+    result = train(1, pg19_shards.root, tmp_path, "train.max_steps=8", "optimizer.lr=1e30",
+                   "train.max_skipped_steps=3", "checkpoint.every=1", "checkpoint.keep=10",
+                   f"deepspeed.zero_optimization.stage={stage}", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: 3 steps in a row had a non-finite loss")
+    assert checkpoints(tmp_path) == ["step-00000001", "step-00000002", "step-00000003"]
+    after_1, after_3 = (module_state(tmp_path / "checkpoints" / name) for name in ("step-00000001", "step-00000003"))
+    assert all(torch.equal(after_1[name], after_3[name]) for name in after_1)   # the skipped steps changed nothing
+    meta = json.loads((tmp_path / "checkpoints" / "step-00000003" / "meta.json").read_text())
+    assert meta["state"]["skipped_steps"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks, layout", [(2, "accumulation 4 x 1 data-parallel ranks"),
+                                           (4, "accumulation 2 x 2 data-parallel ranks")],
+                         ids=["one-group-of-2", "2x2"])
+def test_sequence_parallel_run_matches_the_data_parallel_run(pg19_shards, straight_run, tmp_path, ranks, layout):
+    # Groups of 2 ranks split each 64-token window; the global batch, and so the data, stays that of the
+    # straight run, and the loss must follow it step for step.
+    result = train(ranks, pg19_shards.root, tmp_path, "train.max_steps=3", "parallel.sequence_parallel_size=2")
+    assert layout in result.stdout
+    sequence_parallel, data_parallel = scalars(tmp_path, "train/loss"), scalars(straight_run, "train/loss")
+    assert sorted(sequence_parallel) == [1, 2, 3]
+    for step in sequence_parallel:
+        assert sequence_parallel[step] == pytest.approx(data_parallel[step], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("problem", ["missing key", "no shards", "vocabulary", "model shape"])
+def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, straight_run, tmp_path):
+    config = tmp_path / "config.json"
+    raw = json.loads((CONFIGS / "tiny_cpu.json").read_text())
+    if problem == "missing key":
+        del raw["train"]["max_steps"]
+    config.write_text(json.dumps(raw))
+    shutil.copy(pg19_shards.tokenizer_path, tmp_path / "tokenizer.model")  # a data.path without shards
+    latest = straight_run / "checkpoints" / "step-00000016"
+    overrides, expected = {
+        "missing key": ([], "error: missing key train.max_steps"),
+        "no shards": ([f"data.path={tmp_path}"], f"error: {tmp_path}/train: no such directory"),
+        "vocabulary": (["model.vocab_size=512"], "error: model.vocab_size (512) is smaller than the tokenizer's"),
+        "model shape": ([f"checkpoint.resume={latest}", "model.d_model=32"],
+                        f"error: {latest}: checkpoint of a different model: parameter embedding.weight is "
+                        "[1024, 64] there and [1024, 32] here"),
+    }[problem]
+    result = train(1, pg19_shards.root, tmp_path / "run", *overrides, check=False, config=config)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "global batch" not in result.stdout   # no engine was built
+
+
+@pytest.mark.slow
+def test_quickstart_prepares_data_trains_and_says_where_the_logs_are(tmp_path):
+    env = {**_env(), "PYTHON": sys.executable, "DATA": str(tmp_path / "data"), "OUT": str(tmp_path / "run")}
+    result = subprocess.run(["bash", "launch/quickstart.sh", "--set", "train.max_steps=2", "validation.windows=2"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "data" / "train" / "manifest.json").is_file()
+    assert f"TensorBoard logs: {tmp_path / 'run' / 'tensorboard'}" in result.stdout
+    assert sorted(scalars(tmp_path / "run", "train/loss")) == [2]
+
+
+def _env():
+    # One thread per rank: the ranks share the cores, and OpenMP threads that wait for each other are slow.
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+

@@ -1,0 +1,181 @@
+"""Checkpoints: atomic, complete, resumable on the same or another number of ranks.
+
+    <output_dir>/checkpoints/
+        step-00001000/               one complete checkpoint
+            mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   (DeepSpeed's engine state)
+            rank-00000.pt, ...        per rank: RNG states and that rank's place in the data stream
+            meta.json                 step, samples and tokens seen, world size, parameter shapes, config
+            universal/                made on demand: the same state, independent of the number of ranks
+        .partial-step-00002000/       a save in progress (or one a crash interrupted; removed at the next start)
+
+Every rank writes into `.partial-<name>`; once all have finished, rank 0 writes meta.json and renames the
+folder to its final name. A rename is atomic, so a checkpoint folder without the `.partial-` prefix is
+always complete, and a crash during a save leaves the previous checkpoint as the latest one.
+
+DeepSpeed keeps `client_state` from rank 0 only, so each rank's own state goes into its own rank file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+import torch.distributed as dist
+
+FORMAT = "memmamba-checkpoint/1"
+META = "meta.json"
+PARTIAL = ".partial-"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be resumed from: missing, incomplete, or of another model or tokenizer."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under root, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / META).is_file())
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """The checkpoint to resume from: `resume` is "auto" (the latest under root, if any), "never" or a path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / META).is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {META}); "
+                              f"complete ones under {root}: {[p.name for p in complete_checkpoints(root)]}")
+    return path
+
+
+def read_meta(path: Path) -> dict:
+    meta = json.loads((path / META).read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def parameter_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
+    return {name: list(p.shape) for name, p in model.named_parameters()}
+
+
+def check_compatible(path: Path, meta: dict, current: dict[str, list[int]], tokenizer_checksum: str | None) -> None:
+    """Refuse a checkpoint of another model shape (`current`: parameter_shapes) or another tokenizer."""
+    saved = meta["parameter_shapes"]
+    for name in sorted(set(saved) | set(current)):
+        if saved.get(name) != current.get(name):
+            raise CheckpointError(
+                f"{path}: checkpoint of a different model: parameter {name} is {saved.get(name, 'absent')} "
+                f"there and {current.get(name, 'absent')} here (its model section: {json.dumps(meta['model'])})")
+    if tokenizer_checksum and meta["tokenizer_checksum"] and meta["tokenizer_checksum"] != tokenizer_checksum:
+        raise CheckpointError(f"{path}: trained with tokenizer {meta['tokenizer_checksum'][:12]}..., "
+                              f"but data.path has {tokenizer_checksum[:12]}...")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, root: Path, step: int, meta: dict, rank_state: dict, keep: int, files: dict[str, str]) -> Path:
+    """Save on every rank (collective); returns the checkpoint folder. Keeps the latest `keep`.
+
+    `files` ({name: local path or URL}) are copied in, e.g. the tokenizer, so that a checkpoint is
+    self-contained."""
+    name = checkpoint_name(step)
+    final, partial = root / name, root / (PARTIAL + name)
+    if final.is_dir():  # resumed from this very step and stopped before the next one: nothing new
+        return final
+    engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
+    torch.save(rank_state, partial / f"rank-{dist.get_rank():05d}.pt")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        for filename, source in files.items():
+            with fsspec.open(source, "rb") as file:
+                (partial / filename).write_bytes(file.read())
+        (partial / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=1) + "\n")
+        os.replace(partial, final)
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def remove_partial(root: Path) -> None:
+    """Delete saves that a crash interrupted (rank 0, before the first save)."""
+    for path in root.glob(PARTIAL + "*"):
+        shutil.rmtree(path)
+
+
+def needs_universal(path: Path, meta: dict, world_size: int, zero_stage: int) -> bool:
+    """Whether resuming needs the universal format: ZeRO partitions saved by another number of ranks or stage.
+
+    Without ZeRO (stage 0) the optimizer state is saved whole, so any number of ranks can load it.
+    """
+    if meta["zero_stage"] == zero_stage and (zero_stage == 0 or meta["world_size"] == world_size):
+        return False
+    if 0 in (meta["zero_stage"], zero_stage):
+        raise CheckpointError(f"{path}: written with ZeRO stage {meta['zero_stage']}; resume it with "
+                              f"deepspeed.zero_optimization.stage={meta['zero_stage']}")
+    return True
+
+
+def load(engine, path: Path, meta: dict) -> dict | None:
+    """Load the engine state on every rank (collective); returns this rank's rank file, or None if the
+    checkpoint was written by another number of ranks (its per-rank state does not apply then)."""
+    if engine.load_universal_checkpoint():
+        engine.load_checkpoint(str(path), tag=universal(path).name)
+    else:
+        engine.load_checkpoint(str(path.parent), tag=path.name)
+    if meta["world_size"] != dist.get_world_size():
+        return None
+    return torch.load(path / f"rank-{dist.get_rank():05d}.pt", weights_only=False)
+
+
+def universal(path: Path) -> Path:
+    """The checkpoint in DeepSpeed's universal format (ZeRO partitions merged per parameter), made once."""
+    out = path / "universal"
+    if dist.get_rank() == 0 and not out.is_dir():
+        tmp = path / (PARTIAL + "universal")
+        shutil.rmtree(tmp, ignore_errors=True)
+        converted = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                    str(path), "--output_folder", str(tmp), "--inject_missing_state",
+                                    "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                                   capture_output=True, text=True)
+        if converted.returncode:
+            raise CheckpointError(f"{path}: conversion to DeepSpeed's universal format failed: "
+                                  f"{converted.stderr.strip().splitlines()[-1:]}")
+        os.replace(tmp, out)
+    dist.barrier()
+    return out

@@ -1,0 +1,96 @@
+"""What the loop trains and validates on: the dataset named by `data.source`, read in the global sample order.
+
+A dataset item is a LongTensor [seq_len + 1] of token ids, or a pair (ids, BoolTensor [seq_len] loss mask)
+for tasks that score only some targets (a passkey's answer). Every batch comes out as (ids, mask or None).
+"""
+from __future__ import annotations
+
+import signal
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from data_pipeline.evaluation import validation_windows
+from data_pipeline.stream import PackedWindows, RankBatches
+from training.config import ConfigError, RunConfig
+
+Batch = tuple[Tensor, "Tensor | None"]
+
+
+def train_dataset(cfg: RunConfig, tokenizer_checksum: str | None) -> Dataset:
+    return _dataset(cfg, cfg.data.train_split, cfg.train.seed, tokenizer_checksum)
+
+
+def validation_batches(cfg: RunConfig, tokenizer_checksum: str | None, dp_rank: int, dp_world: int
+                       ) -> list[Batch]:
+    """This rank's share of the fixed validation windows, in micro-batches.
+
+    Every rank gets as many windows as the others (ZeRO-3 needs all ranks to run the same forward passes).
+    """
+    if cfg.data.source == "shards":
+        items = list(validation_windows(cfg.data.path, cfg.validation.split, cfg.data.seq_len,
+                                        cfg.validation.windows, tokenizer_checksum))
+    else:  # a task's first windows of its validation split, always the same ones
+        dataset = _dataset(cfg, cfg.validation.split, 0, tokenizer_checksum)
+        items = [dataset[k] for k in range(cfg.validation.windows)]
+    per_rank = len(items) // dp_world
+    if per_rank == 0:
+        raise ConfigError(f"validation.windows ({len(items)} available) must be at least the number of "
+                          f"data-parallel ranks ({dp_world})")
+    mine, size = items[dp_rank * per_rank:(dp_rank + 1) * per_rank], cfg.train.micro_batch_size
+    return [collate(mine[i:i + size]) for i in range(0, per_rank, size)]
+
+
+def train_batches(dataset: Dataset, cfg: RunConfig, dp_rank: int, dp_world: int, consumed_samples: int,
+                  pin_memory: bool) -> DataLoader:
+    """Endless micro-batches for one data-parallel rank, starting after `consumed_samples` global samples.
+
+    Rank r's k-th micro-batch holds global samples consumed + k * dp_world * mb + r * mb + [0, mb), so an
+    optimizer step covers the same samples on any number of ranks (data_pipeline.stream.RankBatches).
+    """
+    sampler = RankBatches(cfg.train.micro_batch_size, dp_rank, dp_world, consumed_samples)
+    # Not data_pipeline.stream.train_loader: its workers would die of the SIGTERM that Slurm or the launcher
+    # sends to the whole process group, and the rank could not finish its checkpoint.
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, worker_init_fn=_ignore_stop_signals,
+                      persistent_workers=cfg.data.num_workers > 0)
+
+
+def stream_state(dataset: Dataset, consumed_samples: int) -> dict:
+    """The data stream's checkpoint state: the dataset's own if it has one (PackedWindows), else the position."""
+    if hasattr(dataset, "state_dict"):
+        return dataset.state_dict(consumed_samples)
+    return {"consumed_samples": consumed_samples}
+
+
+def check_stream_state(dataset: Dataset, state: dict) -> None:
+    """Refuse a checkpoint's stream state that does not fit this dataset (another seq_len, seed or tokenizer)."""
+    if hasattr(dataset, "load_state_dict"):
+        dataset.load_state_dict(state)
+
+
+def collate(items: list) -> Batch:
+    if isinstance(items[0], Tensor):
+        return torch.stack(items), None
+    ids, masks = zip(*items)
+    return torch.stack(ids), torch.stack(masks)
+
+
+def _dataset(cfg: RunConfig, split: str, seed: int, tokenizer_checksum: str | None) -> Dataset:
+    if cfg.data.source == "shards":
+        return PackedWindows(cfg.data.path, split, cfg.data.seq_len, seed, tokenizer_checksum)
+    try:
+        from training.tasks import PasskeyWindows
+    except ImportError as error:
+        raise ConfigError(f"data.source='passkey' needs training.tasks.PasskeyWindows, which is not "
+                          f"available ({error})") from None
+    return PasskeyWindows(root=cfg.data.path, split=split, seq_len=cfg.data.seq_len, seed=seed,
+                          tokenizer_checksum=tokenizer_checksum, **cfg.data.passkey)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # The main process stops at a step boundary and shuts its workers down itself.
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+

@@ -1,0 +1,75 @@
+"""Evaluate checkpoints on the paper's benchmarks; one sub-command per table.
+
+    python -m training.evaluate ppl       --checkpoint exports/200m --data data/pg19          # Table 1
+    python -m training.evaluate passkey   --checkpoint exports/200m-passkey --data data/pg19  # Table 2
+    python -m training.evaluate retrieval --checkpoint exports/200m --passages squad.jsonl    # Table 3
+    python -m training.evaluate fidelity  --checkpoint exports/memmamba --checkpoint exports/mamba --data data/pg19
+    python -m training.evaluate latency   --model memmamba:200m --model transformer:200m     # Sec. 5.2
+
+--checkpoint takes an exported folder, a training checkpoint or a folder of checkpoints
+(MemMamba, Mamba with notes off, or the Transformer), and can be repeated to put several
+models in one table. Results go to --out (default runs/eval/<task>): <task>.json, <task>.md
+and, when matplotlib is installed, <task>.png. Problems end the command with a one-line
+message and exit status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from data_pipeline.errors import DataError
+from model import ConfigError
+from training.checkpoint import CheckpointError
+from training.evaluation import fidelity, latency, passkey, perplexity, report, retrieval
+from training.evaluation.common import (DTYPES, EvalError, load_checkpoint, log, pick_device, random_model,
+                                        unique_names)
+
+TASKS = {module.NAME: module for module in (perplexity, passkey, retrieval, fidelity, latency)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0],
+                                     epilog="`python -m training.evaluate <task> --help` describes a task.")
+    tasks = parser.add_subparsers(dest="task", required=True, metavar="task")
+    for name, module in TASKS.items():
+        command = tasks.add_parser(name, help=module.HELP, description=module.__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
+                             help="exported model, training checkpoint or folder of checkpoints (repeatable)")
+        command.add_argument("--tokenizer", help="tokenizer.model, if not next to the checkpoint")
+        command.add_argument("--out", help=f"results folder (default runs/eval/{name})")
+        command.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+        command.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+        command.add_argument("--chunk-len", type=int, default=4096,
+                             help="tokens per chunk of the state-carrying forward (bounds activation memory)")
+        module.add_arguments(command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.chunk_len < 1:
+            raise EvalError(f"--chunk-len must be positive, got {args.chunk_len}")
+        args.device = pick_device(args.device)
+        dtype = DTYPES[args.dtype]
+        specs = getattr(args, "model", [])
+        if not args.checkpoint and not specs:
+            raise EvalError("give at least one --checkpoint" + (" or --model" if args.task == "latency" else ""))
+        checkpoints = [load_checkpoint(path, args.device, dtype, args.tokenizer, name)
+                       for path, name in zip(args.checkpoint, unique_names(args.checkpoint))]
+        checkpoints += [random_model(spec, args.device, dtype) for spec in specs]
+        outcome = TASKS[args.task].run(checkpoints, args)
+        written = report.write(Path(args.out or f"runs/eval/{args.task}"), args.task, argv, checkpoints, outcome)
+    except (EvalError, DataError, CheckpointError, ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(outcome.markdown)
+    log("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

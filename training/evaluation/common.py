@@ -1,0 +1,192 @@
+"""What every evaluation shares: loading a checkpoint, the chunked state-carrying forward,
+greedy decoding, and progress output.
+
+Every long input runs chunk by chunk through `model.hidden_states(chunk, state)`, so memory
+holds one chunk's activations and the model's state, whatever the input length (the
+Transformer's state, its KV cache, grows with the input: that is the architecture).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from data_pipeline.tokenizer import Tokenizer
+from model import build_model
+from training.checkpoint import complete_checkpoints
+from training.export import load_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EvalError(Exception):
+    """A one-line, user-facing problem (a missing file, a bad argument); the CLI prints it as is."""
+
+
+@dataclass
+class Checkpoint:
+    """A model to evaluate and how tables name it."""
+    name: str
+    path: str
+    model: nn.Module
+    tokenizer: Tokenizer | None
+
+    @property
+    def kind(self) -> str:
+        """memmamba, mamba (MemMamba with notes off) or transformer."""
+        config = self.model.config
+        if config.arch == "memmamba" and not config.notes:
+            return "mamba"
+        return config.arch
+
+    def describe(self) -> dict:
+        return {"name": self.name, "path": self.path, "kind": self.kind,
+                "params": sum(p.numel() for p in self.model.parameters()),
+                "tokenizer_checksum": self.tokenizer.checksum if self.tokenizer else None}
+
+
+def load_checkpoint(path: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                    tokenizer_path: str | None = None, name: str | None = None) -> Checkpoint:
+    """The one way evaluation loads a model: an exported folder (model.safetensors, config.json,
+    tokenizer.model), a training checkpoint, or a folder of checkpoints (the latest)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise EvalError(f"{path}: no such checkpoint folder")
+    model = load_model(folder, device).to(dtype).eval()
+    tokenizer_file = Path(tokenizer_path) if tokenizer_path else _tokenizer_next_to(folder)
+    if tokenizer_file is None:
+        raise EvalError(f"{path}: no tokenizer.model next to the weights; pass --tokenizer")
+    tokenizer = Tokenizer(str(tokenizer_file))
+    expected = _exported_tokenizer_checksum(folder)
+    if expected and expected != tokenizer.checksum:
+        raise EvalError(f"{tokenizer_file}: not the tokenizer {path} was trained with "
+                        f"({tokenizer.checksum[:12]}... != {expected[:12]}...)")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise EvalError(f"{tokenizer_file}: {tokenizer.vocab_size} pieces, more than the model's "
+                        f"vocabulary of {model.config.vocab_size}")
+    return Checkpoint(name or folder.name, str(folder), model, tokenizer)
+
+
+def random_model(spec: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Checkpoint:
+    """A randomly initialised model of a named size, "memmamba:200m", "mamba:130m" or
+    "transformer:200m": enough for latency, which does not depend on the weights."""
+    kind, _, size = spec.partition(":")
+    section = {"memmamba": {"arch": "memmamba"}, "mamba": {"arch": "memmamba", "notes": False},
+               "transformer": {"arch": "transformer"}}.get(kind)
+    if section is None or not size:
+        raise EvalError(f"--model {spec!r}: expected memmamba:SIZE, mamba:SIZE or transformer:SIZE")
+    try:
+        model = build_model({**section, "size": size})
+    except ValueError as error:
+        raise EvalError(f"--model {spec!r}: {error}") from None
+    return Checkpoint(spec, spec, model.to(device=device, dtype=dtype).eval(), None)
+
+
+def _tokenizer_next_to(folder: Path) -> Path | None:
+    candidates = [folder / "tokenizer.model"] + [c / "tokenizer.model" for c in complete_checkpoints(folder)[-1:]]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _exported_tokenizer_checksum(folder: Path) -> str | None:
+    config = folder / "config.json"
+    return json.loads(config.read_text()).get("tokenizer_checksum") if config.is_file() else None
+
+
+def unique_names(paths: list[str]) -> list[str]:
+    """Table labels: the run's name for its checkpoints (runs/x/checkpoints -> x,
+    runs/x/checkpoints/step-00001000 -> x/step-00001000), else the folder's name; the whole
+    path where two labels would be the same."""
+    names = []
+    for path in map(Path, paths):
+        if path.name.startswith("step-"):
+            names.append(f"{path.parent.parent.name}/{path.name}")
+        else:
+            names.append(path.parent.name if path.name == "checkpoints" else path.name)
+    return [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
+
+
+@torch.no_grad()
+def chunked_hidden(model: nn.Module, ids: Tensor, chunk_len: int, keep: tuple[int, int] | None = None,
+                   state=None):
+    """Run ids [B, T] chunk by chunk, carrying the state.
+
+    Returns (the final hidden states of positions [keep[0], keep[1]) as [B, n, D], or None
+    without `keep`; the state after the last token).
+    """
+    kept = []
+    for start in range(0, ids.shape[1], chunk_len):
+        end = min(start + chunk_len, ids.shape[1])
+        hidden, state = model.hidden_states(ids[:, start:end], state)
+        if keep is not None and max(keep[0], start) < min(keep[1], end):
+            kept.append(hidden[:, max(keep[0], start) - start:min(keep[1], end) - start])
+    return (torch.cat(kept, 1) if keep is not None else None), state
+
+
+@torch.no_grad()
+def greedy(model: nn.Module, ids: Tensor, new_tokens: int, chunk_len: int) -> Tensor:
+    """ids [B, T] -> the next `new_tokens` greedy tokens [B, new_tokens]: a chunked prefill,
+    then one `step` per token."""
+    T = ids.shape[1]
+    hidden, state = chunked_hidden(model, ids, chunk_len, keep=(T - 1, T))
+    logits = model.lm_head(hidden[:, -1])
+    out = []
+    for i in range(new_tokens):
+        token = logits.argmax(-1)
+        out.append(token)
+        if i + 1 < new_tokens:
+            logits, state = model.step(token, state)
+    return torch.stack(out, 1)
+
+
+def parse_length(text: str) -> int:
+    """'4096', '4k' (4,000) or '64K' -> tokens."""
+    text = str(text).strip().lower()
+    scale = 1000 if text.endswith("k") else 1
+    try:
+        value = float(text.removesuffix("k")) * scale
+    except ValueError:
+        raise EvalError(f"{text!r}: not a length (use e.g. 4096 or 4k)") from None
+    if value < 1 or value != int(value):
+        raise EvalError(f"{text!r}: a length must be a positive whole number of tokens")
+    return int(value)
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"--device {name}: no CUDA device is available")
+    return torch.device(name)
+
+
+def log(message: str) -> None:
+    print(f"[evaluate] {message}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise a plain log line every `interval` seconds."""
+
+    def __init__(self, total: int, label: str, unit: str = "sample", interval: float = 30.0):
+        self.total, self.label, self.unit, self.interval = total, label, unit, interval
+        self.done, self.last = 0, time.monotonic()
+        self.bar = tqdm(total=total, desc=label, unit=unit, file=sys.stderr, dynamic_ncols=True) \
+            if sys.stderr.isatty() else None
+
+    def update(self, n: int = 1, status: str = "") -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.set_postfix_str(status, refresh=False)
+            self.bar.update(n)
+        elif time.monotonic() - self.last >= self.interval or self.done == self.total:
+            self.last = time.monotonic()
+            log(f"{self.label}: {self.done}/{self.total} {self.unit}s {status}".rstrip())
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,94 @@
+"""Results on disk: <out>/<task>.json (everything), <task>.md (the tables) and <task>.png
+(a plot, only when matplotlib is installed; it is optional)."""
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Outcome:
+    """What a task hands back: its settings and results (to JSON), its tables, maybe a plot.
+
+    plot: {"title", "xlabel", "ylabel", "series": {name: (xs, ys)}, "logx", "logy"}.
+    """
+    settings: dict
+    results: dict
+    markdown: str
+    plot: dict | None = field(default=None)
+
+
+def fmt(value, digits: int = 2) -> str:
+    """A table cell: '-' for a missing value."""
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def length_label(length: int) -> str:
+    """4000 -> '4k' (the paper's column names), 4096 -> '4096'."""
+    return f"{length // 1000}k" if length % 1000 == 0 else str(length)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write(out: Path, task: str, argv: list[str], checkpoints: list, outcome: Outcome) -> list[Path]:
+    """Write the task's files; returns their paths. `argv`: the command line, for the record."""
+    out.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "-m", "training.evaluate", *argv])
+    record = {
+        "task": task,
+        "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "host": platform.node()},
+        "models": [c.describe() for c in checkpoints],
+        "settings": outcome.settings,
+        "results": outcome.results,
+    }
+    paths = [out / f"{task}.json", out / f"{task}.md"]
+    paths[0].write_text(json.dumps(record, indent=2) + "\n")
+    paths[1].write_text(f"# {task}\n\n`{command}`\n\n{outcome.markdown}\n")
+    if outcome.plot is not None and _plot(out / f"{task}.png", **outcome.plot):
+        paths.append(out / f"{task}.png")
+    return paths
+
+
+def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict, logx: bool = False,
+          logy: bool = False) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, (xs, ys) in series.items():
+        points = [(x, y) for x, y in zip(xs, ys) if y is not None]
+        if points:
+            axes.plot(*zip(*points), marker="o", label=name)
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if logx:   # a tick at every measured length, named as in the tables
+        ticks = sorted({x for xs, _ in series.values() for x in xs})
+        axes.set_xscale("log")
+        axes.set_xticks(ticks, [length_label(x) for x in ticks])
+        axes.minorticks_off()
+    if logy:
+        axes.set_yscale("log")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True

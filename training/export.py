@@ -1,0 +1,89 @@
+"""Trained weights out of a training checkpoint, for use without DeepSpeed.
+
+    python -m training.export runs/200m_8k/checkpoints/step-00100000 exports/200m_8k
+    python -m training.export runs/200m_8k/checkpoints exports/200m_8k        # the latest checkpoint
+
+writes `model.safetensors` + `config.json` (the model section, plus step, tokens seen and the tokenizer's
+checksum) + `tokenizer.model`, which `model.load_pretrained` loads. `load_model` takes an export folder, a
+checkpoint or a folder of checkpoints, so evaluation runs on anything the training stack writes.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model import build_model, load_pretrained, save_pretrained
+from training.checkpoint import META, CheckpointError, complete_checkpoints, read_meta
+
+
+def export(checkpoint_dir: str | Path, out_folder: str | Path) -> Path:
+    path = _checkpoint(Path(checkpoint_dir))
+    meta = read_meta(path)
+    out = Path(out_folder)
+    save_pretrained(_load_checkpoint(path, meta), out, metadata={
+        "step": meta["state"]["step"],
+        "tokens_seen": meta["state"]["tokens_seen"],
+        "tokenizer_checksum": meta["tokenizer_checksum"],
+        "checkpoint": str(path),
+    })
+    if (path / "tokenizer.model").is_file():
+        shutil.copy(path / "tokenizer.model", out / "tokenizer.model")
+    return out
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The fp32 model of an export folder, a checkpoint, or the latest checkpoint of a folder of them."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return load_pretrained(path, device)
+    path = _checkpoint(path)
+    return _load_checkpoint(path, read_meta(path)).to(device)
+
+
+def _checkpoint(path: Path) -> Path:
+    if (path / META).is_file():
+        return path
+    found = complete_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"{path}: neither an exported model (model.safetensors), a checkpoint ({META}) "
+                              "nor a folder of checkpoints")
+    return found[-1]
+
+
+def _load_checkpoint(path: Path, meta: dict) -> nn.Module:
+    model = build_model(meta["model"])
+    if meta["zero_stage"] == 3:  # the weights exist only as the optimizer's fp32 partitions
+        # (imported here: deepspeed takes seconds to import, and only ZeRO-3 checkpoints need it)
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    else:  # parameters are fp32 throughout, so the module's state is the master weights
+        state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    state = {name.removeprefix("model."): tensor for name, tensor in state.items()}   # training/loss.py
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: weights do not match its model section ({str(error).splitlines()[0]})")
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a checkpoint folder (step-*), or a folder of them (the latest is used)")
+    parser.add_argument("out", help="the folder to write model.safetensors, config.json and tokenizer.model to")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"exported {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

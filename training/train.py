@@ -1,0 +1,315 @@
+"""The training loop: setup -> fit -> (validate, save_checkpoint) on every rank.
+
+    deepspeed launch/train.sh configs/200m_8k.json --set train.micro_batch_size=2
+    python -m training.train configs/tiny_cpu.json            # one process, no launcher
+
+`setup` checks everything that can be wrong with the input (config, data, tokenizer, checkpoint) before the
+model reaches an accelerator, builds the DeepSpeed engine and resumes. `fit` runs optimizer steps: each is
+grad_accum micro-batches of forward/backward, then DeepSpeed's step (gradient averaging over all ranks,
+clipping, AdamW). Parameters stay fp32; on CUDA the forward runs under bf16 autocast, and the SSM state and
+scan stay fp32 inside the model.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from data_pipeline import DataError
+from data_pipeline.tokenizer import Tokenizer
+from model import build_model
+from model.config import model_config_to_dict
+from model.sequence_parallel import SequenceParallel
+from training import checkpoint, data
+from training.config import BatchLayout, ConfigError, RunConfig, batch_layout, load_config
+from training.distributed import Placement, init_distributed, sequence_parallel_group
+from training.flops import measure_peak_flops, peak_flops, train_flops_per_token
+from training.loss import LanguageModelObjective
+from training.metrics import Metrics
+from training.optim import build_optimizer
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)   # Slurm pre-emption and time limits, the launcher's kill
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. the loss keeps being non-finite)."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint's meta.json."""
+    step: int = 0                      # optimizer steps done
+    consumed_samples: int = 0          # global samples (windows) consumed: the data stream's position
+    tokens_seen: int = 0
+    skipped_steps: int = 0             # steps skipped for a non-finite loss or gradient
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    place: Placement
+    dp_rank: int                       # ranks of one sequence-parallel group share it
+    layout: BatchLayout
+    engine: deepspeed.DeepSpeedEngine
+    state: TrainState
+    dataset: torch.utils.data.Dataset
+    batches: object                    # iterator of this rank's micro-batches
+    val_batches: list
+    sp: SequenceParallel | None        # this rank's sequence-parallel group (parallel.sequence_parallel_size > 1)
+    parameter_shapes: dict             # of the whole model (ZeRO-3 partitions the module's own parameters)
+    tokenizer: Tokenizer | None
+    metrics: Metrics
+    stop_signal: list                  # the names of the stop signals received (appended by the handler)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.batches = None  # shuts the DataLoader workers down now: they ignore stop signals (training/data.py)
+
+
+def setup(config_path: str, overrides: list[str]) -> Run:
+    cfg = load_config(config_path, overrides)
+    place = init_distributed()
+    layout = batch_layout(cfg.train, place.world_size, cfg.parallel.sequence_parallel_size)
+    dp_rank = place.rank // cfg.parallel.sequence_parallel_size
+
+    tokenizer = _tokenizer(cfg)
+    checksum = tokenizer.checksum if tokenizer else None
+    dataset = data.train_dataset(cfg, checksum)
+    val_batches = data.validation_batches(cfg, checksum, dp_rank, layout.dp_world)
+
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model_config)
+    model.gradient_checkpointing = cfg.train.activation_checkpointing
+    parameter_shapes = checkpoint.parameter_shapes(model)
+
+    state, meta, universal = TrainState(), None, False
+    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
+    if resume_from is not None:
+        meta = checkpoint.read_meta(resume_from)
+        checkpoint.check_compatible(resume_from, meta, parameter_shapes, checksum)
+        universal = checkpoint.needs_universal(resume_from, meta, place.world_size, cfg.zero_stage)
+        state = TrainState(**meta["state"])
+        data.check_stream_state(dataset, meta["data_stream"])
+
+    # Everything is checked: from here on the accelerator is used.
+    model.to(place.device)  # before the optimizer, which is fused on CUDA
+    optimizer, schedule = build_optimizer(model, cfg.optimizer, place.device)
+    engine, *_ = deepspeed.initialize(model=LanguageModelObjective(model, cfg.train.chunk_len),
+                                      optimizer=optimizer, lr_scheduler=schedule,
+                                      config=_deepspeed_config(cfg, layout, universal))
+    if place.rank == 0:
+        cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_partial(cfg.checkpoint_dir)
+    rank_state = checkpoint.load(engine, resume_from, meta) if resume_from is not None else None
+    if rank_state is not None:
+        checkpoint.set_rng_state(rank_state["rng"])
+    else:
+        checkpoint.seed_everything(cfg.train.seed + place.rank + state.step)
+
+    seq_len = cfg.data.seq_len
+    metrics = Metrics(place.rank == 0, cfg.tensorboard_dir, cfg.logging.every, cfg.logging.progress_bar,
+                      state.step, cfg.train.max_steps, layout.global_batch_size * seq_len, place.world_size,
+                      train_flops_per_token(cfg.model_config, seq_len), _peak_flops(cfg, place.device),
+                      place.device)
+    batches = iter(data.train_batches(dataset, cfg, dp_rank, layout.dp_world, state.consumed_samples,
+                                      pin_memory=place.device.type == "cuda"))
+    stop_signal = []
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signal.Signals(signum).name))
+    run = Run(cfg, place, dp_rank, layout, engine, state, dataset, batches, val_batches,
+              _sequence_parallel(cfg.parallel.sequence_parallel_size), parameter_shapes, tokenizer, metrics,
+              stop_signal)
+    _announce(run, resume_from)
+    return run
+
+
+def fit(run: Run) -> None:
+    cfg, state, metrics = run.cfg, run.state, run.metrics
+    in_a_row = 0
+    while state.step < cfg.train.max_steps:
+        loss, grad_norm, applied, data_wait, stop = train_step(run)
+        state.step += 1
+        state.consumed_samples += run.layout.global_batch_size
+        state.tokens_seen += run.layout.global_batch_size * cfg.data.seq_len
+        in_a_row = 0 if applied else in_a_row + 1
+        state.skipped_steps += not applied
+        metrics.step(loss, data_wait)
+        if not applied:
+            metrics.print(f"step {state.step}: skipped (loss {loss:.4g}, grad_norm {grad_norm:.4g})")
+        if in_a_row >= cfg.train.max_skipped_steps:
+            raise TrainingError(f"{in_a_row} steps in a row had a non-finite loss or gradient (step {state.step}, "
+                                f"loss {loss:.4g}); lower optimizer.lr, check the data, or resume from an "
+                                f"earlier checkpoint (train.max_skipped_steps={cfg.train.max_skipped_steps})")
+        last = state.step == cfg.train.max_steps
+        if state.step % cfg.logging.every == 0 or last or stop:
+            metrics.log(state.step, cfg.train.max_steps, run.engine.get_lr()[0], grad_norm, state.skipped_steps,
+                        state.tokens_seen)
+        if state.step % cfg.validation.every == 0 or last:
+            metrics.validation(state.step, validate(run))
+        if state.step % cfg.checkpoint.every == 0 or last or stop:
+            path = save_checkpoint(run)
+            metrics.print(f"step {state.step} | checkpoint {path}")
+        if stop:
+            metrics.print(f"stopped by {run.stop_signal[0] if run.stop_signal else 'a signal to another rank'} "
+                          f"at step {state.step}; resume with checkpoint.resume=auto")
+            return
+
+
+def train_step(run: Run) -> tuple[float, float, bool, float, bool]:
+    """One optimizer step. Returns (mean loss over all ranks, gradient norm, whether the update was applied,
+    seconds spent waiting for data, whether any rank was asked to stop)."""
+    engine, device = run.engine, run.place.device
+    losses, data_wait, grad_norm = [], 0.0, None
+    for _ in range(run.layout.grad_accum):
+        started = time.perf_counter()
+        window, loss_mask = next(run.batches)
+        data_wait += time.perf_counter() - started
+        batch = (window.to(device, non_blocking=True),
+                 None if loss_mask is None else loss_mask.to(device, non_blocking=True))
+        with _autocast(run.cfg, device):
+            loss = engine(*batch, run.sp)   # the loss is the engine's output (training/loss.py)
+        engine.backward(loss)
+        losses.append(loss.detach())
+        if engine.is_gradient_accumulation_boundary() and run.cfg.zero_stage == 0:
+            # DeepSpeed reports the norm only under ZeRO; here the gradients are whole and averaged already.
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()
+                                                               if p.grad is not None]))
+        engine.step()
+    if grad_norm is None:
+        grad_norm = float(engine.get_global_grad_norm())
+    applied = engine.was_step_applied()  # DeepSpeed skips the update if the gradient norm is not finite
+    # One all-reduce per step: the mean loss for logging, and whether any rank got a stop signal, so that all
+    # ranks stop after the same step (the launcher signals its ranks one after the other).
+    stop = torch.tensor(float(bool(run.stop_signal)), device=device)
+    stats = torch.stack([torch.stack(losses).mean().float(), stop])
+    dist.all_reduce(stats)
+    return stats[0].item() / run.place.world_size, grad_norm, applied, data_wait, stats[1].item() > 0
+
+
+@torch.no_grad()
+def validate(run: Run) -> float:
+    """Mean loss over the fixed validation windows, shared out between the data-parallel ranks."""
+    device = run.place.device
+    run.engine.eval()
+    totals = torch.zeros(2, device=device)
+    for window, loss_mask in run.val_batches:
+        batch = (window.to(device), None if loss_mask is None else loss_mask.to(device))
+        with _autocast(run.cfg, device):
+            totals[0] += run.engine(*batch, run.sp).float() * len(window)
+        totals[1] += len(window)
+    run.engine.train()
+    dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item()
+
+
+def save_checkpoint(run: Run) -> Path:
+    cfg, state = run.cfg, run.state
+    path = checkpoint.save(run.engine, cfg.checkpoint_dir, state.step, meta={
+        "state": asdict(state),
+        "world_size": run.place.world_size,
+        "zero_stage": cfg.zero_stage,
+        "global_batch_size": run.layout.global_batch_size,
+        "model": model_config_to_dict(cfg.model_config),
+        "parameter_shapes": run.parameter_shapes,
+        "tokenizer_checksum": run.tokenizer.checksum if run.tokenizer else None,
+        "data_stream": data.stream_state(run.dataset, state.consumed_samples),
+        "config": cfg.to_dict(),
+    }, rank_state={
+        "rng": checkpoint.rng_state(),
+        "data_stream": {**data.stream_state(run.dataset, state.consumed_samples), "dp_rank": run.dp_rank,
+                        "dp_world": run.layout.dp_world},
+    }, keep=cfg.checkpoint.keep, files={"tokenizer.model": _tokenizer_path(cfg)} if run.tokenizer else {})
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="launch/train.sh", description="Train MemMamba with DeepSpeed.")
+    parser.add_argument("config", help="a JSON run config, e.g. configs/200m_8k.json")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config values, e.g. --set train.micro_batch_size=2 data.path=/data/pg19")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
+    args = parser.parse_args(argv)
+    run = None
+    try:
+        run = setup(args.config, args.overrides)
+        fit(run)
+    except (ConfigError, DataError, checkpoint.CheckpointError, TrainingError) as error:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if run is not None:
+            run.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _sequence_parallel(size: int) -> SequenceParallel | None:
+    group = sequence_parallel_group(size)
+    return None if group is None else SequenceParallel(group)
+
+
+def _tokenizer_path(cfg: RunConfig) -> str:
+    return cfg.data.path.rstrip("/") + "/tokenizer.model"
+
+
+def _tokenizer(cfg: RunConfig) -> Tokenizer | None:
+    if cfg.data.path is None:
+        return None
+    tokenizer = Tokenizer(_tokenizer_path(cfg))
+    vocab = cfg.model_config.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size}, {tokenizer.name}); set model.vocab_size={tokenizer.vocab_size}")
+    return tokenizer
+
+
+def _deepspeed_config(cfg: RunConfig, layout: BatchLayout, universal: bool) -> dict:
+    return {
+        **cfg.deepspeed,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "steps_per_print": 2 ** 62,   # this loop reports progress itself
+        "zero_allow_untested_optimizer": True,   # ZeRO checks the optimizer's exact type; ours is torch's AdamW
+        "checkpoint": {**cfg.deepspeed.get("checkpoint", {}), "load_universal": universal},
+    }
+
+
+def _autocast(cfg: RunConfig, device: torch.device):
+    precision = cfg.train.precision
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _peak_flops(cfg: RunConfig, device: torch.device) -> float:
+    if cfg.logging.peak_tflops:
+        return cfg.logging.peak_tflops * 1e12
+    return peak_flops(device) or measure_peak_flops(device)
+
+
+def _announce(run: Run, resume_from: Path | None) -> None:
+    cfg, layout = run.cfg, run.layout
+    params = sum(math.prod(shape) for shape in run.parameter_shapes.values())
+    where = f"resumed from {resume_from} at step {run.state.step}" if resume_from else "from scratch"
+    run.metrics.print(
+        f"{cfg.model_config.arch} with {params / 1e6:.2f}M parameters, {where}\n"
+        f"{run.place.world_size} ranks on {run.place.device.type}, ZeRO stage {cfg.zero_stage}; global batch "
+        f"{layout.global_batch_size} = micro-batch {layout.micro_batch_size} x accumulation {layout.grad_accum} "
+        f"x {layout.dp_world} data-parallel ranks, of {cfg.data.seq_len} tokens\n"
+        f"TensorBoard: {cfg.tensorboard_dir}   checkpoints: {cfg.checkpoint_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
