@@ -5,6 +5,7 @@ and compare other runs with it: stopped by SIGTERM and resumed, resumed on one r
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,7 +52,7 @@ def tiny_config(**sections):
     ({"optimizer.betas": [0.9]}, "optimizer.betas must be two numbers in [0, 1), got [0.9]"),
     ({"train.precision": "fp16"}, "train.precision must be one of 'auto', 'bf16', 'fp32', got 'fp16'"),
     ({"data.source": "web"}, "data.source must be one of 'shards', 'passkey', got 'web'"),
-    ({"data.path": None}, "missing key data.path"),
+    ({"data.path": None}, "data.path must be a string, got None"),
     ({"model.d_model": 0}, "model.d_model must be a positive integer, got 0"),
     ({"deepspeed.zero_optimization.stage": 4}, "deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got 4"),
     ({"deepspeed.gradient_clipping": 0.5}, "deepspeed.gradient_clipping is set from train.grad_clip"),
@@ -326,6 +327,24 @@ def test_exported_weights_give_the_logits_of_the_trained_model(run, request, tmp
         expected = master(ids)[0]
         assert torch.equal(exported(ids)[0], expected)
         assert torch.equal(load_model(root)(ids)[0], expected)   # evaluation's way in: a folder of checkpoints
+
+
+@pytest.mark.slow
+def test_init_from_starts_a_new_run_from_trained_weights(pg19_shards, straight_run, tmp_path):
+    # A learning rate too small to move anything: the new run's weights are those it started from.
+    source = straight_run / "checkpoints"
+    train(1, pg19_shards.root, tmp_path, "train.max_steps=1", "optimizer.lr=1e-30", f"train.init_from={source}")
+    started, trained = load_model(tmp_path / "checkpoints"), load_model(source)
+    for (name, a), (_, b) in zip(started.state_dict().items(), trained.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+    meta = json.loads((tmp_path / "checkpoints" / "step-00000001" / "meta.json").read_text())
+    assert meta["state"]["step"] == 1 and meta["state"]["consumed_samples"] == 8   # a new run, not a resume
+
+    other = train(1, pg19_shards.root, tmp_path / "other", "train.max_steps=1", f"train.init_from={source}",
+                  "model.n_layer=2", check=False)
+    assert other.returncode == 1
+    assert re.search(r"checkpoint of a different model: parameter layers\.2\.\S+ is \[.*\] there and absent here",
+                     other.stderr), other.stderr
 
 
 @pytest.mark.slow

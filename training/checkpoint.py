@@ -74,17 +74,23 @@ def parameter_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
     return {name: list(p.shape) for name, p in model.named_parameters()}
 
 
-def check_compatible(path: Path, meta: dict, current: dict[str, list[int]], tokenizer_checksum: str | None) -> None:
+def check_compatible(path: Path, meta: dict, current: dict[str, list[int]], tokenizer_checksum: str) -> None:
     """Refuse a checkpoint of another model shape (`current`: parameter_shapes) or another tokenizer."""
-    saved = meta["parameter_shapes"]
+    check_shapes(path, meta["parameter_shapes"], current, json.dumps(meta["model"]))
+    check_tokenizer(path, meta["tokenizer_checksum"], tokenizer_checksum)
+
+
+def check_shapes(path: Path, saved: dict[str, list[int]], current: dict[str, list[int]], saved_model: str) -> None:
     for name in sorted(set(saved) | set(current)):
         if saved.get(name) != current.get(name):
             raise CheckpointError(
                 f"{path}: checkpoint of a different model: parameter {name} is {saved.get(name, 'absent')} "
-                f"there and {current.get(name, 'absent')} here (its model section: {json.dumps(meta['model'])})")
-    if tokenizer_checksum and meta["tokenizer_checksum"] and meta["tokenizer_checksum"] != tokenizer_checksum:
-        raise CheckpointError(f"{path}: trained with tokenizer {meta['tokenizer_checksum'][:12]}..., "
-                              f"but data.path has {tokenizer_checksum[:12]}...")
+                f"there and {current.get(name, 'absent')} here (its model section: {saved_model})")
+
+
+def check_tokenizer(path: Path, saved: str | None, current: str) -> None:
+    if saved and saved != current:
+        raise CheckpointError(f"{path}: trained with tokenizer {saved[:12]}..., but data.path has {current[:12]}...")
 
 
 def rng_state() -> dict:

@@ -23,7 +23,7 @@ from model.config import describe_type, matches_type
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None          # the --output of `python -m data_pipeline prepare`
+    path: str                           # the --output of `python -m data_pipeline prepare` (passkey: its filler)
     source: Literal["shards", "passkey"] = "shards"
     seq_len: int = 2048                 # tokens per training window (each item holds seq_len + 1)
     train_split: str = "train"
@@ -33,8 +33,6 @@ class DataConfig:
     def __post_init__(self):
         _positive("data", self, "seq_len")
         _non_negative("data", self, "num_workers")
-        if self.source == "shards" and self.path is None:
-            raise ConfigError("missing key data.path: the --output folder of `python -m data_pipeline prepare`")
 
 
 @dataclass
@@ -69,6 +67,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast on CUDA, fp32 on the CPU
     activation_checkpointing: bool = False   # recompute each layer in the backward pass
     chunk_len: Optional[int] = None     # run each sequence in chunks of this many tokens, carrying the state
+    init_from: Optional[str] = None     # start from these weights (an export, a checkpoint or a folder of them)
     max_skipped_steps: int = 10         # abort after this many non-finite steps in a row
 
     def __post_init__(self):

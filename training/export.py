@@ -10,6 +10,7 @@ checkpoint or a folder of checkpoints, so evaluation runs on anything the traini
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -43,6 +44,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
         return load_pretrained(path, device)
     path = _checkpoint(path)
     return _load_checkpoint(path, read_meta(path)).to(device)
+
+
+def trained_tokenizer(path: str | Path) -> str | None:
+    """The checksum of the tokenizer that the weights at `path` (as for load_model) were trained with."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return json.loads((path / "config.json").read_text()).get("tokenizer_checksum")
+    return read_meta(_checkpoint(path))["tokenizer_checksum"]
 
 
 def _checkpoint(path: Path) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import signal
 import sys
@@ -29,7 +30,7 @@ from data_pipeline.tokenizer import Tokenizer
 from model import build_model
 from model.config import model_config_to_dict
 from model.sequence_parallel import SequenceParallel
-from training import checkpoint, data
+from training import checkpoint, data, export
 from training.config import BatchLayout, ConfigError, RunConfig, batch_layout, load_config
 from training.distributed import Placement, init_distributed, sequence_parallel_group
 from training.flops import measure_peak_flops, peak_flops, train_flops_per_token
@@ -66,7 +67,7 @@ class Run:
     val_batches: list
     sp: SequenceParallel | None        # this rank's sequence-parallel group (parallel.sequence_parallel_size > 1)
     parameter_shapes: dict             # of the whole model (ZeRO-3 partitions the module's own parameters)
-    tokenizer: Tokenizer | None
+    tokenizer: Tokenizer
     metrics: Metrics
     stop_signal: list                  # the names of the stop signals received (appended by the handler)
 
@@ -82,7 +83,7 @@ def setup(config_path: str, overrides: list[str]) -> Run:
     dp_rank = place.rank // cfg.parallel.sequence_parallel_size
 
     tokenizer = _tokenizer(cfg)
-    checksum = tokenizer.checksum if tokenizer else None
+    checksum = tokenizer.checksum
     dataset = data.train_dataset(cfg, checksum)
     val_batches = data.validation_batches(cfg, checksum, dp_rank, layout.dp_world)
 
@@ -99,6 +100,8 @@ def setup(config_path: str, overrides: list[str]) -> Run:
         universal = checkpoint.needs_universal(resume_from, meta, place.world_size, cfg.zero_stage)
         state = TrainState(**meta["state"])
         data.check_stream_state(dataset, meta["data_stream"])
+    elif cfg.train.init_from is not None:
+        _initialise_from(model, cfg.train.init_from, parameter_shapes, checksum)
 
     # Everything is checked: from here on the accelerator is used.
     model.to(place.device)  # before the optimizer, which is fused on CUDA
@@ -220,14 +223,14 @@ def save_checkpoint(run: Run) -> Path:
         "global_batch_size": run.layout.global_batch_size,
         "model": model_config_to_dict(cfg.model_config),
         "parameter_shapes": run.parameter_shapes,
-        "tokenizer_checksum": run.tokenizer.checksum if run.tokenizer else None,
+        "tokenizer_checksum": run.tokenizer.checksum,
         "data_stream": data.stream_state(run.dataset, state.consumed_samples),
         "config": cfg.to_dict(),
     }, rank_state={
         "rng": checkpoint.rng_state(),
         "data_stream": {**data.stream_state(run.dataset, state.consumed_samples), "dp_rank": run.dp_rank,
                         "dp_world": run.layout.dp_world},
-    }, keep=cfg.checkpoint.keep, files={"tokenizer.model": _tokenizer_path(cfg)} if run.tokenizer else {})
+    }, keep=cfg.checkpoint.keep, files={"tokenizer.model": _tokenizer_path(cfg)})
     return path
 
 
@@ -254,6 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _initialise_from(model: torch.nn.Module, path: str, shapes: dict, tokenizer_checksum: str) -> None:
+    """Fine-tuning: start from trained weights of the same model and tokenizer (not a resume: the step, the
+    optimizer and the data stream start afresh)."""
+    source = export.load_model(path)
+    checkpoint.check_shapes(Path(path), checkpoint.parameter_shapes(source), shapes,
+                            json.dumps(model_config_to_dict(source.config)))
+    checkpoint.check_tokenizer(Path(path), export.trained_tokenizer(path), tokenizer_checksum)
+    model.load_state_dict(source.state_dict())
+
+
 def _sequence_parallel(size: int) -> SequenceParallel | None:
     group = sequence_parallel_group(size)
     return None if group is None else SequenceParallel(group)
@@ -263,9 +276,7 @@ def _tokenizer_path(cfg: RunConfig) -> str:
     return cfg.data.path.rstrip("/") + "/tokenizer.model"
 
 
-def _tokenizer(cfg: RunConfig) -> Tokenizer | None:
-    if cfg.data.path is None:
-        return None
+def _tokenizer(cfg: RunConfig) -> Tokenizer:
     tokenizer = Tokenizer(_tokenizer_path(cfg))
     vocab = cfg.model_config.vocab_size
     if tokenizer.vocab_size > vocab:
