@@ -4,11 +4,16 @@
     python bench/train_throughput.py --config configs/200m_8k.json --data data/pg19 --variants memmamba mamba
 
 Every variant is set up by `training.train.setup` from the config plus `--set` overrides (printed): one rank,
-micro-batch 1, no accumulation, a scratch output folder. Then the variants take turns, one optimizer step each
+`--micro-batch` sequences per step (1), no accumulation, a scratch output folder. Then the variants take turns, one optimizer step each
 (`training.train.train_step`: forward, backward, DeepSpeed's step), so that a machine whose load changes slows
 them alike. Tokens/s is the median over the measured steps; "vs Mamba" is the median of the per-turn ratios.
 MFU is taken against the datasheet peak of a known GPU, or against a measured matmul peak (e.g. on a CPU).
-The bar: MemMamba reaches at least 0.85x the tokens/s of plain Mamba.
+
+The variant `mamba_ssm` (CUDA, needs the mamba_ssm package) is mamba_ssm's own MambaLMHeadModel of the same
+size, stepped the way the stack steps: fp32 weights, bf16 autocast, fused AdamW, clipping, no activation
+checkpointing (its fused mixer keeps little). Compare it with `--set train.activation_checkpointing=false`.
+The bars: MemMamba reaches at least 0.85x the tokens/s of plain Mamba; the stack's plain Mamba is within 10%
+of mamba_ssm's.
 """
 from __future__ import annotations
 
@@ -22,21 +27,50 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from training.config import load_config  # noqa: E402
 from training.flops import train_flops_per_token  # noqa: E402
 from training.train import setup, train_step  # noqa: E402
 
 BAR = 0.85
+REFERENCE_BAR = 0.9
+
+
+class MambaSsmStep:
+    """One optimizer step of mamba_ssm's MambaLMHeadModel at the size of `config` (a plain-Mamba config)."""
+
+    def __init__(self, config, micro_batch: int, seq_len: int, device: torch.device):
+        from mamba_ssm.models.config_mamba import MambaConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+        self.model_config = config
+        ssm = {"layer": "Mamba1", "d_state": config.d_state, "d_conv": config.d_conv, "expand": config.expand}
+        reference = MambaConfig(d_model=config.d_model, n_layer=config.n_layer, vocab_size=config.vocab_size,
+                                ssm_cfg=ssm, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
+                                pad_vocab_size_multiple=8, tie_embeddings=config.tie_embeddings)
+        self.model = MambaLMHeadModel(reference, device=device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+        self.window = torch.randint(0, config.vocab_size, (micro_batch, seq_len + 1), device=device)
+
+    def step(self) -> float:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = self.model(self.window[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), self.window[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
 
 
 def variant_overrides(name: str, model: dict) -> list[str]:
     """The config's model with notes, without, or the Transformer of its size name."""
     if name == "memmamba":
         return ["model.notes=true"]
-    if name == "mamba":
+    if name in ("mamba", "mamba_ssm"):
         return ["model.notes=false"]
     transformer = {"arch": "transformer", "size": model.get("size", "tiny")}
     if "vocab_size" in model:
@@ -49,47 +83,69 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny_cpu.json")
     parser.add_argument("--data", required=True, help="a prepared data folder whose tokenizer fits the config")
     parser.add_argument("--seq-len", type=int, default=8000)
+    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per step")
     parser.add_argument("--warmup", type=int, default=2, help="steps per variant before measuring")
     parser.add_argument("--steps", type=int, default=10, help="measured steps per variant")
     parser.add_argument("--variants", nargs="+", default=["memmamba", "mamba", "transformer"],
-                        choices=["memmamba", "mamba", "transformer"])
+                        choices=["memmamba", "mamba", "transformer", "mamba_ssm"])
+    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every variant, e.g. model.n_layer=4")
     args = parser.parse_args()
 
     model_section = json.loads(Path(args.config).read_text())["model"]
-    runs, seconds = {}, {name: [] for name in args.variants}
+    runs, seconds, memory = {}, {name: [] for name in args.variants}, {name: 0.0 for name in args.variants}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.variants:
             overrides = [f"data.path={args.data}", f"data.seq_len={args.seq_len}", "data.num_workers=0",
-                         "train.micro_batch_size=1", "train.grad_accum=1", "train.global_batch_size=null",
+                         f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1", "train.global_batch_size=null",
                          "validation.windows=1", "logging.progress_bar=false", "checkpoint.resume=never",
-                         f"output_dir={tmp}/{name}", *variant_overrides(name, model_section)]
+                         f"output_dir={tmp}/{name}", *args.overrides, *variant_overrides(name, model_section)]
             print(f"# {name}: --set {shlex.join(overrides)}", flush=True)
-            runs[name] = setup(args.config, overrides)
+            if name != "mamba_ssm":
+                runs[name] = setup(args.config, overrides)
+            else:
+                model_config = load_config(args.config, overrides).model_config
+                runs[name] = MambaSsmStep(model_config, args.micro_batch, args.seq_len, torch.device("cuda"))
+        stack_runs = [run for name, run in runs.items() if name != "mamba_ssm"]
+        cuda = torch.cuda.is_available()
         for step in range(args.warmup + args.steps):
             for name, run in runs.items():
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
                 started = time.perf_counter()
-                train_step(run)
+                run.step() if name == "mamba_ssm" else train_step(run)
                 if step >= args.warmup:
                     seconds[name].append(time.perf_counter() - started)
-        for run in runs.values():
+                if cuda:
+                    memory[name] = max(memory[name], torch.cuda.max_memory_allocated() / 2 ** 30)
+        for run in stack_runs:
             run.close()
 
-    any_run = next(iter(runs.values()))
+    any_run = stack_runs[0]
     peak = any_run.metrics.peak_flops
-    print(f"\n{Path(args.config).name}, {args.seq_len} tokens per sequence, micro-batch 1, {args.steps} steps per "
+    print(f"\n{Path(args.config).name}, {args.seq_len} tokens per sequence, micro-batch {args.micro_batch}, "
+          f"{args.steps} steps per "
           f"variant after {args.warmup} warm-up, taking turns; {any_run.place.device}, "
           f"{torch.get_num_threads()} threads, peak {peak / 1e12:.3f} TFLOP/s")
-    print("| model | tokens/s | TFLOP/s | MFU | vs Mamba |")
-    print("|---|---:|---:|---:|---:|")
+    print("| model | tokens/s | TFLOP/s | MFU | vs Mamba |" + (" peak memory |" if cuda else ""))
+    print("|---|---:|---:|---:|---:|" + ("---:|" if cuda else ""))
     for name, run in runs.items():
-        tps = args.seq_len / statistics.median(seconds[name])
-        flops = tps * train_flops_per_token(run.cfg.model_config, args.seq_len)
-        ratio = (f"{statistics.median(m / s for m, s in zip(seconds['mamba'], seconds[name])):.2f}x"
-                 if "mamba" in seconds else "-")
-        print(f"| {name} | {tps:,.0f} | {flops / 1e12:.4f} | {100 * flops / peak:.1f}% | {ratio} |")
-    if "mamba" in seconds and "memmamba" in seconds:
-        ratio = statistics.median(m / s for m, s in zip(seconds["mamba"], seconds["memmamba"]))
-        print(f"\nbar: MemMamba >= {BAR}x Mamba tokens/s: {ratio:.2f}x, {'met' if ratio >= BAR else 'MISSED'}")
+        tps = args.micro_batch * args.seq_len / statistics.median(seconds[name])
+        model_config = run.model_config if name == "mamba_ssm" else run.cfg.model_config
+        flops = tps * train_flops_per_token(model_config, args.seq_len)
+        ratio = f"{speed_ratio(seconds, name, 'mamba'):.2f}x" if "mamba" in seconds else "-"
+        print(f"| {name} | {tps:,.0f} | {flops / 1e12:.4f} | {100 * flops / peak:.1f}% | {ratio} |"
+              + (f" {memory[name]:.1f} GiB |" if cuda else ""))
+    bars = [("MemMamba", "memmamba", "Mamba", "mamba", BAR), ("Mamba", "mamba", "mamba_ssm", "mamba_ssm", REFERENCE_BAR)]
+    for label, name, base_label, base, bar in bars:
+        if name in seconds and base in seconds:
+            ratio = speed_ratio(seconds, name, base)
+            print(f"bar: {label} >= {bar}x {base_label} tokens/s: {ratio:.2f}x, {'met' if ratio >= bar else 'MISSED'}")
+
+
+def speed_ratio(seconds: dict[str, list[float]], name: str, base: str) -> float:
+    """Median over the turns of base's step time / name's: how many times as fast as `base` `name` is."""
+    return statistics.median(b / s for b, s in zip(seconds[base], seconds[name]))
 
 
 if __name__ == "__main__":

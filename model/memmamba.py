@@ -32,8 +32,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        # normalised in fp32 whatever the compute dtype; one fused kernel where torch has one
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight
 
 
 class MemMambaLayer(nn.Module):
@@ -60,14 +60,15 @@ class MemMambaLayer(nn.Module):
             self.layer_attention = MemoryAttention(*args)
 
     def forward(self, x: Tensor, state: LayerState, position: int, views: tuple[PoolView, ...],
-                sp=None) -> tuple[Tensor, LayerState, PoolView | None]:
+                sp=None, final_state: bool = True) -> tuple[Tensor, LayerState, PoolView | None]:
         """x [B, T, D]; `views` are the earlier layers' pool views for these tokens."""
         u = self.norm(x)
         view, notes = None, None
         if self.has_notes:
             view, notes = self.notes(u, state.notes, position, sp)
             u = self._read_memory(u, view, views)
-        out, mixer = self.mixer(u, state.mixer, sp)
+        # At position 0 the state is the zero one allocate_state gives; saying so spares the kernels its term.
+        out, mixer = self.mixer(u, state.mixer if position > 0 else None, sp, final_state)
         return x + out, LayerState(mixer, notes), view
 
     def step(self, x: Tensor, state: LayerState, position: int, views: tuple[PoolView, ...]
@@ -134,9 +135,12 @@ class MemMambaLM(GenerationMixin, nn.Module):
         hidden, state = self.hidden_states(input_ids, state, sp)
         return self.lm_head(hidden), state
 
-    def hidden_states(self, input_ids: Tensor, state: ModelState | None = None, sp=None
-                      ) -> tuple[Tensor, ModelState]:
-        """The final normed hidden states [B, T, D] (what the LM head reads) and the state."""
+    def hidden_states(self, input_ids: Tensor, state: ModelState | None = None, sp=None, final_state: bool = True
+                      ) -> tuple[Tensor, ModelState | None]:
+        """The final normed hidden states [B, T, D] (what the LM head reads) and, if `final_state`, the state.
+
+        Without the state (a training forward over whole sequences) the kernels fuse more.
+        """
         if state is None:
             state = self.allocate_state(input_ids.shape[0], input_ids.device)
         position = state.position if sp is None else sp.start_position(input_ids.shape[1])
@@ -145,13 +149,14 @@ class MemMambaLM(GenerationMixin, nn.Module):
         layer_states = []
         for layer, layer_state in zip(self.layers, state.layers):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, new_state, view = checkpoint(layer, x, layer_state, position, views, sp, use_reentrant=False)
+                x, new_state, view = checkpoint(layer, x, layer_state, position, views, sp, final_state,
+                                                use_reentrant=False)
             else:
-                x, new_state, view = layer(x, layer_state, position, views, sp)
+                x, new_state, view = layer(x, layer_state, position, views, sp, final_state)
             layer_states.append(new_state)
             if view is not None:
                 views += (view,)
-        return self.norm_f(x), ModelState(layer_states, position + input_ids.shape[1])
+        return self.norm_f(x), ModelState(layer_states, position + input_ids.shape[1]) if final_state else None
 
     def step(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         """token [B] -> (logits [B, V], state). Constant time and memory per token."""

@@ -12,8 +12,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ConfigError, MemMambaConfig
-from model.scan import cuda_scan_available, initial_state_contribution, selective_scan, selective_scan_cuda
+from model.scan import (cuda_scan_available, initial_state_contribution, selective_scan, selective_scan_cuda,
+                        selective_scan_gated_cuda, step_size)
 from model.state import MixerState
+
+try:  # optional fast path, CUDA only
+    from causal_conv1d import causal_conv1d_fn
+except ImportError:
+    causal_conv1d_fn = None
 
 
 class Mamba(nn.Module):
@@ -22,7 +28,7 @@ class Mamba(nn.Module):
         D, E, N = config.d_model, config.d_inner, config.d_state
         self.d_inner, self.d_state, self.d_conv, self.dt_rank = E, N, config.d_conv, config.dt_rank_value
         self.in_proj = nn.Linear(D, 2 * E, bias=False)
-        self.conv1d = nn.Conv1d(E, E, config.d_conv, groups=E, bias=True)
+        self.conv1d = CausalConv1d(E, E, config.d_conv, groups=E, bias=True)
         self.x_proj = nn.Linear(E, self.dt_rank + 2 * N, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, E, bias=True)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))
@@ -45,34 +51,46 @@ class Mamba(nn.Module):
                               "(pip install -r requirements-cuda.txt); use 'auto' or 'torch'")
         self.backend = config.backend
 
-    def forward(self, u: Tensor, state: MixerState, sp=None) -> tuple[Tensor, MixerState]:
-        """u [B, T, D] -> (out [B, T, D], state after the last token).
+    def forward(self, u: Tensor, state: MixerState | None, sp=None, final_state: bool = True
+                ) -> tuple[Tensor, MixerState | None]:
+        """u [B, T, D] -> (out [B, T, D], state after the last token, or None without `final_state`).
 
+        `state` None starts from zero, which spares the kernel path the initial-state term; with
+        neither a state in nor one out, the kernel fuses the gate as well.
         With `sp` (a model.sequence_parallel.SequenceParallel), `state` is ignored: the
         conv halo and the SSM initial state come from the earlier ranks of the group.
         """
         xz = self.in_proj(u).transpose(1, 2)                            # [B, 2E, T]
         x, z = xz.chunk(2, dim=1)
-        conv_in = torch.cat([state.conv.to(x.dtype) if sp is None else sp.conv_halo(x, self.d_conv - 1), x], -1)
-        x = F.silu(self.conv1d(conv_in))
-        new_conv = conv_in[..., conv_in.shape[-1] - (self.d_conv - 1):]
+        if sp is not None:
+            halo = sp.conv_halo(x, self.d_conv - 1)
+        else:
+            halo = None if state is None else state.conv.to(x.dtype)
+        use_cuda = self._use_cuda(x)
+        if final_state:
+            new_conv = F.pad(x, (self.d_conv - 1, 0)) if halo is None else torch.cat([halo, x], -1)
+            new_conv = new_conv[..., new_conv.shape[-1] - (self.d_conv - 1):]
+        x = self.conv1d(x, halo, use_cuda)
 
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
-        dt = F.softplus(self.dt_proj(dt).float()).transpose(1, 2)       # [B, E, T]
+        dt = self.dt_proj(dt).transpose(1, 2)                           # [B, E, T]; softplus in the scan
         B, C = B.transpose(1, 2), C.transpose(1, 2)                     # [B, N, T]
         A = -torch.exp(self.A_log.float())
 
-        scan = selective_scan_cuda if self._use_cuda(x) else selective_scan
-        if sp is None:
-            y, h_last = scan(x, dt, A, B, C, h0=state.ssm)
-        else:
-            y, h_last = scan(x, dt, A, B, C)
-            h0 = sp.ssm_initial_state(h_last, torch.exp(A * dt.float().sum(-1, keepdim=True)))
-            y_h0, h_last_h0 = initial_state_contribution(dt, A, C, h0)
-            y, h_last = y + y_h0, h_last + h_last_h0
-        y = (y + self.D.float()[:, None] * x.float()) * F.silu(z.float())
+        h0 = None if state is None or sp is not None else state.ssm
+        if use_cuda and h0 is None and sp is None and not final_state:
+            y = selective_scan_gated_cuda(x, dt, A, B, C, self.D, z)
+            return self.out_proj(y.transpose(1, 2).to(u.dtype)), None
+        scan = selective_scan_cuda if use_cuda else selective_scan
+        y, h_last = scan(x, dt, A, B, C, D=self.D, dt_softplus=True, h0=h0)
+        if sp is not None:
+            step = step_size(dt, dt_softplus=True)
+            h0 = sp.ssm_initial_state(h_last, torch.exp(A * step.sum(-1, keepdim=True)))
+            y_h0, h_last_h0 = initial_state_contribution(step, A, C, h0)
+            y, h_last = y.float() + y_h0, h_last + h_last_h0
+        y = y * F.silu(z.to(y.dtype))
         out = self.out_proj(y.transpose(1, 2).to(u.dtype))
-        return out, MixerState(conv=new_conv, ssm=h_last)
+        return out, MixerState(conv=new_conv, ssm=h_last) if final_state else None
 
     def step(self, u: Tensor, state: MixerState) -> tuple[Tensor, MixerState]:
         """One token: u [B, D] -> (out [B, D], new state). O(1) in the position."""
@@ -97,3 +115,21 @@ class Mamba(nn.Module):
 
     def _use_cuda(self, x: Tensor) -> bool:
         return self.backend != "torch" and x.is_cuda and cuda_scan_available()
+
+
+class CausalConv1d(nn.Conv1d):
+    """Causal depthwise conv + SiLU of x [B, E, T] after `halo`, the d_conv - 1 inputs before it (None: zeros).
+
+    A module of its own so that ZeRO-3 gathers its weights for the causal_conv1d kernel as well.
+    """
+
+    def forward(self, x: Tensor, halo: Tensor | None, use_kernel: bool = False) -> Tensor:
+        if use_kernel and causal_conv1d_fn is not None:
+            if halo is None:
+                return causal_conv1d_fn(x, self.weight[:, 0], self.bias, activation="silu")
+            # The halo leads the input, so the kernel needs no initial state of its own; its outputs are
+            # dropped, and the rest copied so that the scan kernel's vector loads find aligned rows.
+            out = causal_conv1d_fn(torch.cat([halo, x], -1), self.weight[:, 0], self.bias, activation="silu")
+            return out[..., halo.shape[-1]:].contiguous()
+        x = F.pad(x, (self.kernel_size[0] - 1, 0)) if halo is None else torch.cat([halo, x], -1)
+        return F.silu(super().forward(x))

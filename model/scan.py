@@ -6,8 +6,9 @@ own: since the recurrence is linear in h, the state an input starts from only ad
 C_t . (exp(A cumsum(dt))_t * h0) to the outputs (`initial_state_contribution`), the term
 sequence parallelism uses as well.
 
-Layouts follow mamba_ssm: x, dt [B, E, T]; A [E, N]; B, C [B, N, T]; states [B, E, N].
-The scan always runs in fp32.
+Layouts and options follow mamba_ssm's `selective_scan_fn`: x, dt [B, E, T]; A [E, N];
+B, C [B, N, T]; states [B, E, N]; with `dt_softplus` the step size is softplus(dt), and `D`
+adds the skip connection D * x to y. The scan always computes in fp32.
 """
 from __future__ import annotations
 
@@ -23,8 +24,14 @@ except ImportError:
     selective_scan_fn = None
 
 
-def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                   h0: Tensor | None = None, chunk_size: int | None = None
+def step_size(dt: Tensor, dt_softplus: bool) -> Tensor:
+    """The step size, in fp32 or wider: softplus(dt) or dt."""
+    dt = dt.to(torch.promote_types(dt.dtype, torch.float32))
+    return F.softplus(dt) if dt_softplus else dt
+
+
+def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                   dt_softplus: bool = False, h0: Tensor | None = None, chunk_size: int | None = None
                    ) -> tuple[Tensor, Tensor]:
     """Chunked two-level scan. Returns (y [B, E, T], final state [B, E, N]), both fp32.
 
@@ -42,7 +49,8 @@ def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
     # [B, n_chunks, L, ...] views; padding with dt = 0 makes identity steps. Per-step tensors
     # come from unbind, not indexing: its backward is one stack, not L zero-filled copies.
     dtype = torch.promote_types(x.dtype, torch.float32)
-    x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
+    x_in, dt = x, step_size(dt, dt_softplus).to(dtype)
+    x, A, B, C = (t.to(dtype) for t in (x, A, B, C))
     chunked = lambda t: F.pad(t, (0, n_chunks * L - T)).view(*t.shape[:-1], n_chunks, L).movedim(-3, -1)
     dt, dtx, B, C = chunked(dt), chunked(dt * x), chunked(B), chunked(C)    # [B, n_chunks, L, E or N]
     a = torch.exp(dt[..., None] * A).unbind(2)                                # L x [B, n_chunks, E, N]
@@ -66,8 +74,10 @@ def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
     for a_i, bx_i, c_i in zip(a, bx, C.unbind(2)):
         h = a_i * h + bx_i
         ys.append((h * c_i[:, :, None]).sum(-1))
-    y = torch.stack(ys, 2).flatten(1, 2)[:, :T]                      # [B, T, E]
-    return y.transpose(1, 2), h_last
+    y = torch.stack(ys, 2).flatten(1, 2)[:, :T].transpose(1, 2)     # [B, E, T]
+    if D is not None:
+        y = y + D.to(dtype)[:, None] * x_in.to(dtype)
+    return y, h_last
 
 
 def initial_state_contribution(dt: Tensor, A: Tensor, C: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,15 +93,41 @@ def initial_state_contribution(dt: Tensor, A: Tensor, C: Tensor, h0: Tensor) -> 
     return y, decay[:, :, -1] * h0
 
 
-def selective_scan_cuda(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                        h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """mamba_ssm's fused kernel with the same contract as `selective_scan`."""
-    y, h_last = selective_scan_fn(x, dt, A.float(), B, C, return_last_state=True)
-    y, h_last = y.float(), h_last.float()
+def selective_scan_cuda(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                        dt_softplus: bool = False, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """mamba_ssm's fused kernel with the contract of `selective_scan`; y comes in x's dtype.
+
+    The kernel returns its final state without a gradient, yet chunked training and sequence
+    parallelism backpropagate through it. So the state is also read out through the kernel's
+    differentiable output: N more steps that leave h as it is (step size 0, which softplus
+    gives for -1e4) with C the unit vectors make y at those steps the rows of h. The value is
+    the kernel's fp32 state; the gradient flows through the read-out.
+    """
+    batch, _, T = x.shape
+    N = A.shape[1]
+    dt, B, C = (t.to(x.dtype) for t in (dt, B, C))
+    no_step = -1e4 if dt_softplus else 0.0
+    unit_vectors = torch.eye(N, dtype=x.dtype, device=x.device).expand(batch, N, N)
+    y, h_last = selective_scan_fn(
+        F.pad(x, (0, N)), F.pad(dt, (0, N), value=no_step), A.float(), F.pad(B, (0, N)),
+        torch.cat([C, unit_vectors], -1), D=None if D is None else D.float(), delta_softplus=dt_softplus,
+        return_last_state=True)
+    y, h_read = y[..., :T], y[..., T:].float()
+    h_last = h_last.float() + (h_read - h_read.detach())
     if h0 is not None:
-        y_h0, h_last_h0 = initial_state_contribution(dt, A, C, h0)
-        y, h_last = y + y_h0, h_last + h_last_h0
+        y_h0, h_last_h0 = initial_state_contribution(step_size(dt, dt_softplus), A, C, h0)
+        y, h_last = y.float() + y_h0, h_last + h_last_h0
     return y, h_last
+
+
+def selective_scan_gated_cuda(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor
+                              ) -> Tensor:
+    """(scan from the zero state + D x) * silu(z) with softplus step sizes, in one kernel; no state out.
+
+    What a training forward over whole sequences needs, as fused as mamba_ssm's own Mamba.
+    """
+    dt, B, C, z = (t.to(x.dtype) for t in (dt, B, C, z))
+    return selective_scan_fn(x, dt, A.float(), B, C, D=D.float(), z=z, delta_softplus=True)
 
 
 def cuda_scan_available() -> bool:

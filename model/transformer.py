@@ -109,7 +109,9 @@ class TransformerLM(GenerationMixin, nn.Module):
         hidden, state = self.hidden_states(input_ids, state)
         return self.lm_head(hidden), state
 
-    def hidden_states(self, input_ids: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
+    def hidden_states(self, input_ids: Tensor, state: KVCache | None = None, final_state: bool = True
+                      ) -> tuple[Tensor, KVCache | None]:
+        """The final normed hidden states and, if `final_state`, the KV cache after them."""
         state = state or KVCache([], 0)
         positions = torch.arange(state.position, state.position + input_ids.shape[1], device=input_ids.device)
         x = self.embedding(input_ids)
@@ -121,7 +123,7 @@ class TransformerLM(GenerationMixin, nn.Module):
             else:
                 x, kv = block(x, cache, positions)
             caches.append(kv)
-        return self.norm_f(x), KVCache(caches, state.position + input_ids.shape[1])
+        return self.norm_f(x), KVCache(caches, state.position + input_ids.shape[1]) if final_state else None
 
     def step(self, token: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
         logits, state = self(token[:, None], state)

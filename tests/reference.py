@@ -2,14 +2,17 @@
 import torch
 
 
-def selective_scan_sequential(x, dt, A, B, C, h0=None):
-    """One token at a time: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,  y_t = C_t . h_t."""
+def selective_scan_sequential(x, dt, A, B, C, D=None, dt_softplus=False, h0=None):
+    """One token at a time: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,  y_t = C_t . h_t + D x_t."""
     batch, E, T = x.shape
+    if dt_softplus:
+        dt = torch.log1p(torch.exp(dt))
     h = torch.zeros(batch, E, A.shape[1], dtype=x.dtype) if h0 is None else h0
     ys = []
     for t in range(T):
         h = torch.exp(dt[:, :, t, None] * A) * h + dt[:, :, t, None] * B[:, None, :, t] * x[:, :, t, None]
-        ys.append((h * C[:, None, :, t]).sum(-1))
+        y = (h * C[:, None, :, t]).sum(-1)
+        ys.append(y if D is None else y + D * x[:, :, t])
     return torch.stack(ys, -1), h
 
 

@@ -8,8 +8,18 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not cuda_scan_available(), reason="needs a CUDA GPU and mamba_ssm")]
 
 
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """cuDNN convolutions default to TF32, which would hide a wrong kernel under rounding noise."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
+
+
 @pytest.mark.parametrize("with_h0", [False, True])
-def test_mamba_ssm_kernel_equals_torch_scan(with_h0):
+@pytest.mark.parametrize("mixer_options", [False, True], ids=["plain", "softplus_and_D"])
+def test_mamba_ssm_kernel_equals_torch_scan(with_h0, mixer_options):
     g = torch.Generator(device="cuda").manual_seed(0)
     b, E, N, T = 2, 64, 16, 1000
     x = torch.randn(b, E, T, device="cuda", generator=g)
@@ -17,31 +27,71 @@ def test_mamba_ssm_kernel_equals_torch_scan(with_h0):
     A = -torch.rand(E, N, device="cuda", generator=g) * 4
     B, C = torch.randn(2, b, N, T, device="cuda", generator=g)
     h0 = torch.randn(b, E, N, device="cuda", generator=g) if with_h0 else None
-    leaves = [t.requires_grad_() for t in (x, dt, B, C)]
+    options = {}
+    if mixer_options:
+        dt = torch.randn(b, E, T, device="cuda", generator=g) - 3     # softplus(dt) around 0.05
+        options = dict(D=torch.randn(E, device="cuda", generator=g), dt_softplus=True)
+    leaves = [t.requires_grad_() for t in (x, dt, B, C, *options.values()) if isinstance(t, torch.Tensor)]
     outs, grads = [], []
     for fn in (selective_scan, selective_scan_cuda):
-        y, h = fn(x, dt, A, B, C, h0=h0)
+        y, h = fn(x, dt, A, B, C, h0=h0, **options)
+        # the final state's gradient matters: chunked training and SP backpropagate through it
         (y.square().mean() + h.square().mean()).backward()
         outs.append((y, h))
         grads.append([t.grad.clone() for t in leaves])
         for t in leaves:
             t.grad = None
-    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(outs[1][0].float(), outs[0][0], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-3, atol=1e-3)
     for g_cuda, g_torch in zip(grads[1], grads[0]):
         torch.testing.assert_close(g_cuda, g_torch, rtol=1e-3, atol=1e-3)
 
 
-def test_model_backends_agree():
+def _backend_pair(notes: bool):
     from model import MemMambaConfig, MemMambaLM
-    torch.manual_seed(0)
-    ids = torch.randint(0, 1024, (2, 300), device="cuda")
-    logits = []
+    models = []
     for backend in ("torch", "cuda"):
         torch.manual_seed(0)
-        model = MemMambaLM(MemMambaConfig(backend=backend)).cuda()
+        models.append(MemMambaLM(MemMambaConfig(backend=backend, notes=notes)).cuda())
+    return models
+
+
+@pytest.mark.parametrize("notes", [True, False])
+def test_model_backends_agree(notes):
+    ids = torch.randint(0, 1024, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    logits = []
+    for model in _backend_pair(notes):
         state = None
-        for chunk in ids.split(100, 1):   # chunked: the kernel runs with an initial state
+        for chunk in ids.split(100, 1):   # chunked: the kernels run with an initial state
             out, state = model(chunk, state)
         logits.append(out)
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("notes", [True, False])
+@pytest.mark.parametrize("chunk_len", [None, 128])
+def test_training_gradients_agree(notes, chunk_len):
+    """Whole sequences (the kernel fuses the gate, no state out) and chunks (gradients flow back through
+    the state carried between them): the kernel path's loss and gradients are the PyTorch path's."""
+    from training.loss import lm_loss
+    window = torch.randint(0, 1024, (2, 513), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    losses, grads = [], []
+    for model in _backend_pair(notes):
+        loss = lm_loss(model, window, chunk_len=chunk_len)
+        loss.backward()
+        losses.append(loss)
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-4)
+    assert grads[1].keys() == grads[0].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=2e-3, atol=2e-4, msg=name)
+
+
+def test_bf16_autocast_backends_agree():
+    from training.loss import lm_loss
+    window = torch.randint(0, 1024, (2, 1025), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    losses = []
+    for model in _backend_pair(notes=True):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            losses.append(lm_loss(model, window, chunk_len=256))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=1e-2)

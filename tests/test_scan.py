@@ -42,6 +42,23 @@ def test_scan_matches_sequential_values_and_gradients(chunk_size, with_h0):
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-9, atol=1e-9, msg=name)
 
 
+def test_skip_and_softplus_options_match_sequential():
+    """D and dt_softplus, the options the mixer uses (as mamba_ssm's selective_scan_fn has them)."""
+    inputs = scan_inputs()
+    inputs["dt"] = inputs["dt"] * 4 - 3                 # raw step sizes, both signs
+    inputs["D"] = torch.randn(inputs["x"].shape[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    refs = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y, h = selective_scan(**leaves, dt_softplus=True, chunk_size=4)
+    y_ref, h_ref = selective_scan_sequential(**refs, dt_softplus=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
+    (y.sum() + h.sum()).backward()
+    (y_ref.sum() + h_ref.sum()).backward()
+    for name in leaves:
+        torch.testing.assert_close(leaves[name].grad, refs[name].grad, rtol=1e-9, atol=1e-9, msg=name)
+
+
 def test_scan_runs_in_fp32_for_low_precision_inputs():
     inputs = {k: v.to(torch.bfloat16) for k, v in scan_inputs().items()}
     y, h = selective_scan(**inputs)

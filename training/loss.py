@@ -42,7 +42,7 @@ def lm_loss(model: nn.Module, window: Tensor, chunk_len: int | None = None,
         return _summed_cross_entropy(model, hidden, sp.local(targets)) * sp.size / count
     T = inputs.shape[1]
     if not chunk_len or chunk_len >= T:
-        hidden, _ = model.hidden_states(inputs)
+        hidden, _ = model.hidden_states(inputs, final_state=False)
         return _summed_cross_entropy(model, hidden, targets) / count
     state, total = None, 0.0
     for start in range(0, T, chunk_len):

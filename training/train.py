@@ -12,7 +12,6 @@ scan stay fp32 inside the model.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import signal
@@ -108,7 +107,7 @@ def setup(config_path: str, overrides: list[str]) -> Run:
     optimizer, schedule = build_optimizer(model, cfg.optimizer, place.device)
     engine, *_ = deepspeed.initialize(model=LanguageModelObjective(model, cfg.train.chunk_len),
                                       optimizer=optimizer, lr_scheduler=schedule,
-                                      config=_deepspeed_config(cfg, layout, universal))
+                                      config=_deepspeed_config(cfg, layout, universal, place.device))
     if place.rank == 0:
         cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_partial(cfg.checkpoint_dir)
@@ -178,8 +177,7 @@ def train_step(run: Run) -> tuple[float, float, bool, float, bool]:
         data_wait += time.perf_counter() - started
         batch = (window.to(device, non_blocking=True),
                  None if loss_mask is None else loss_mask.to(device, non_blocking=True))
-        with _autocast(run.cfg, device):
-            loss = engine(*batch, run.sp)   # the loss is the engine's output (training/loss.py)
+        loss = engine(*batch, run.sp)   # the loss is the engine's output (training/loss.py)
         engine.backward(loss)
         losses.append(loss.detach())
         if engine.is_gradient_accumulation_boundary() and run.cfg.zero_stage == 0:
@@ -206,8 +204,7 @@ def validate(run: Run) -> float:
     totals = torch.zeros(2, device=device)
     for window, loss_mask in run.val_batches:
         batch = (window.to(device), None if loss_mask is None else loss_mask.to(device))
-        with _autocast(run.cfg, device):
-            totals[0] += run.engine(*batch, run.sp).float() * len(window)
+        totals[0] += run.engine(*batch, run.sp).float() * len(window)
         totals[1] += len(window)
     run.engine.train()
     dist.all_reduce(totals)
@@ -285,7 +282,9 @@ def _tokenizer(cfg: RunConfig) -> Tokenizer:
     return tokenizer
 
 
-def _deepspeed_config(cfg: RunConfig, layout: BatchLayout, universal: bool) -> dict:
+def _deepspeed_config(cfg: RunConfig, layout: BatchLayout, universal: bool, device: torch.device) -> dict:
+    precision = cfg.train.precision
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return {
         **cfg.deepspeed,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
@@ -294,14 +293,10 @@ def _deepspeed_config(cfg: RunConfig, layout: BatchLayout, universal: bool) -> d
         "steps_per_print": 2 ** 62,   # this loop reports progress itself
         "zero_allow_untested_optimizer": True,   # ZeRO checks the optimizer's exact type; ours is torch's AdamW
         "checkpoint": {**cfg.deepspeed.get("checkpoint", {}), "load_universal": universal},
+        # The engine runs its module's forward under its own autocast setting, whatever surrounds the call.
+        # Gradients stay fp32 in communication too (no lower-precision modules).
+        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []},
     }
-
-
-def _autocast(cfg: RunConfig, device: torch.device):
-    precision = cfg.train.precision
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _peak_flops(cfg: RunConfig, device: torch.device) -> float:
