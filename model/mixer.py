@@ -68,8 +68,11 @@ class Mamba(nn.Module):
             halo = None if state is None else state.conv.to(x.dtype)
         use_cuda = self._use_cuda(x)
         if final_state:
-            new_conv = F.pad(x, (self.d_conv - 1, 0)) if halo is None else torch.cat([halo, x], -1)
-            new_conv = new_conv[..., new_conv.shape[-1] - (self.d_conv - 1):]
+            # the last d_conv - 1 inputs, copied out: a view would keep all of x alive in the carried state
+            k, T = self.d_conv - 1, x.shape[-1]
+            before = x.new_zeros(*x.shape[:-1], k) if halo is None else halo
+            tail = torch.cat([before, x[..., max(T - k, 0):]], -1)
+            new_conv = tail[..., tail.shape[-1] - k:].contiguous()
         x = self.conv1d(x, halo, use_cuda)
 
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
