@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import torch
 
 PG19_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pg19-mini"
 
@@ -22,6 +23,16 @@ class Shards(NamedTuple):
     checksum: str  # sha256 of tokenizer.model
     settings: dict  # the prepare() arguments it was built with
     reports: list  # one SplitReport per split
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared CPU an intra-op thread
+    that waits for a busy core makes every small op many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
