@@ -154,8 +154,7 @@ class MemMambaLM(GenerationMixin, nn.Module):
             else:
                 x, new_state, view = layer(x, layer_state, position, views, sp, final_state)
             layer_states.append(new_state)
-            if view is not None:
-                views += (view,)
+            views = self._recent_views(views, view)
         return self.norm_f(x), ModelState(layer_states, position + input_ids.shape[1]) if final_state else None
 
     def step(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
@@ -166,6 +165,15 @@ class MemMambaLM(GenerationMixin, nn.Module):
         for layer, layer_state in zip(self.layers, state.layers):
             x, new_state, view = layer.step(x, layer_state, state.position, views)
             layer_states.append(new_state)
-            if view is not None:
-                views += (view,)
+            views = self._recent_views(views, view)
         return self.lm_head(self.norm_f(x)), ModelState(layer_states, state.position + 1)
+
+    def _recent_views(self, views: tuple[PoolView, ...], view: PoolView | None) -> tuple[PoolView, ...]:
+        """The pool views a later layer may read: the last cross_layer_span - 1 (it adds its own).
+
+        Keeping no more also gives a compiled layer one length of tuple to specialise on, not one per depth.
+        """
+        if view is None:
+            return views
+        keep = self.config.cross_layer_span - 1
+        return (*views, view)[-keep:] if keep else ()

@@ -128,11 +128,15 @@ class CausalConv1d(nn.Conv1d):
 
     def forward(self, x: Tensor, halo: Tensor | None, use_kernel: bool = False) -> Tensor:
         if use_kernel and causal_conv1d_fn is not None:
-            if halo is None:
-                return causal_conv1d_fn(x, self.weight[:, 0], self.bias, activation="silu")
-            # The halo leads the input, so the kernel needs no initial state of its own; its outputs are
-            # dropped, and the rest copied so that the scan kernel's vector loads find aligned rows.
-            out = causal_conv1d_fn(torch.cat([halo, x], -1), self.weight[:, 0], self.bias, activation="silu")
-            return out[..., halo.shape[-1]:].contiguous()
+            return self._kernel(x, halo)
         x = F.pad(x, (self.kernel_size[0] - 1, 0)) if halo is None else torch.cat([halo, x], -1)
         return F.silu(super().forward(x))
+
+    @torch.compiler.disable  # an extension the compiler cannot trace: it runs as it is
+    def _kernel(self, x: Tensor, halo: Tensor | None) -> Tensor:
+        if halo is None:
+            return causal_conv1d_fn(x, self.weight[:, 0], self.bias, activation="silu")
+        # The halo leads the input, so the kernel needs no initial state of its own; its outputs are
+        # dropped, and the rest copied so that the scan kernel's vector loads find aligned rows.
+        out = causal_conv1d_fn(torch.cat([halo, x], -1), self.weight[:, 0], self.bias, activation="silu")
+        return out[..., halo.shape[-1]:].contiguous()

@@ -9,6 +9,10 @@ sequence parallelism uses as well.
 Layouts and options follow mamba_ssm's `selective_scan_fn`: x, dt [B, E, T]; A [E, N];
 B, C [B, N, T]; states [B, E, N]; with `dt_softplus` the step size is softplus(dt), and `D`
 adds the skip connection D * x to y. The scan always computes in fp32.
+
+Under torch.compile (`train.compile`) every scan runs as it is, outside the compiled graphs: the
+kernels are opaque to the compiler, and the PyTorch scan's loops would unroll into a graph of
+thousands of nodes that takes minutes to compile.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ def step_size(dt: Tensor, dt_softplus: bool) -> Tensor:
     return F.softplus(dt) if dt_softplus else dt
 
 
+@torch.compiler.disable
 def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    dt_softplus: bool = False, h0: Tensor | None = None, chunk_size: int | None = None
                    ) -> tuple[Tensor, Tensor]:
@@ -93,6 +98,7 @@ def initial_state_contribution(dt: Tensor, A: Tensor, C: Tensor, h0: Tensor) -> 
     return y, decay[:, :, -1] * h0
 
 
+@torch.compiler.disable
 def selective_scan_cuda(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                         dt_softplus: bool = False, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """mamba_ssm's fused kernel with the contract of `selective_scan`; y comes in x's dtype.
@@ -120,6 +126,7 @@ def selective_scan_cuda(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     return y, h_last
 
 
+@torch.compiler.disable
 def selective_scan_gated_cuda(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor
                               ) -> Tensor:
     """(scan from the zero state + D x) * silu(z) with softplus step sizes, in one kernel; no state out.

@@ -63,6 +63,8 @@ def tiny_config(**sections):
      "parallel.sequence_parallel_size=2 needs a MemMamba or Mamba model"),
     ({"parallel.sequence_parallel_size": 2, "train.chunk_len": 64},
      "train.chunk_len and parallel.sequence_parallel_size > 1 cannot be combined"),
+    ({"train.compile": True, "deepspeed.zero_optimization.stage": 3},
+     "train.compile cannot be combined with ZeRO stage 3"),
 ])
 def test_bad_values_raise_one_error_naming_the_key(change, message):
     with pytest.raises(ConfigError) as error:

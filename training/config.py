@@ -66,6 +66,7 @@ class TrainConfig:
     seed: int = 123
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast on CUDA, fp32 on the CPU
     activation_checkpointing: bool = False   # recompute each layer in the backward pass
+    compile: bool = False               # torch.compile each layer (the SSM scan stays as it is); docs/training.md
     chunk_len: Optional[int] = None     # run each sequence in chunks of this many tokens, carrying the state
     init_from: Optional[str] = None     # start from these weights (an export, a checkpoint or a folder of them)
     max_skipped_steps: int = 10         # abort after this many non-finite steps in a row
@@ -165,6 +166,10 @@ class RunConfig:
         if P > 1 and self.model_config.arch != "memmamba":
             raise ConfigError(f"parallel.sequence_parallel_size={P} needs a MemMamba or Mamba model; "
                               f"model.arch {self.model_config.arch!r} has no state to exchange")
+        if self.train.compile and self.zero_stage == 3:
+            raise ConfigError("train.compile cannot be combined with ZeRO stage 3, whose parameter hooks run inside "
+                              "every compiled layer (slower than eager when tried): use stage 0, 1 or 2, or set "
+                              "train.compile to false")
         if P > 1 and self.train.chunk_len is not None:
             raise ConfigError("train.chunk_len and parallel.sequence_parallel_size > 1 cannot be combined: "
                               "chunking trades time for memory on one device, sequence parallelism spreads "

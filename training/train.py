@@ -89,6 +89,10 @@ def setup(config_path: str, overrides: list[str]) -> Run:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model_config)
     model.gradient_checkpointing = cfg.train.activation_checkpointing
+    if cfg.train.compile:
+        # Layers of one kind share their compiled graphs, so depth does not multiply the compile time.
+        for layer in model.layers:
+            layer.compile()
     parameter_shapes = checkpoint.parameter_shapes(model)
 
     state, meta, universal = TrainState(), None, False
