@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.config import MemMambaConfig
 from model.generation import GenerationMixin
+from model.lm_head import LMHead
 from model.mixer import Mamba
 from model.notes import MemoryAttention, NoteBlock, PoolView
 from model.state import LayerState, ModelState
@@ -108,7 +109,7 @@ class MemMambaLM(GenerationMixin, nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(MemMambaLayer(config, i) for i in range(config.n_layer))
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.d_model, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
         if config.tie_embeddings:

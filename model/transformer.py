@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.config import TransformerConfig
 from model.generation import GenerationMixin
+from model.lm_head import LMHead
 from model.memmamba import RMSNorm
 
 try:  # optional fast path, CUDA only
@@ -92,7 +93,7 @@ class TransformerLM(GenerationMixin, nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.d_model, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         # GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)
         for name, p in self.named_parameters():

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import training.loss
+import model.lm_head
+from model.lm_head import IGNORE, LMHead
 from tests.test_model import TEST_CONFIG, make_model, tokens
 from training.loss import lm_loss
 
@@ -17,7 +18,34 @@ def loss_and_grads(window, **kwargs):
 
 @pytest.fixture
 def small_slices(monkeypatch):
-    monkeypatch.setattr(training.loss, "LOSS_SLICE", 7)   # several logit slices per chunk
+    monkeypatch.setattr(model.lm_head, "LOSS_SLICE", 7)   # several logit slices per chunk
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_lm_head_loss_and_gradients_equal_autograd_cross_entropy(small_slices, autocast):
+    """The gradient the head computes in its forward pass is the one autograd finds through the logits."""
+    torch.manual_seed(0)
+    head = LMHead(16, 50, bias=False)
+    hidden = torch.randn(3, 11, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 11))
+    targets[0, 2:5] = IGNORE                     # masked targets count for nothing
+    upstream = 0.37                              # the backward pass scales by what comes from above
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = head(hidden, targets)
+        (loss * upstream).backward()
+    grads = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = head(hidden).float()
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    (expected * upstream).backward()
+
+    tolerance = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
+    assert loss.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, expected.detach(), **tolerance)
+    torch.testing.assert_close(grads[0], hidden.grad, **tolerance)
+    torch.testing.assert_close(grads[1], head.weight.grad, **tolerance)
 
 
 def test_loss_is_plain_cross_entropy(small_slices):

@@ -1,8 +1,7 @@
 """The training objective: mean next-token cross-entropy over a window of tokens.
 
-Full-vocabulary logits of a long sequence are large (8k tokens x 32k vocabulary is 1 GiB
-in fp32), so the loss is taken from the hidden states in slices, each recomputed in the
-backward pass, and never holds more than one slice of logits. With `chunk_len`, the
+The LM head takes the loss from the hidden states a slice at a time, with its gradient, and
+never holds more than one slice of logits (model/lm_head.py). With `chunk_len`, the
 sequence itself runs chunk by chunk, carrying the model state, with activations
 checkpointed per chunk: peak memory is that of one chunk plus the carried states, and the
 loss and gradients equal those of the unchunked run.
@@ -14,13 +13,10 @@ usual averaging of gradients over all ranks yields exactly the gradient of the m
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-LOSS_SLICE = 2048   # tokens of logits alive at once
-IGNORE = -100       # cross_entropy's ignore_index
+from model.lm_head import IGNORE
 
 
 def lm_loss(model: nn.Module, window: Tensor, chunk_len: int | None = None,
@@ -39,11 +35,11 @@ def lm_loss(model: nn.Module, window: Tensor, chunk_len: int | None = None,
             raise ValueError("chunked training and sequence parallelism cannot be combined: "
                              "set train.chunk_len to null or parallel.sequence_parallel_size to 1")
         hidden, _ = model.hidden_states(sp.local(inputs), sp=sp)
-        return _summed_cross_entropy(model, hidden, sp.local(targets)) * sp.size / count
+        return model.lm_head(hidden, sp.local(targets)) * sp.size / count
     T = inputs.shape[1]
     if not chunk_len or chunk_len >= T:
         hidden, _ = model.hidden_states(inputs, final_state=False)
-        return _summed_cross_entropy(model, hidden, targets) / count
+        return model.lm_head(hidden, targets) / count
     state, total = None, 0.0
     for start in range(0, T, chunk_len):
         end = min(start + chunk_len, T)
@@ -55,24 +51,7 @@ def lm_loss(model: nn.Module, window: Tensor, chunk_len: int | None = None,
 
 def _chunk_loss(model: nn.Module, inputs: Tensor, targets: Tensor, state):
     hidden, state = model.hidden_states(inputs, state)
-    return _summed_cross_entropy(model, hidden, targets), state
-
-
-def _summed_cross_entropy(model: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
-    total = 0.0
-    for start in range(0, hidden.shape[1], LOSS_SLICE):
-        piece = slice(start, start + LOSS_SLICE)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_slice_loss, model.lm_head, hidden[:, piece], targets[:, piece],
-                                       use_reentrant=False)
-        else:
-            total = total + _slice_loss(model.lm_head, hidden[:, piece], targets[:, piece])
-    return total
-
-
-def _slice_loss(lm_head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(lm_head(hidden).flatten(0, 1).float(), targets.flatten(), reduction="sum",
-                           ignore_index=IGNORE)
+    return model.lm_head(hidden, targets), state
 
 
 class LanguageModelObjective(nn.Module):
