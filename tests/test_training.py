@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from training.config import apply_override, batch_layout, config_from_dict, load
 from training.distributed import free_port
 from training.export import load_model
 from training.flops import forward_flops_per_token
+from training.metrics import Metrics
 from training.optim import param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,6 +203,19 @@ def scalars(output_dir, tag):
     events = EventAccumulator(str(Path(output_dir) / "tensorboard"))
     events.Reload()
     return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def test_tokens_per_second_count_only_the_steps_own_time(tmp_path):
+    """A validation or a checkpoint save between two logged steps does not show up as a drop in tokens/s."""
+    metrics = Metrics(True, tmp_path / "tensorboard", every=2, progress_bar=False, start_step=0, max_steps=2,
+                      tokens_per_step=1000, world_size=2, flops_per_token=6.0, peak_flops=None,
+                      device=torch.device("cpu"))
+    metrics.step(3.0, data_wait=0.0, seconds=0.25)
+    time.sleep(0.2)                          # what a validation between the steps would take
+    metrics.step(3.0, data_wait=0.0, seconds=0.75)
+    metrics.log(2, 2, lr=1e-3, grad_norm=1.0, skipped=0, tokens_seen=2000)
+    metrics.close()
+    assert scalars(tmp_path, "perf/tps_total") == {2: 2000.0} and scalars(tmp_path, "perf/tps") == {2: 1000.0}
 
 
 def checkpoints(output_dir):

@@ -5,7 +5,8 @@ Scalars (TensorBoard tag, console name):
     train/lr, train/grad_norm     at the last step (grad_norm before clipping; inf on a skipped step)
     train/skipped_steps           steps skipped so far for a non-finite loss or gradient
     train/tokens_seen
-    perf/tps, perf/tps_total      tokens per second per device, and over all devices
+    perf/tps, perf/tps_total      tokens per second per device, and over all devices, in the steps' own time
+                                  (validation and checkpoint saves between them do not count)
     perf/tflops, perf/mfu         model TFLOP/s per device (training/flops.py) and its share of the peak, in %
     perf/memory_gib               peak memory of the device (the process's peak RSS on the CPU)
     perf/data_wait_s              seconds per step spent waiting for batches
@@ -16,7 +17,6 @@ from __future__ import annotations
 import math
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,21 +40,22 @@ class Metrics:
         self._reset()
 
     def _reset(self) -> None:
-        self.losses, self.data_wait, self.started = [], 0.0, time.perf_counter()
+        self.losses, self.data_wait, self.seconds = [], 0.0, 0.0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def step(self, loss: float, data_wait: float) -> None:
+    def step(self, loss: float, data_wait: float, seconds: float) -> None:
         self.losses.append(loss)
         self.data_wait += data_wait
+        self.seconds += seconds
         if self.bar is not None:
             self.bar.update()
             self.bar.set_postfix(loss=f"{loss:.4f}")
 
     def log(self, step: int, max_steps: int, lr: float, grad_norm: float, skipped: int, tokens_seen: int) -> None:
         """Report the steps since the last call; every rank calls it, rank 0 writes."""
-        steps, elapsed = len(self.losses), time.perf_counter() - self.started
-        tps_total = self.tokens_per_step * steps / elapsed
+        steps = len(self.losses)
+        tps_total = self.tokens_per_step * steps / self.seconds
         tps = tps_total / self.world_size
         loss = sum(self.losses) / steps
         scalars = {

@@ -142,13 +142,15 @@ def fit(run: Run) -> None:
     cfg, state, metrics = run.cfg, run.state, run.metrics
     in_a_row = 0
     while state.step < cfg.train.max_steps:
+        started = time.perf_counter()
         loss, grad_norm, applied, data_wait, stop = train_step(run)
+        seconds = time.perf_counter() - started
         state.step += 1
         state.consumed_samples += run.layout.global_batch_size
         state.tokens_seen += run.layout.global_batch_size * cfg.data.seq_len
         in_a_row = 0 if applied else in_a_row + 1
         state.skipped_steps += not applied
-        metrics.step(loss, data_wait)
+        metrics.step(loss, data_wait, seconds)
         if not applied:
             metrics.print(f"step {state.step}: skipped (loss {loss:.4g}, grad_norm {grad_norm:.4g})")
         if in_a_row >= cfg.train.max_skipped_steps:
