@@ -13,7 +13,8 @@ The variant `mamba_ssm` (CUDA, needs the mamba_ssm package) is mamba_ssm's own M
 size, stepped the way the stack steps: fp32 weights, bf16 autocast, fused AdamW, clipping, no activation
 checkpointing (its fused mixer keeps little). Compare it with `--set train.activation_checkpointing=false`.
 The bars: MemMamba reaches at least 0.85x the tokens/s of plain Mamba; the stack's plain Mamba is within 10%
-of mamba_ssm's.
+of mamba_ssm's. The variants `memmamba_compiled` and `mamba_compiled` are the same with `train.compile=true`;
+they are compared with each other.
 """
 from __future__ import annotations
 
@@ -67,7 +68,9 @@ class MambaSsmStep:
 
 
 def variant_overrides(name: str, model: dict) -> list[str]:
-    """The config's model with notes, without, or the Transformer of its size name."""
+    """The config's model with notes, without, or the Transformer of its size name; compiled or not."""
+    if name.endswith("_compiled"):
+        return [*variant_overrides(name.removesuffix("_compiled"), model), "train.compile=true"]
     if name == "memmamba":
         return ["model.notes=true"]
     if name in ("mamba", "mamba_ssm"):
@@ -87,7 +90,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps per variant before measuring")
     parser.add_argument("--steps", type=int, default=10, help="measured steps per variant")
     parser.add_argument("--variants", nargs="+", default=["memmamba", "mamba", "transformer"],
-                        choices=["memmamba", "mamba", "transformer", "mamba_ssm"])
+                        choices=["memmamba", "mamba", "transformer", "mamba_ssm", "memmamba_compiled", "mamba_compiled"])
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides for every variant, e.g. model.n_layer=4")
     args = parser.parse_args()
@@ -133,10 +136,13 @@ def main() -> None:
         tps = args.micro_batch * args.seq_len / statistics.median(seconds[name])
         model_config = run.model_config if name == "mamba_ssm" else run.cfg.model_config
         flops = tps * train_flops_per_token(model_config, args.seq_len)
-        ratio = f"{speed_ratio(seconds, name, 'mamba'):.2f}x" if "mamba" in seconds else "-"
+        base = "mamba_compiled" if name.endswith("_compiled") else "mamba"
+        ratio = f"{speed_ratio(seconds, name, base):.2f}x" if base in seconds else "-"
         print(f"| {name} | {tps:,.0f} | {flops / 1e12:.4f} | {100 * flops / peak:.1f}% | {ratio} |"
               + (f" {memory[name]:.1f} GiB |" if cuda else ""))
-    bars = [("MemMamba", "memmamba", "Mamba", "mamba", BAR), ("Mamba", "mamba", "mamba_ssm", "mamba_ssm", REFERENCE_BAR)]
+    bars = [("MemMamba", "memmamba", "Mamba", "mamba", BAR), ("Mamba", "mamba", "mamba_ssm", "mamba_ssm", REFERENCE_BAR),
+            ("compiled MemMamba", "memmamba_compiled", "compiled Mamba", "mamba_compiled", BAR),
+            ("compiled Mamba", "mamba_compiled", "mamba_ssm", "mamba_ssm", REFERENCE_BAR)]
     for label, name, base_label, base, bar in bars:
         if name in seconds and base in seconds:
             ratio = speed_ratio(seconds, name, base)
