@@ -5,7 +5,8 @@ targets, `LMHead` returns the summed cross-entropy instead, computed LOSS_SLICE 
 with its gradient: softmax - onehot, multiplied out into the gradients of the hidden states and the weight
 at once. The backward pass then only scales them, so no slice of logits outlives its step of the loop and
 none is recomputed: three matrix products per slice, where recomputing the slice in the backward pass costs
-four. The loss is a method of the module's forward so that ZeRO-3 gathers the weight for it.
+four. (Chunked training runs each chunk's forward twice, so there it is six against five.) The loss is part
+of the module's forward so that ZeRO-3 gathers the weight for it.
 """
 from __future__ import annotations
 
