@@ -23,13 +23,14 @@ class LMHead(nn.Linear):
         """hidden [..., D] -> logits [..., V]; with targets [...] (ids, or IGNORE) the summed cross-entropy."""
         if targets is None:
             return super().forward(hidden)
-        return _SummedCrossEntropy.apply(hidden.flatten(0, -2), self.weight, targets.flatten())
+        # Under no_grad (validation) a Function still sees its inputs' requires_grad: say whether to differentiate.
+        return _SummedCrossEntropy.apply(hidden.flatten(0, -2), self.weight, targets.flatten(), torch.is_grad_enabled())
 
 
 class _SummedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
-        want_hidden, want_weight = ctx.needs_input_grad[:2]
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, differentiate: bool) -> Tensor:
+        want_hidden, want_weight = (differentiate and needed for needed in ctx.needs_input_grad[:2])
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
@@ -56,4 +57,4 @@ class _SummedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total: Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (None if grad_hidden is None else grad_hidden * grad_total,
-                None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype), None)
+                None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype), None, None)
