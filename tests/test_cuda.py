@@ -95,3 +95,28 @@ def test_bf16_autocast_backends_agree():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             losses.append(lm_loss(model, window, chunk_len=256))
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("chunk_len", [None, 128])
+def test_compiled_layers_agree_on_the_kernel_path(chunk_len):
+    """train.compile as it runs on a GPU: Triton kernels generated around the scan and conv kernels."""
+    import torch._dynamo
+    from model import MemMambaConfig, MemMambaLM
+    from training.loss import lm_loss
+    torch._dynamo.reset()
+    window = torch.randint(0, 1024, (2, 513), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    losses, grads = [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = MemMambaLM(MemMambaConfig(backend="cuda")).cuda()
+        if compiled:
+            for layer in model.layers:
+                layer.compile()
+        loss = lm_loss(model, window, chunk_len=chunk_len)
+        loss.backward()
+        losses.append(loss)
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-4)
+    assert grads[1].keys() == grads[0].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=2e-3, atol=2e-4, msg=name)
