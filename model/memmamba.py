@@ -60,17 +60,17 @@ class MemMambaLayer(nn.Module):
         if self.has_cross_layer:
             self.layer_attention = MemoryAttention(*args)
 
-    def forward(self, x: Tensor, state: LayerState, position: int, views: tuple[PoolView, ...],
-                sp=None, final_state: bool = True) -> tuple[Tensor, LayerState, PoolView | None]:
-        """x [B, T, D]; `views` are the earlier layers' pool views for these tokens."""
+    def forward(self, x: Tensor, state: LayerState | None, position: int, views: tuple[PoolView, ...],
+                sp=None, final_state: bool = True) -> tuple[Tensor, LayerState | None, PoolView | None]:
+        """x [B, T, D]; `state` None starts from the empty state; `views` are the earlier layers' pool
+        views for these tokens. Without `final_state` no state is returned."""
         u = self.norm(x)
         view, notes = None, None
         if self.has_notes:
-            view, notes = self.notes(u, state.notes, position, sp)
+            view, notes = self.notes(u, None if state is None else state.notes, position, sp, final_state)
             u = self._read_memory(u, view, views)
-        # At position 0 the state is the zero one allocate_state gives; saying so spares the kernels its term.
-        out, mixer = self.mixer(u, state.mixer if position > 0 else None, sp, final_state)
-        return x + out, LayerState(mixer, notes), view
+        out, mixer = self.mixer(u, None if state is None else state.mixer, sp, final_state)
+        return x + out, LayerState(mixer, notes) if final_state else None, view
 
     def step(self, x: Tensor, state: LayerState, position: int, views: tuple[PoolView, ...]
              ) -> tuple[Tensor, LayerState, PoolView | None]:
@@ -142,13 +142,17 @@ class MemMambaLM(GenerationMixin, nn.Module):
 
         Without the state (a training forward over whole sequences) the kernels fuse more.
         """
-        if state is None:
-            state = self.allocate_state(input_ids.shape[0], input_ids.device)
-        position = state.position if sp is None else sp.start_position(input_ids.shape[1])
+        if sp is not None:
+            position = sp.start_position(input_ids.shape[1])
+        else:
+            position = 0 if state is None else state.position
+        # At position 0 the state is the empty one: no state at all spares the kernels its term and the
+        # notes their merge with it. With `sp` the state comes from the earlier ranks instead.
+        carried = state.layers if state is not None and position > 0 and sp is None else [None] * len(self.layers)
         x = self.embedding(input_ids)
         views: tuple[PoolView, ...] = ()   # immutable: checkpointing recomputes with what it was given
         layer_states = []
-        for layer, layer_state in zip(self.layers, state.layers):
+        for layer, layer_state in zip(self.layers, carried):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, new_state, view = checkpoint(layer, x, layer_state, position, views, sp, final_state,
                                                 use_reentrant=False)

@@ -46,8 +46,12 @@ class NoteBlock(nn.Module):
         self.tau1, self.policy, self.pooling = config.tau1, config.pool_policy, config.pooling
         self.empty_acc = float("-inf") if config.pooling == "max" else 0.0
 
-    def forward(self, u: Tensor, state: NoteState, position: int, sp=None) -> tuple[PoolView, NoteState]:
-        """u [B, T, D] at absolute positions position.. -> (view for these tokens, state after them)."""
+    def forward(self, u: Tensor, state: NoteState | None, position: int, sp=None, final_state: bool = True
+                ) -> tuple[PoolView, NoteState | None]:
+        """u [B, T, D] at absolute positions position.. -> (view for these tokens, state after them).
+
+        `state` None is the empty memory of a sequence's start; without `final_state` no state is returned.
+        """
         T, W, K = u.shape[1], self.window, self.pool_size
         importance, value, kept = self._score(u)
 
@@ -63,17 +67,21 @@ class NoteBlock(nn.Module):
 
         if sp is not None:  # the state at this rank's start, from the earlier ranks' windows
             state = sp.note_state(self, acc, count, imp, T)
-        # The first window continues the carried open window (which is empty when lead == 0).
-        acc = torch.cat([self._combine(state.open_acc, acc[:, 0])[:, None], acc[:, 1:]], 1)
-        count = torch.cat([(state.open_count + count[:, 0])[:, None], count[:, 1:]], 1)
-        imp = torch.cat([torch.maximum(state.open_importance, imp[:, 0])[:, None], imp[:, 1:]], 1)
+        if state is not None:  # the first window continues the carried open window (empty when lead == 0)
+            acc = torch.cat([self._combine(state.open_acc, acc[:, 0])[:, None], acc[:, 1:]], 1)
+            count = torch.cat([(state.open_count + count[:, 0])[:, None], count[:, 1:]], 1)
+            imp = torch.cat([torch.maximum(state.open_importance, imp[:, 0])[:, None], imp[:, 1:]], 1)
 
+        # The candidates: the carried pool, then the notes of the windows that close in this chunk.
         n_closed = (position + T) // W - first
-        notes, made = self._finish(acc[:, :n_closed], count[:, :n_closed])
-        closed_window = torch.arange(first, first + n_closed, device=u.device)
-        cand_notes = torch.cat([state.notes, notes.to(state.notes.dtype)], 1)            # [B, M, S]
-        cand_window = torch.cat([state.window, torch.where(made, closed_window, -1)], 1)  # [B, M]
-        cand_imp = torch.cat([state.importance, imp[:, :n_closed]], 1)
+        cand_notes, made = self._finish(acc[:, :n_closed], count[:, :n_closed])
+        cand_notes = cand_notes.to(u.dtype)                                                 # [B, M, S]
+        cand_window = torch.where(made, torch.arange(first, first + n_closed, device=u.device), -1)  # [B, M]
+        cand_imp = imp[:, :n_closed]
+        if state is not None:
+            cand_notes = torch.cat([state.notes.to(u.dtype), cand_notes], 1)
+            cand_window = torch.cat([state.window, cand_window], 1)
+            cand_imp = torch.cat([state.importance, cand_imp], 1)
 
         # Pool membership per epoch e (= number of complete windows at a token).
         first_epoch = (position + 1) // W
@@ -81,13 +89,14 @@ class NoteBlock(nn.Module):
         in_pool = pool_membership(cand_window, cand_imp, epochs, K, self.policy)      # [B, n_epochs, M]
         members = torch.argsort((~in_pool).to(torch.int8), dim=-1, stable=True)[..., :K]
         view = PoolView(cand_notes, members, in_pool.gather(-1, members), lead=(position + 1) % W, width=W)
+        if not final_state:
+            return view, None
 
         if n_closed < n_windows:
             open_window = (acc[:, -1], count[:, -1], imp[:, -1])
         else:
             open_window = self._empty_open(u.shape[0], acc)
-        new_state = _compact(cand_notes, cand_window, cand_imp, in_pool[:, -1], K, *open_window)
-        return view, new_state
+        return view, _compact(cand_notes, cand_window, cand_imp, in_pool[:, -1], K, *open_window)
 
     def step(self, u: Tensor, state: NoteState, position: int) -> tuple[PoolView, NoteState]:
         """One token u [B, D] at `position`: update the open window, insert a note when it closes."""
@@ -175,6 +184,10 @@ def pool_membership(window: Tensor, importance: Tensor, epochs: Tensor, K: int, 
 
 def _compact(notes, window, importance, keep, K, open_acc, open_count, open_importance) -> NoteState:
     """The K-slot pool of the kept candidates, oldest first, empty slots last."""
+    missing = K - keep.shape[1]
+    if missing > 0:   # fewer candidates than slots (a chunk that starts a sequence)
+        notes, keep = F.pad(notes, (0, 0, 0, missing)), F.pad(keep, (0, missing))
+        window, importance = F.pad(window, (0, missing), value=-1), F.pad(importance, (0, missing))
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :K]
     keep = keep.gather(1, order)
     return NoteState(

@@ -47,3 +47,80 @@ def mamba_lm_reference(sd, input_ids, n_layer):
         x = x + mamba_mixer_reference(rms_norm(x, sd[prefix + "norm.weight"]), mixer)
     x = rms_norm(x, sd["backbone.norm_f.weight"])
     return x @ sd.get("lm_head.weight", sd["backbone.embedding.weight"]).T
+
+
+def memmamba_lm_reference(weights, config, input_ids):
+    """Logits of a MemMamba, written from ../shared/docs/memmamba-design.md one token at a time.
+
+    `weights` holds plain tensors: "embedding", "norm_f", "lm_head" and per layer a dict with "norm",
+    "mixer" (mamba_ssm names), "importance" and "state_gate" (weight [D], bias), "note" [S, D], the
+    attentions "token" and "layer" (each with "q" [A, D], "k" and "v" [A, S], "out" [D, A]) and the
+    fusion: "fusion_weight" [2], or "fusion_gate" (weight [2, D], bias [2]).
+    """
+    import torch.nn.functional as F
+    W, K, g = config.note_window, config.pool_size, config.cross_layer_span
+    batch, T = input_ids.shape
+    x = weights["embedding"][input_ids]
+    pools_of_layers = []        # per layer, per batch item, per token t: the pool at t, a list of notes
+    for l, w in enumerate(weights["layers"]):
+        u = rms_norm(x, w["norm"], config.norm_eps)
+        # notes of every window, from its kept tokens; None where a window keeps none
+        importance = torch.sigmoid(u @ w["importance"][0] + w["importance"][1])      # [B, T]
+        value = importance[..., None] * (u @ w["note"].T)                           # [B, T, S]
+        windows = []   # per batch item: (window index, note, max importance) of the complete windows
+        for b in range(batch):
+            made = []
+            for j in range(T // W):
+                kept = [t for t in range(j * W, (j + 1) * W) if importance[b, t] > config.tau1]
+                if not kept:
+                    continue
+                values = torch.stack([value[b, t] for t in kept])
+                note = values.max(0).values if config.pooling == "max" else values.mean(0)
+                made.append((j, note, max(float(importance[b, t]) for t in kept)))
+            windows.append(made)
+        pools = []
+        for b in range(batch):
+            per_token = []
+            for t in range(T):
+                complete = [n for n in windows[b] if (n[0] + 1) * W - 1 <= t]
+                if config.pool_policy == "fifo":
+                    chosen = complete[-K:]
+                else:   # the K most important, ties to the newer
+                    chosen = sorted(complete, key=lambda n: (n[2], n[0]))[-K:]
+                per_token.append([n[1] for n in chosen])
+            pools.append(per_token)
+        pools_of_layers.append(pools)
+
+        xbar = torch.empty_like(u)
+        cross_layer = (l + 1) % config.cross_layer_every == 0
+        for b in range(batch):
+            for t in range(T):
+                gate = torch.sigmoid(u[b, t] @ w["state_gate"][0] + w["state_gate"][1])
+                pool = pools[b][t]
+                c_tok = torch.zeros_like(u[b, t])
+                if gate > config.tau2 and pool:
+                    c_tok = gate * _attention(u[b, t], pool, w["token"], config.attn_heads)
+                c_lay = torch.zeros_like(u[b, t])
+                if cross_layer:
+                    union = [n for pools_k in pools_of_layers[-g:] for n in pools_k[b][t]]
+                    if union:
+                        c_lay = _attention(u[b, t], union, w["layer"], config.attn_heads)
+                if config.fusion == "weighted":
+                    a_tok, a_lay = w["fusion_weight"]
+                elif config.fusion == "gated":
+                    a_tok, a_lay = torch.sigmoid(w["fusion_gate"][0] @ u[b, t] + w["fusion_gate"][1])
+                else:
+                    a_tok = a_lay = 1.0
+                xbar[b, t] = u[b, t] + a_tok * c_tok + a_lay * c_lay
+        x = x + mamba_mixer_reference(xbar, w["mixer"])
+    return rms_norm(x, weights["norm_f"], config.norm_eps) @ weights["lm_head"].T
+
+
+def _attention(u, notes, w, heads):
+    """Multi-head attention of one token u [D] over notes (a list of [S])."""
+    notes = torch.stack(notes)                                           # [n, S]
+    q = (w["q"] @ u).view(heads, -1)                                     # [H, A/H]
+    k, v = (notes @ w["k"].T).view(len(notes), heads, -1), (notes @ w["v"].T).view(len(notes), heads, -1)
+    scores = torch.einsum("hd,nhd->hn", q, k) / q.shape[-1] ** 0.5
+    out = torch.einsum("hn,nhd->hd", scores.softmax(-1), v).reshape(-1)
+    return w["out"] @ out

@@ -130,6 +130,40 @@ def test_notes_off_is_plain_mamba():
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
+def reference_weights(model: MemMambaLM) -> dict:
+    """The model's weights as memmamba_lm_reference reads them."""
+    weights = {"embedding": model.embedding.weight, "norm_f": model.norm_f.weight, "lm_head": model.lm_head.weight,
+               "layers": []}
+    for layer in model.layers:
+        mixer = {name: p for name, p in layer.mixer.named_parameters()}
+        w = {"norm": layer.norm.weight, "mixer": mixer,
+             "importance": (layer.notes.importance.weight[0], layer.notes.importance.bias[0]),
+             "state_gate": (layer.state_gate.weight[0], layer.state_gate.bias[0]),
+             "note": layer.notes.note_proj.weight}
+        for name in ("token", "layer"):
+            attention = getattr(layer, f"{name}_attention", None)
+            if attention is not None:
+                k, v = attention.kv_proj.weight.chunk(2)
+                w[name] = {"q": attention.q_proj.weight, "k": k, "v": v, "out": attention.out_proj.weight}
+        if layer.fusion == "weighted":
+            w["fusion_weight"] = layer.fusion_weight
+        elif layer.fusion == "gated":
+            w["fusion_gate"] = (layer.fusion_gate.weight, layer.fusion_gate.bias)
+        weights["layers"].append(w)
+    return weights
+
+
+@pytest.mark.parametrize("overrides", POLICIES[:5], ids=lambda o: "-".join(map(str, o.values())))
+def test_forward_equals_the_reference_written_from_the_design(overrides):
+    from tests.reference import memmamba_lm_reference
+    model = make_model(**overrides)
+    ids = tokens()
+    with torch.no_grad():
+        ours, _ = model(ids)
+        ref = memmamba_lm_reference(reference_weights(model), model.config, ids)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fusion", ["weighted", "gated", "residual"])
 def test_gradients_reach_every_memory_parameter(fusion):
     model = make_model(fusion=fusion).train()

@@ -1,0 +1,118 @@
+"""What one training step asks of a GPU, per layer: kernels launched and bytes written, MemMamba against Mamba.
+
+    python bench/op_count.py                                   # the 200m config at 8,000 tokens
+    python bench/op_count.py --config configs/tiny_cpu.json --seq-len 128 --set model.n_layer=2
+
+At micro-batch 1 a GPU step is bound by the host launching kernels one by one, and the small elementwise
+kernels are bound by memory traffic; neither shows in FLOP counts. This counts both without a GPU: the model
+runs on PyTorch's meta device (shapes only, no arithmetic) under a dispatch mode that sees every ATen
+operation of the forward, the activation-checkpointing recompute and the backward. Operations that only make
+views launch nothing and are not counted. The selective scan and the causal conv stand in as one operation
+each, forward and backward, as mamba_ssm's and causal_conv1d's kernels are on the CUDA path; everything else
+is the model's own code. Bytes are those of the operations' outputs in fp32 (on a GPU the matmuls' outputs
+are bf16 under autocast).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import model.mixer  # noqa: E402
+from model.config import MemMambaConfig  # noqa: E402
+from model.memmamba import MemMambaLM  # noqa: E402
+from training.config import load_config  # noqa: E402
+
+VIEWS = {"view", "_unsafe_view", "reshape", "transpose", "permute", "expand", "split", "split_with_sizes", "chunk",
+         "unbind", "slice", "select", "as_strided", "detach", "t", "alias", "unsqueeze", "squeeze", "lift_fresh",
+         "empty", "empty_like", "empty_strided", "_reshape_alias"}
+
+
+class Kernel(torch.autograd.Function):
+    """One operation forward, one backward, shaped like the kernel it stands for."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        ctx.n_others = len(others)
+        return torch.empty_like(x).add_(0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (grad.clone(),) + (None,) * ctx.n_others
+
+
+def stand_in_kernels() -> None:
+    """The CUDA path's kernels as single operations (what a GPU launches for them)."""
+    model.mixer.Mamba._use_cuda = lambda self, x: True
+    model.mixer.selective_scan_gated_cuda = lambda x, dt, A, B, C, D, z: Kernel.apply(x, dt, B, C, z)
+    model.mixer.causal_conv1d_fn = lambda x, weight, bias, activation: Kernel.apply(x)
+
+
+class OperationCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count, self.bytes = collections.Counter(), collections.Counter()
+        self.phase = "forward"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name not in VIEWS:
+            self.count[self.phase] += 1
+            self.bytes[self.phase] += sum(t.numel() * t.element_size() for t in tree_leaves(out)
+                                          if isinstance(t, torch.Tensor))
+        return out
+
+
+def count(config: MemMambaConfig, seq_len: int, checkpointing: bool) -> OperationCount:
+    with torch.device("meta"):
+        lm = MemMambaLM(config)
+    lm.gradient_checkpointing = checkpointing
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    with OperationCount() as ops:
+        hidden, _ = lm.hidden_states(ids, final_state=False)
+        loss = hidden.sum()
+        ops.phase = "backward"        # with checkpointing, includes the recomputed forward
+        loss.backward()
+    return ops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "200m_8k.json"))
+    parser.add_argument("--seq-len", type=int, help="default: the config's data.seq_len")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    args = parser.parse_args()
+    config = load_config(args.config, args.set)
+    model_config = config.model_config
+    seq_len = args.seq_len or config.data.seq_len
+    checkpointing = config.train.activation_checkpointing
+    stand_in_kernels()
+
+    print(f"{args.config}: {model_config.n_layer} layers, D={model_config.d_model}, {seq_len} tokens, "
+          f"activation checkpointing {'on' if checkpointing else 'off'}; per layer, forward / backward:")
+    print("| variant | operations | MB written | operations vs Mamba | bytes vs Mamba |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    results = {}
+    for name, notes in (("MemMamba", True), ("Mamba", False)):
+        variant = MemMambaConfig(**{**vars(model_config), "notes": notes})
+        results[name] = count(variant, seq_len, checkpointing)
+    n = model_config.n_layer
+    for name, ops in results.items():
+        total_ops, total_bytes = sum(ops.count.values()), sum(ops.bytes.values())
+        base = results["Mamba"]
+        print(f"| {name} | {ops.count['forward'] / n:.0f} / {ops.count['backward'] / n:.0f} "
+              f"| {ops.bytes['forward'] / n / 2**20:.0f} / {ops.bytes['backward'] / n / 2**20:.0f} "
+              f"| {total_ops / sum(base.count.values()):.2f}x | {total_bytes / sum(base.bytes.values()):.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
