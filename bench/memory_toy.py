@@ -131,7 +131,7 @@ def kept_fraction(model, inputs) -> list[float]:
     fractions = []
 
     def record(module, args, output):
-        importance = torch.sigmoid(module.importance(args[0]).squeeze(-1))
+        importance = args[0]
         fractions.append(float((importance > module.tau1).float().mean()))
 
     hooks = [layer.notes.register_forward_hook(record) for layer in model.layers]

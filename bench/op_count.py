@@ -97,7 +97,7 @@ def main() -> None:
     checkpointing = config.train.activation_checkpointing
     stand_in_kernels()
 
-    print(f"{args.config}: {model_config.n_layer} layers, D={model_config.d_model}, {seq_len} tokens, "
+    print(f"{Path(args.config).name}: {model_config.n_layer} layers, D={model_config.d_model}, {seq_len} tokens, "
           f"activation checkpointing {'on' if checkpointing else 'off'}; per layer, forward / backward:")
     print("| variant | operations | MB written | operations vs Mamba | bytes vs Mamba |")
     print("| --- | ---: | ---: | ---: | ---: |")

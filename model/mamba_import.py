@@ -66,8 +66,8 @@ def load_mamba_ssm_state_dict(model: MemMambaLM, state_dict: dict[str, torch.Ten
 
 
 def _is_memory_param(name: str) -> bool:
-    return any(part in name for part in (".notes.", ".state_gate.", ".token_attention.",
-                                         ".layer_attention.", ".fusion_weight", ".fusion_gate."))
+    return any(part in name for part in (".memory_in.", ".gate_bias", ".token_attention.", ".layer_attention.",
+                                         ".fusion_weight"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,19 +46,23 @@ class MemMambaLayer(nn.Module):
         self.has_cross_layer = config.has_cross_layer(layer_idx)
         self.span = config.cross_layer_span
         if self.has_notes:
-            self.notes = NoteBlock(config)
-            self.state_gate = nn.Linear(config.d_model, 1)           # I_state
-            self.tau2 = config.tau2
-            args = (config.d_model, config.summary_dim, config.attn_dim, config.attn_heads)
-            self.token_attention = MemoryAttention(*args)
+            D, S, A = config.d_model, config.summary_dim, config.attn_dim
             self.fusion = config.fusion
+            n_gates = 4 if config.fusion == "gated" else 2
+            # Everything the memory reads from u, as one product (as in_proj packs Mamba's x and z): the gate
+            # logits (I_token, I_state, and the fusion gates if gated), the note vectors N^l u and the
+            # attentions' queries. u is read once, and the backward pass forms one gradient for it, not five.
+            self.memory_in = nn.Linear(D, n_gates + S + A * (1 + self.has_cross_layer), bias=False)
+            self.gate_bias = nn.Parameter(torch.zeros(n_gates))
+            self.memory_split = [n_gates, S] + [A] * (1 + self.has_cross_layer)
+            self.notes = NoteBlock(config)
+            self.tau2 = config.tau2
+            self.token_attention = MemoryAttention(S, A, D, config.attn_heads)
+            if self.has_cross_layer:
+                self.layer_attention = MemoryAttention(S, A, D, config.attn_heads)
             if config.fusion == "weighted":
                 # Learned scalars, small but non-zero so every branch learns from step one.
                 self.fusion_weight = nn.Parameter(torch.full((2,), 0.1))
-            elif config.fusion == "gated":
-                self.fusion_gate = nn.Linear(config.d_model, 2)
-        if self.has_cross_layer:
-            self.layer_attention = MemoryAttention(*args)
 
     def forward(self, x: Tensor, state: LayerState | None, position: int, views: tuple[PoolView, ...],
                 sp=None, final_state: bool = True) -> tuple[Tensor, LayerState | None, PoolView | None]:
@@ -67,8 +71,10 @@ class MemMambaLayer(nn.Module):
         u = self.norm(x)
         view, notes = None, None
         if self.has_notes:
-            view, notes = self.notes(u, None if state is None else state.notes, position, sp, final_state)
-            u = self._read_memory(u, view, views)
+            gates, note, *queries = self._memory_inputs(u)
+            view, notes = self.notes(gates[..., 0], note, None if state is None else state.notes, position, sp,
+                                     final_state)
+            u = self._read_memory(u, gates, queries, view, views)
         out, mixer = self.mixer(u, None if state is None else state.mixer, sp, final_state)
         return x + out, LayerState(mixer, notes) if final_state else None, view
 
@@ -78,28 +84,40 @@ class MemMambaLayer(nn.Module):
         u = self.norm(x)
         view, notes = None, None
         if self.has_notes:
-            view, notes = self.notes.step(u, state.notes, position)
-            u = self._read_memory(u[:, None], view, views)[:, 0]
+            gates, note, *queries = self._memory_inputs(u[:, None])
+            view, notes = self.notes.step(gates[:, 0, 0], note[:, 0], state.notes, position)
+            u = self._read_memory(u[:, None], gates, queries, view, views)[:, 0]
         out, mixer = self.mixer.step(u, state.mixer)
         return x + out, LayerState(mixer, notes), view
 
-    def _read_memory(self, u: Tensor, view: PoolView, views: tuple[PoolView, ...]) -> Tensor:
-        gate = torch.sigmoid(self.state_gate(u))                    # [B, T, 1]
-        active = gate.detach() > self.tau2
-        c_tok = gate * active * self.token_attention(u, [view])
-        c_lay = 0.0
-        if self.has_cross_layer:
-            c_lay = self.layer_attention(u, [*views, view][-self.span:])
+    def _memory_inputs(self, u: Tensor) -> list[Tensor]:
+        """u [B, T, D] -> [gates [B, T, n_gates] (sigmoids), notes [B, T, S], queries [B, T, A] per attention]."""
+        gates, *rest = self.memory_in(u).split(self.memory_split, -1)
+        return [torch.sigmoid(gates + self.gate_bias), *rest]
+
+    def _read_memory(self, u: Tensor, gates: Tensor, queries: list[Tensor], view: PoolView,
+                     views: tuple[PoolView, ...]) -> Tensor:
+        """xbar = u + a_tok * c_tok + a_lay * c_lay, each weight applied inside its attention."""
+        state_gate = gates[..., 1:2]                                      # I_state
+        active = state_gate.detach() > self.tau2
         if self.fusion == "weighted":
-            return u + self.fusion_weight[0] * c_tok + self.fusion_weight[1] * c_lay
-        if self.fusion == "gated":
-            g = torch.sigmoid(self.fusion_gate(u))
-            return u + g[..., :1] * c_tok + g[..., 1:] * c_lay
-        return u + c_tok + c_lay
+            a_tok, a_lay = self.fusion_weight[0], self.fusion_weight[1]
+        elif self.fusion == "gated":
+            a_tok, a_lay = gates[..., 2:3], gates[..., 3:4]
+        else:
+            a_tok, a_lay = 1.0, None
+        # `scale` by keyword: module hooks such as FlopCounterMode's see positional tensors, and a parameter's
+        # element taken under no_grad (a_lay) is a tensor that requires grad yet has no grad_fn, which they reject.
+        xbar = u + self.token_attention(queries[0], [view], scale=a_tok * state_gate * active)
+        if self.has_cross_layer:
+            xbar = xbar + self.layer_attention(queries[1], [*views, view][-self.span:], scale=a_lay)
+        return xbar
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> LayerState:
-        notes = self.notes.allocate_state(batch_size, device, dtype) if self.has_notes else None
-        return LayerState(self.mixer.allocate_state(batch_size, device, dtype), notes)
+        mixer = self.mixer.allocate_state(batch_size, device, dtype)
+        if not self.has_notes:
+            return LayerState(mixer, None)
+        return LayerState(mixer, self.notes.allocate_state(batch_size, mixer.conv.device, mixer.conv.dtype))
 
 
 class MemMambaLM(GenerationMixin, nn.Module):

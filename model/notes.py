@@ -38,22 +38,26 @@ class PoolView:
 
 
 class NoteBlock(nn.Module):
+    """Takes a layer's notes from each token's importance I_token and note vector N^l u (the layer projects u).
+
+    No parameters of its own: it selects and pools.
+    """
+
     def __init__(self, config: MemMambaConfig):
         super().__init__()
-        self.importance = nn.Linear(config.d_model, 1)                # I_token
-        self.note_proj = nn.Linear(config.d_model, config.summary_dim, bias=False)   # N^l
         self.window, self.pool_size, self.summary_dim = config.note_window, config.pool_size, config.summary_dim
         self.tau1, self.policy, self.pooling = config.tau1, config.pool_policy, config.pooling
         self.empty_acc = float("-inf") if config.pooling == "max" else 0.0
 
-    def forward(self, u: Tensor, state: NoteState | None, position: int, sp=None, final_state: bool = True
-                ) -> tuple[PoolView, NoteState | None]:
-        """u [B, T, D] at absolute positions position.. -> (view for these tokens, state after them).
+    def forward(self, importance: Tensor, note: Tensor, state: NoteState | None, position: int, sp=None,
+                final_state: bool = True) -> tuple[PoolView, NoteState | None]:
+        """importance [B, T], note [B, T, S] of tokens at absolute positions position..
+        -> (view for these tokens, state after them).
 
         `state` None is the empty memory of a sequence's start; without `final_state` no state is returned.
         """
-        T, W, K = u.shape[1], self.window, self.pool_size
-        importance, value, kept = self._score(u)
+        T, W, K = note.shape[1], self.window, self.pool_size
+        value, kept = importance[..., None] * note, importance.detach() > self.tau1
 
         # Aggregate the windows this chunk touches: pad to whole windows and reduce.
         first = position // W
@@ -75,17 +79,17 @@ class NoteBlock(nn.Module):
         # The candidates: the carried pool, then the notes of the windows that close in this chunk.
         n_closed = (position + T) // W - first
         cand_notes, made = self._finish(acc[:, :n_closed], count[:, :n_closed])
-        cand_notes = cand_notes.to(u.dtype)                                                 # [B, M, S]
-        cand_window = torch.where(made, torch.arange(first, first + n_closed, device=u.device), -1)  # [B, M]
+        cand_notes = cand_notes.to(note.dtype)                                              # [B, M, S]
+        cand_window = torch.where(made, torch.arange(first, first + n_closed, device=note.device), -1)  # [B, M]
         cand_imp = imp[:, :n_closed]
         if state is not None:
-            cand_notes = torch.cat([state.notes.to(u.dtype), cand_notes], 1)
+            cand_notes = torch.cat([state.notes.to(note.dtype), cand_notes], 1)
             cand_window = torch.cat([state.window, cand_window], 1)
             cand_imp = torch.cat([state.importance, cand_imp], 1)
 
         # Pool membership per epoch e (= number of complete windows at a token).
         first_epoch = (position + 1) // W
-        epochs = torch.arange(first_epoch, (position + T) // W + 1, device=u.device)
+        epochs = torch.arange(first_epoch, (position + T) // W + 1, device=note.device)
         in_pool = pool_membership(cand_window, cand_imp, epochs, K, self.policy)      # [B, n_epochs, M]
         members = torch.argsort((~in_pool).to(torch.int8), dim=-1, stable=True)[..., :K]
         view = PoolView(cand_notes, members, in_pool.gather(-1, members), lead=(position + 1) % W, width=W)
@@ -95,12 +99,13 @@ class NoteBlock(nn.Module):
         if n_closed < n_windows:
             open_window = (acc[:, -1], count[:, -1], imp[:, -1])
         else:
-            open_window = self._empty_open(u.shape[0], acc)
+            open_window = self._empty_open(note.shape[0], acc)
         return view, _compact(cand_notes, cand_window, cand_imp, in_pool[:, -1], K, *open_window)
 
-    def step(self, u: Tensor, state: NoteState, position: int) -> tuple[PoolView, NoteState]:
-        """One token u [B, D] at `position`: update the open window, insert a note when it closes."""
-        importance, value, kept = (t[:, 0] for t in self._score(u[:, None]))
+    def step(self, importance: Tensor, note: Tensor, state: NoteState, position: int) -> tuple[PoolView, NoteState]:
+        """One token's importance [B] and note [B, S] at `position`: update the open window, insert a note
+        when it closes."""
+        value, kept = importance[:, None] * note, importance.detach() > self.tau1
         acc = self._combine(state.open_acc, torch.where(kept[:, None], value, self.empty_acc))
         count = state.open_count + kept.long()
         imp = torch.maximum(state.open_importance, torch.where(kept, importance.detach(), 0.0))
@@ -110,13 +115,11 @@ class NoteBlock(nn.Module):
             note, made = self._finish(acc, count)
             window = torch.where(made, position // self.window, -1)
             new_state = self._insert(state, note.to(state.notes.dtype), window, imp)
-        slots = torch.arange(self.pool_size, device=u.device).expand(u.shape[0], 1, -1)
+        slots = torch.arange(self.pool_size, device=note.device).expand(note.shape[0], 1, -1)
         return PoolView(new_state.notes, slots, new_state.valid[:, None, :], lead=0, width=1), new_state
 
-    def allocate_state(self, batch_size: int, device=None, dtype=None) -> NoteState:
-        w = self.note_proj.weight
-        device, dtype = device or w.device, dtype or w.dtype
-        K, S = self.pool_size, self.summary_dim     # not w.shape: ZeRO-3 partitions parameters
+    def allocate_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> NoteState:
+        K, S = self.pool_size, self.summary_dim
         return NoteState(
             notes=torch.zeros(batch_size, K, S, device=device, dtype=dtype),
             window=torch.full((batch_size, K), -1, device=device, dtype=torch.long),
@@ -124,11 +127,6 @@ class NoteBlock(nn.Module):
             open_acc=torch.full((batch_size, S), self.empty_acc, device=device, dtype=dtype),
             open_count=torch.zeros(batch_size, device=device, dtype=torch.long),
             open_importance=torch.zeros(batch_size, device=device))
-
-    def _score(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        importance = torch.sigmoid(self.importance(u).squeeze(-1))      # [B, T]
-        value = importance[..., None] * self.note_proj(u)               # [B, T, S]
-        return importance, value, importance.detach() > self.tau1
 
     def _combine(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.maximum(a, b) if self.pooling == "max" else a + b
@@ -205,33 +203,39 @@ def _windows(t: Tensor, pad: tuple[int, int], W: int, fill) -> Tensor:
 
 
 class MemoryAttention(nn.Module):
-    """Multi-head attention from tokens (width D) to the notes of one or more pools (width S)."""
+    """Multi-head attention from tokens' queries (width A) to the notes of one or more pools (width S)."""
 
-    def __init__(self, d_model: int, summary_dim: int, attn_dim: int, heads: int):
+    def __init__(self, summary_dim: int, attn_dim: int, d_model: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.q_proj = nn.Linear(d_model, attn_dim, bias=False)
         self.kv_proj = nn.Linear(summary_dim, 2 * attn_dim, bias=False)
         self.out_proj = nn.Linear(attn_dim, d_model, bias=False)
 
-    def forward(self, u: Tensor, views: list[PoolView]) -> Tensor:
-        """u [B, T, D] -> [B, T, D]. Each token attends over its epoch's pool in every view
-        (the union of pools); 0 where they are all empty. Cost O(T K), not O(T M)."""
-        B, T, _ = u.shape
+    def forward(self, q: Tensor, views: list[PoolView], scale: Tensor | None = None) -> Tensor:
+        """q [B, T, A] -> [B, T, D], times `scale` ([B, T, 1] or a scalar) if given. Each token attends over
+        its epoch's pool in every view (the union of pools); 0 where they are all empty. Cost O(T K), not O(T M).
+        """
+        B, T, A = q.shape
         lead, width, n_epochs = views[0].lead, views[0].width, views[0].members.shape[1]
-        H, A = self.heads, self.q_proj.out_features
+        H = self.heads
         # keys and values of every epoch's pool members: [B, n_epochs, sum K, 2A]
-        kv = torch.cat([self.kv_proj(v.notes.to(u.dtype)).gather(
+        kv = _cat([self.kv_proj(v.notes.to(q.dtype)).gather(
             1, v.members.flatten(1)[..., None].expand(-1, -1, 2 * A)).view(B, n_epochs, -1, 2 * A)
             for v in views], 2)
-        valid = torch.cat([v.valid for v in views], -1)                          # [B, n_epochs, sum K]
+        valid = _cat([v.valid for v in views], -1)                              # [B, n_epochs, sum K]
         k, v = kv.view(B * n_epochs, -1, 2, H, A // H).permute(2, 0, 3, 1, 4)
         # queries laid out by epoch: [B * n_epochs, H, width, A / H]
-        q = F.pad(self.q_proj(u), (0, 0, lead, n_epochs * width - lead - T))
+        q = F.pad(q, (0, 0, lead, n_epochs * width - lead - T))
         q = q.view(B * n_epochs, width, H, A // H).transpose(1, 2)
         anything = valid.any(-1, keepdim=True)
         # An epoch with an empty pool attends everywhere (finite, no NaN) and is zeroed after.
         mask = (valid | ~anything).view(B * n_epochs, 1, 1, -1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = (out * anything.view(B * n_epochs, 1, 1, 1)).transpose(1, 2).reshape(B, n_epochs * width, A)
-        return self.out_proj(out[:, lead:lead + T])
+        out = out[:, lead:lead + T]
+        # The projection is linear: scaling its A-wide input costs less than scaling its D-wide output.
+        return self.out_proj(out if scale is None else out * scale)
+
+
+def _cat(tensors: list[Tensor], dim: int) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)

@@ -82,8 +82,9 @@ def test_thresholds_are_active_in_the_equivalence_tests():
     layer = model.layers[0]
     with torch.no_grad():
         u = layer.norm(model.embedding(ids))
-        view, _ = layer.notes(u, layer.notes.allocate_state(ids.shape[0]), 0)
-        gate = torch.sigmoid(layer.state_gate(u))
+        gates, note, *_ = layer._memory_inputs(u)
+        view, _ = layer.notes(gates[..., 0], note, None, 0)
+        gate = gates[..., 1]
     complete_windows = ids.shape[1] // TEST_CONFIG.note_window
     seen = torch.zeros(view.notes.shape[:2]).scatter_add(1, view.members.flatten(1), view.valid.flatten(1).float())
     made = (seen > 0).sum(-1)                              # FIFO: every made note is in a pool once
@@ -120,7 +121,7 @@ def test_batch_items_are_independent():
 def test_notes_off_is_plain_mamba():
     from tests.reference import mamba_lm_reference
     model = make_model(notes=False)
-    assert not any("notes" in n or "attention" in n for n, _ in model.named_parameters())
+    assert not any("memory" in n or "attention" in n for n, _ in model.named_parameters())
     state_dict = {("backbone." + k if not k.startswith("lm_head") else k): v
                   for k, v in model.state_dict().items()}
     ids = tokens()
@@ -136,19 +137,18 @@ def reference_weights(model: MemMambaLM) -> dict:
                "layers": []}
     for layer in model.layers:
         mixer = {name: p for name, p in layer.mixer.named_parameters()}
-        w = {"norm": layer.norm.weight, "mixer": mixer,
-             "importance": (layer.notes.importance.weight[0], layer.notes.importance.bias[0]),
-             "state_gate": (layer.state_gate.weight[0], layer.state_gate.bias[0]),
-             "note": layer.notes.note_proj.weight}
-        for name in ("token", "layer"):
-            attention = getattr(layer, f"{name}_attention", None)
-            if attention is not None:
-                k, v = attention.kv_proj.weight.chunk(2)
-                w[name] = {"q": attention.q_proj.weight, "k": k, "v": v, "out": attention.out_proj.weight}
+        # memory_in's rows: the gates' logits (I_token, I_state, the two fusion gates if gated), N^l, the queries
+        gates, note, *queries = layer.memory_in.weight.split(layer.memory_split)
+        w = {"norm": layer.norm.weight, "mixer": mixer, "note": note,
+             "importance": (gates[0], layer.gate_bias[0]), "state_gate": (gates[1], layer.gate_bias[1])}
+        for name, q in zip(("token", "layer"), queries):
+            attention = getattr(layer, f"{name}_attention")
+            k, v = attention.kv_proj.weight.chunk(2)
+            w[name] = {"q": q, "k": k, "v": v, "out": attention.out_proj.weight}
         if layer.fusion == "weighted":
             w["fusion_weight"] = layer.fusion_weight
         elif layer.fusion == "gated":
-            w["fusion_gate"] = (layer.fusion_gate.weight, layer.fusion_gate.bias)
+            w["fusion_gate"] = (gates[2:], layer.gate_bias[2:])
         weights["layers"].append(w)
     return weights
 

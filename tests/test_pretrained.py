@@ -49,7 +49,7 @@ def test_import_into_memmamba_keeps_the_backbone_and_initialises_the_notes():
     model = MemMambaLM(config_from_mamba_ssm(HF_CONFIG, notes=True, summary_dim=8, attn_dim=16, attn_heads=2))
     sd = random_mamba_ssm_state_dict()
     fresh = load_mamba_ssm_state_dict(model, sd)
-    assert fresh and all(any(k in n for k in ("notes", "attention", "state_gate", "fusion")) for n in fresh)
+    assert fresh and all(any(k in n for k in ("memory_in", "gate_bias", "attention", "fusion")) for n in fresh)
     torch.testing.assert_close(model.layers[1].mixer.in_proj.weight, sd["backbone.layers.1.mixer.in_proj.weight"])
 
 

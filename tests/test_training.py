@@ -135,7 +135,7 @@ def test_no_weight_decay_on_norms_biases_and_ssm_dynamics():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     for name in names.values():
         exempt = (name.endswith(("A_log", ".D", "dt_proj.bias", "norm.weight", "norm_f.weight", ".bias"))
-                  or "fusion_weight" in name)
+                  or name.endswith(("fusion_weight", "gate_bias")))
         assert (name not in decayed) == exempt, name
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
@@ -152,7 +152,6 @@ def test_dense_flops_equal_a_flop_counter(section):
 
 
 def test_memmamba_dense_flops_within_one_percent_of_a_flop_counter():
-    # The counter also sees the keys and values of the carried pool, which every forward call projects again.
     model = build_model({"arch": "memmamba", "size": "tiny"})
     T = 256
     with FlopCounterMode(display=False) as counter, torch.no_grad():
