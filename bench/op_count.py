@@ -6,11 +6,11 @@
 At micro-batch 1 a GPU step is bound by the host launching kernels one by one, and the small elementwise
 kernels are bound by memory traffic; neither shows in FLOP counts. This counts both without a GPU: the model
 runs on PyTorch's meta device (shapes only, no arithmetic) under a dispatch mode that sees every ATen
-operation of the forward, the activation-checkpointing recompute and the backward. Operations that only make
-views launch nothing and are not counted. The selective scan and the causal conv stand in as one operation
-each, forward and backward, as mamba_ssm's and causal_conv1d's kernels are on the CUDA path; everything else
-is the model's own code. Bytes are those of the operations' outputs in fp32 (on a GPU the matmuls' outputs
-are bf16 under autocast).
+operation of the forward, the activation-checkpointing recompute and the backward. Operations that launch
+nothing (views, allocations, Python numbers wrapped as scalars) are not counted. The selective scan and the
+causal conv count as one operation each way, as mamba_ssm's and causal_conv1d's kernels do on the CUDA path,
+and so does the note attention, as a fused attention kernel; everything else is the model's own code. Bytes
+are those of the operations' outputs, in fp32 (on a GPU the matmuls' outputs are bf16 under autocast).
 """
 from __future__ import annotations
 
@@ -31,29 +31,34 @@ from model.config import MemMambaConfig  # noqa: E402
 from model.memmamba import MemMambaLM  # noqa: E402
 from training.config import load_config  # noqa: E402
 
-VIEWS = {"view", "_unsafe_view", "reshape", "transpose", "permute", "expand", "split", "split_with_sizes", "chunk",
-         "unbind", "slice", "select", "as_strided", "detach", "t", "alias", "unsqueeze", "squeeze", "lift_fresh",
-         "empty", "empty_like", "empty_strided", "_reshape_alias"}
+# Operations that launch nothing on a GPU: views, allocations, and Python numbers wrapped as CPU scalars.
+NOT_LAUNCHED = {"scalar_tensor", "view", "_unsafe_view", "reshape", "transpose", "permute", "expand", "split",
+                "split_with_sizes", "chunk", "unbind", "slice", "select", "as_strided", "detach", "t", "alias",
+                "unsqueeze", "squeeze", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty",
+                "_reshape_alias"}
 
 
 class Kernel(torch.autograd.Function):
-    """One operation forward, one backward, shaped like the kernel it stands for."""
+    """One operation forward and one backward (writing every input's gradient), shaped like the kernel it stands for."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-        ctx.n_others = len(others)
-        return torch.empty_like(x).add_(0)
+    def forward(ctx, out_like: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.shapes = [t.shape for t in (out_like, *inputs)]
+        return torch.empty_like(out_like).add_(0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return (grad.clone(),) + (None,) * ctx.n_others
+        grads = grad.new_empty(sum(shape.numel() for shape in ctx.shapes)).add_(0)
+        return tuple(g.view(shape) for g, shape in zip(grads.split([s.numel() for s in ctx.shapes]), ctx.shapes))
 
 
 def stand_in_kernels() -> None:
     """The CUDA path's kernels as single operations (what a GPU launches for them)."""
     model.mixer.Mamba._use_cuda = lambda self, x: True
-    model.mixer.selective_scan_gated_cuda = lambda x, dt, A, B, C, D, z: Kernel.apply(x, dt, B, C, z)
-    model.mixer.causal_conv1d_fn = lambda x, weight, bias, activation: Kernel.apply(x)
+    model.mixer.selective_scan_gated_cuda = lambda x, dt, A, B, C, D, z: Kernel.apply(x, dt, B, C, D, z)
+    model.mixer.causal_conv1d_fn = lambda x, weight, bias, activation: Kernel.apply(x, weight, bias)
+    # fused attention, as on a GPU (on the meta device it would run as its decomposition into matmuls)
+    torch.nn.functional.scaled_dot_product_attention = lambda q, k, v, attn_mask: Kernel.apply(q, k, v)
 
 
 class OperationCount(TorchDispatchMode):
@@ -65,7 +70,7 @@ class OperationCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name not in VIEWS:
+        if name not in NOT_LAUNCHED:
             self.count[self.phase] += 1
             self.bytes[self.phase] += sum(t.numel() * t.element_size() for t in tree_leaves(out)
                                           if isinstance(t, torch.Tensor))
