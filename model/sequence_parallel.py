@@ -108,13 +108,11 @@ class SequenceParallel:
         merged_imp = imp.new_zeros(B, n_before).scatter_reduce(1, slots, flat(imp_all) * use, "amax")
 
         # Windows that ended before this rank's start are notes, selected into a pool as a
-        # chunk does from an empty carried pool; the last window may still be open.
+        # chunk that starts a sequence does; the last window may still be open.
         n_complete = start // W
         notes, made = block._finish(merged_acc[:, :n_complete], merged_count[:, :n_complete])
-        empty_pool = block.allocate_state(B, acc.device, acc.dtype)
-        notes = torch.cat([empty_pool.notes, notes], 1)
-        window = torch.cat([empty_pool.window, torch.where(made, torch.arange(n_complete, device=acc.device), -1)], 1)
-        importance = torch.cat([empty_pool.importance, merged_imp[:, :n_complete]], 1)
+        window = torch.where(made, torch.arange(n_complete, device=acc.device), -1)
+        importance = merged_imp[:, :n_complete]
         epoch = torch.tensor([n_complete], device=acc.device)
         in_pool = pool_membership(window, importance, epoch, block.pool_size, block.policy)
         if start % W:
