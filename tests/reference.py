@@ -57,14 +57,13 @@ def memmamba_lm_reference(weights, config, input_ids):
     attentions "token" and "layer" (each with "q" [A, D], "k" and "v" [A, S], "out" [D, A]) and the
     fusion: "fusion_weight" [2], or "fusion_gate" (weight [2, D], bias [2]).
     """
-    import torch.nn.functional as F
     W, K, g = config.note_window, config.pool_size, config.cross_layer_span
     batch, T = input_ids.shape
     x = weights["embedding"][input_ids]
     pools_of_layers = []        # per layer, per batch item, per token t: the pool at t, a list of notes
     for l, w in enumerate(weights["layers"]):
         u = rms_norm(x, w["norm"], config.norm_eps)
-        # notes of every window, from its kept tokens; None where a window keeps none
+        # notes of the complete windows, from their kept tokens; a window that keeps none makes none
         importance = torch.sigmoid(u @ w["importance"][0] + w["importance"][1])      # [B, T]
         value = importance[..., None] * (u @ w["note"].T)                           # [B, T, S]
         windows = []   # per batch item: (window index, note, max importance) of the complete windows

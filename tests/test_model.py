@@ -136,7 +136,7 @@ def reference_weights(model: MemMambaLM) -> dict:
     weights = {"embedding": model.embedding.weight, "norm_f": model.norm_f.weight, "lm_head": model.lm_head.weight,
                "layers": []}
     for layer in model.layers:
-        mixer = {name: p for name, p in layer.mixer.named_parameters()}
+        mixer = dict(layer.mixer.named_parameters())
         # memory_in's rows: the gates' logits (I_token, I_state, the two fusion gates if gated), N^l, the queries
         gates, note, *queries = layer.memory_in.weight.split(layer.memory_split)
         w = {"norm": layer.norm.weight, "mixer": mixer, "note": note,
