@@ -25,13 +25,17 @@ from training.distributed import free_port
 from training.export import load_model
 from training.flops import forward_flops_per_token
 from training.metrics import Metrics
-from training.optim import param_groups
+from training.optim import AdamW, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 STEPS = 16  # of the straight run; checkpoints every 4 steps, the latest 3 kept
-# The tiny config, made smaller still: 8 windows of 64 tokens per step, reported every step.
+# The tiny config, made smaller still: 8 windows of 64 tokens per step, reported every step. Its gradients are
+# clipped (their norm starts near 0.9), and an eps near their elements' size makes AdamW's update depend on their
+# scale, so clipping shows in the losses.
+CLIP = 0.3
 TINY = ["data.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=8", "optimizer.warmup_steps=0",
+        f"train.grad_clip={CLIP}", "optimizer.eps=1e-4", "optimizer.lr=3e-3",
         "logging.every=1", "validation.every=8", "validation.windows=4", "checkpoint.every=4", "checkpoint.keep=3"]
 
 
@@ -138,6 +142,52 @@ def test_no_weight_decay_on_norms_biases_and_ssm_dynamics():
                   or name.endswith(("fusion_weight", "gate_bias")))
         assert (name not in decayed) == exempt, name
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def _optimizer_pair(max_grad_norm):
+    torch.manual_seed(0)
+    ours = build_model({"arch": "memmamba", "size": "tiny"})
+    reference = build_model({"arch": "memmamba", "size": "tiny"})
+    reference.load_state_dict(ours.state_dict())
+    settings = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    return (ours, AdamW(param_groups(ours, 0.1), max_grad_norm, **settings),
+            reference, torch.optim.AdamW(param_groups(reference, 0.1), foreach=False, **settings))
+
+
+def _backward(model, ids, scale=1.0):
+    logits, _ = model(ids[:, :-1])
+    (scale * torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:])).backward()
+
+
+def test_optimizer_clips_like_torch_and_steps_like_adamw():
+    """The fused, foreach-clipping AdamW against torch's per-tensor AdamW after torch's clip_grad_norm_."""
+    ours, optimizer, reference, reference_optimizer = _optimizer_pair(max_grad_norm=0.05)
+    for step in range(3):
+        ids = torch.randint(0, 1024, (2, 33))
+        for model, opt in ((ours, optimizer), (reference, reference_optimizer)):
+            opt.zero_grad()
+            _backward(model, ids)
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        assert norm > 0.5 and optimizer.step() is None and reference_optimizer.step() is None
+        assert optimizer.grad_norm.item() == pytest.approx(norm.item(), rel=1e-5) and not optimizer.overflow
+    for (name, p), q in zip(ours.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)   # an update moves them by ~1e-2
+
+
+def test_optimizer_leaves_weights_and_moments_alone_on_a_non_finite_gradient():
+    ours, optimizer, reference, reference_optimizer = _optimizer_pair(max_grad_norm=1.0)
+    ids = torch.randint(0, 1024, (2, 33))
+    _backward(ours, ids)
+    optimizer.step()
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    moments = [optimizer.state[p]["exp_avg"].clone() for p in ours.parameters()]
+    optimizer.zero_grad()
+    _backward(ours, ids, scale=float("inf"))
+    optimizer.step()
+    assert optimizer.overflow and not torch.isfinite(optimizer.grad_norm)
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(m, optimizer.state[p]["exp_avg"]) for m, p in zip(moments, ours.parameters()))
+    assert all(optimizer.state[p]["step"].item() == 1 for p in ours.parameters())   # the skipped step not counted
 
 
 @pytest.mark.parametrize("section", [{"arch": "memmamba", "size": "tiny", "notes": False},
@@ -308,14 +358,25 @@ def zero3_run(pg19_shards, tmp_path_factory):
     return output
 
 
+@pytest.fixture(scope="module")
+def zero0_run(pg19_shards, tmp_path_factory):
+    """One rank without ZeRO, the straight run's global batch as 4 micro-batches: clipped by the stack's
+    optimizer rather than DeepSpeed's, with no gradient all-reduce."""
+    output = tmp_path_factory.mktemp("zero0")
+    train(1, pg19_shards.root, output, "train.max_steps=3", "deepspeed.zero_optimization.stage=0")
+    return output
+
+
 @pytest.mark.slow
-def test_zero3_follows_the_zero1_run_step_for_step(zero3_run, straight_run):
-    # ZeRO-3 with gradient accumulation (2 micro-batches per step here) must reduce exactly what ZeRO-1 does.
+@pytest.mark.parametrize("run", ["zero3_run", "zero0_run"])
+def test_other_zero_stages_follow_the_zero1_run_step_for_step(run, request, straight_run):
+    # ZeRO-3 with gradient accumulation must reduce exactly what ZeRO-1 does; stage 0 must clip as ZeRO-1 does.
     for tag in ("train/loss", "train/grad_norm"):
-        zero3, zero1 = scalars(zero3_run, tag), scalars(straight_run, tag)
-        assert sorted(zero3) == [1, 2, 3]
-        for step in zero3:
-            assert zero3[step] == pytest.approx(zero1[step], rel=1e-4), (tag, step)
+        other, zero1 = scalars(request.getfixturevalue(run), tag), scalars(straight_run, tag)
+        assert sorted(other) == [1, 2, 3]
+        assert any(scalars(straight_run, "train/grad_norm")[step] > CLIP for step in other)   # and was clipped
+        for step in other:
+            assert other[step] == pytest.approx(zero1[step], rel=1e-4), (tag, step)
 
 
 @pytest.mark.slow

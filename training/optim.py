@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from training.config import OptimizerConfig
 
@@ -21,25 +21,44 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class AdamW(torch.optim.AdamW):
-    """torch's AdamW, which leaves everything alone when a gradient is not finite.
+    """torch's fused AdamW, which clips the gradients to `max_grad_norm` (0: no clipping) and leaves everything
+    alone when their norm is not finite.
 
-    Under ZeRO, DeepSpeed's optimizer checks the gradient norm and skips the step itself. Without ZeRO (stage 0)
-    DeepSpeed calls this optimizer directly, then reads `overflow` to count the step as skipped (its clipping
-    turns a non-finite norm into NaN gradients, so the check here sees it).
+    Without ZeRO (stage 0) DeepSpeed steps this optimizer directly, and would clip parameter by parameter: two
+    small kernels per tensor, hundreds per step, launched one by one. Here the norm is one foreach reduction
+    and the clipping one foreach product. A non-finite norm reaches the fused kernel as `found_inf`, which skips
+    the update on the device, so a step launches everything before anything waits for the GPU: only DeepSpeed
+    reading `overflow` afterwards (to count the step as skipped) does. Under ZeRO DeepSpeed's own optimizer
+    wraps this one, clips the flat partitions it hands it and skips non-finite steps itself; there
+    `max_grad_norm` is 0.
     """
-    overflow = False
+
+    def __init__(self, params, max_grad_norm: float, **kwargs):
+        super().__init__(params, fused=True, **kwargs)
+        self.max_grad_norm = max_grad_norm
+        self.grad_norm: Tensor | None = None   # of the last step's gradients, before clipping
+        self.found_inf: Tensor | None = None   # read by torch's fused step: 1.0 skips the update
+
+    @property
+    def overflow(self) -> bool:
+        return self.found_inf is not None and bool(self.found_inf)
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        self.overflow = bool(grads) and not torch.isfinite(torch.nn.utils.get_total_norm(grads))
-        return None if self.overflow else super().step(closure)
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return None
+        self.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, self.grad_norm, foreach=True)
+        self.found_inf = (~torch.isfinite(self.grad_norm)).float()
+        return super().step(closure)
 
 
-def build_optimizer(model: nn.Module, config: OptimizerConfig, device: torch.device
-                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    optimizer = AdamW(param_groups(model, config.weight_decay), lr=config.lr,
-                                  betas=tuple(config.betas), eps=config.eps, fused=device.type == "cuda")
+def build_optimizer(model: nn.Module, config: OptimizerConfig, max_grad_norm: float
+                    ) -> tuple[AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    optimizer = AdamW(param_groups(model, config.weight_decay), max_grad_norm, lr=config.lr,
+                      betas=tuple(config.betas), eps=config.eps)
     warmup = config.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     return optimizer, schedule

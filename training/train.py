@@ -107,11 +107,15 @@ def setup(config_path: str, overrides: list[str]) -> Run:
         _initialise_from(model, cfg.train.init_from, parameter_shapes, checksum)
 
     # Everything is checked: from here on the accelerator is used.
-    model.to(place.device)  # before the optimizer, which is fused on CUDA
-    optimizer, schedule = build_optimizer(model, cfg.optimizer, place.device)
+    model.to(place.device)  # before the optimizer, which is fused
+    # Without ZeRO our optimizer clips (training/optim.py); under ZeRO, DeepSpeed's.
+    optimizer, schedule = build_optimizer(model, cfg.optimizer, cfg.train.grad_clip if cfg.zero_stage == 0 else 0.0)
     engine, *_ = deepspeed.initialize(model=LanguageModelObjective(model, cfg.train.chunk_len),
                                       optimizer=optimizer, lr_scheduler=schedule,
                                       config=_deepspeed_config(cfg, layout, universal, place.device))
+    if cfg.zero_stage == 0 and place.world_size == 1:
+        # Nothing to average: spare the backward pass DeepSpeed's copy of every gradient into a flat buffer and back.
+        engine.enable_backward_allreduce = False
     if place.rank == 0:
         cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_partial(cfg.checkpoint_dir)
@@ -176,7 +180,7 @@ def train_step(run: Run) -> tuple[float, float, bool, float, bool]:
     """One optimizer step. Returns (mean loss over all ranks, gradient norm, whether the update was applied,
     seconds spent waiting for data, whether any rank was asked to stop)."""
     engine, device = run.engine, run.place.device
-    losses, data_wait, grad_norm = [], 0.0, None
+    losses, data_wait = [], 0.0
     for _ in range(run.layout.grad_accum):
         started = time.perf_counter()
         window, loss_mask = next(run.batches)
@@ -186,20 +190,16 @@ def train_step(run: Run) -> tuple[float, float, bool, float, bool]:
         loss = engine(*batch, run.sp)   # the loss is the engine's output (training/loss.py)
         engine.backward(loss)
         losses.append(loss.detach())
-        if engine.is_gradient_accumulation_boundary() and run.cfg.zero_stage == 0:
-            # DeepSpeed reports the norm only under ZeRO; here the gradients are whole and averaged already.
-            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()
-                                                               if p.grad is not None]))
         engine.step()
-    if grad_norm is None:
-        grad_norm = float(engine.get_global_grad_norm())
-    applied = engine.was_step_applied()  # DeepSpeed skips the update if the gradient norm is not finite
+    # The norm before clipping: DeepSpeed's optimizer knows it under ZeRO, ours without (training/optim.py).
+    grad_norm = engine.optimizer.grad_norm if run.cfg.zero_stage == 0 else engine.get_global_grad_norm()
+    applied = engine.was_step_applied()  # the update is skipped if the gradient norm is not finite
     # One all-reduce per step: the mean loss for logging, and whether any rank got a stop signal, so that all
     # ranks stop after the same step (the launcher signals its ranks one after the other).
     stop = torch.tensor(float(bool(run.stop_signal)), device=device)
     stats = torch.stack([torch.stack(losses).mean().float(), stop])
     dist.all_reduce(stats)
-    return stats[0].item() / run.place.world_size, grad_norm, applied, data_wait, stats[1].item() > 0
+    return stats[0].item() / run.place.world_size, float(grad_norm), applied, data_wait, stats[1].item() > 0
 
 
 @torch.no_grad()
@@ -295,7 +295,7 @@ def _deepspeed_config(cfg: RunConfig, layout: BatchLayout, universal: bool, devi
         **cfg.deepspeed,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum,
-        "gradient_clipping": cfg.train.grad_clip,
+        "gradient_clipping": cfg.train.grad_clip if cfg.zero_stage > 0 else 0.0,   # stage 0: see setup
         "steps_per_print": 2 ** 62,   # this loop reports progress itself
         "zero_allow_untested_optimizer": True,   # ZeRO checks the optimizer's exact type; ours is torch's AdamW
         "checkpoint": {**cfg.deepspeed.get("checkpoint", {}), "load_universal": universal},
