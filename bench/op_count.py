@@ -8,9 +8,10 @@ kernels are bound by memory traffic; neither shows in FLOP counts. This counts b
 runs on PyTorch's meta device (shapes only, no arithmetic) under a dispatch mode that sees every ATen
 operation of the forward, the activation-checkpointing recompute and the backward. Operations that launch
 nothing (views, allocations, Python numbers wrapped as scalars) are not counted. The selective scan and the
-causal conv count as one operation each way, as mamba_ssm's and causal_conv1d's kernels do on the CUDA path,
-and so does the note attention, as a fused attention kernel; everything else is the model's own code. Bytes
-are those of the operations' outputs, in fp32 (on a GPU the matmuls' outputs are bf16 under autocast).
+causal conv count as one operation each way, as mamba_ssm's and causal_conv1d's kernels do on the CUDA path
+(plus the copies their wrappers make of inputs in a layout the kernels do not read), and so does the note
+attention, as a fused attention kernel; everything else is the model's own code. Bytes are those of the
+operations' outputs, in fp32 (on a GPU the matmuls' outputs are bf16 under autocast).
 """
 from __future__ import annotations
 
@@ -53,10 +54,15 @@ class Kernel(torch.autograd.Function):
 
 
 def stand_in_kernels() -> None:
-    """The CUDA path's kernels as single operations (what a GPU launches for them)."""
+    """The CUDA path's kernels as single operations (what a GPU launches for them), after the copies their
+    wrappers make of inputs in a layout the kernels do not read: the scan's of every input whose time axis is not
+    contiguous, the conv's of an input contiguous along neither channels nor time."""
+    time_contiguous = lambda t: t if t.stride(-1) == 1 else t.contiguous()
     model.mixer.Mamba._use_cuda = lambda self, x: True
-    model.mixer.selective_scan_gated_cuda = lambda x, dt, A, B, C, D, z: Kernel.apply(x, dt, B, C, D, z)
-    model.mixer.causal_conv1d_fn = lambda x, weight, bias, activation: Kernel.apply(x, weight, bias)
+    model.mixer.selective_scan_gated_cuda = lambda x, dt, A, B, C, D, z: Kernel.apply(
+        *map(time_contiguous, (x, dt, B, C)), D, time_contiguous(z))
+    model.mixer.causal_conv1d_fn = lambda x, weight, bias, activation: Kernel.apply(
+        x if 1 in x.stride()[1:] else x.contiguous(), weight, bias)
     # fused attention, as on a GPU (on the meta device it would run as its decomposition into matmuls)
     torch.nn.functional.scaled_dot_product_attention = lambda q, k, v, attn_mask: Kernel.apply(q, k, v)
 

@@ -27,10 +27,10 @@ class Mamba(nn.Module):
         super().__init__()
         D, E, N = config.d_model, config.d_inner, config.d_state
         self.d_inner, self.d_state, self.d_conv, self.dt_rank = E, N, config.d_conv, config.dt_rank_value
-        self.in_proj = nn.Linear(D, 2 * E, bias=False)
+        self.in_proj = ChannelsFirstLinear(D, 2 * E, bias=False)
         self.conv1d = CausalConv1d(E, E, config.d_conv, groups=E, bias=True)
-        self.x_proj = nn.Linear(E, self.dt_rank + 2 * N, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, E, bias=True)
+        self.x_proj = ChannelsFirstLinear(E, self.dt_rank + 2 * N, bias=False)
+        self.dt_proj = ChannelsFirstLinear(self.dt_rank, E, bias=True)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))
         self.D = nn.Parameter(torch.ones(E))
         self.out_proj = nn.Linear(E, D, bias=False)
@@ -60,8 +60,7 @@ class Mamba(nn.Module):
         With `sp` (a model.sequence_parallel.SequenceParallel), `state` is ignored: the
         conv halo and the SSM initial state come from the earlier ranks of the group.
         """
-        xz = self.in_proj(u).transpose(1, 2)                            # [B, 2E, T]
-        x, z = xz.chunk(2, dim=1)
+        x, z = self.in_proj(u.transpose(1, 2)).chunk(2, dim=1)          # [B, E, T] each
         if sp is not None:
             halo = sp.conv_halo(x, self.d_conv - 1)
         else:
@@ -75,9 +74,8 @@ class Mamba(nn.Module):
             new_conv = tail[..., tail.shape[-1] - k:].contiguous()
         x = self.conv1d(x, halo, use_cuda)
 
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
-        dt = self.dt_proj(dt).transpose(1, 2)                           # [B, E, T]; softplus in the scan
-        B, C = B.transpose(1, 2), C.transpose(1, 2)                     # [B, N, T]
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], 1)   # B, C: [B, N, T]
+        dt = self.dt_proj(dt)                                           # [B, E, T]; softplus in the scan
         A = -torch.exp(self.A_log.float())
 
         h0 = None if state is None or sp is not None else state.ssm
@@ -97,11 +95,11 @@ class Mamba(nn.Module):
 
     def step(self, u: Tensor, state: MixerState) -> tuple[Tensor, MixerState]:
         """One token: u [B, D] -> (out [B, D], new state). O(1) in the position."""
-        x, z = self.in_proj(u).chunk(2, dim=-1)                         # [B, E]
+        x, z = self.in_proj(u[:, :, None])[..., 0].chunk(2, dim=-1)     # [B, E]: a sequence of one token
         window = torch.cat([state.conv.to(x.dtype), x[:, :, None]], -1)  # [B, E, d_conv]
         x = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], -1)
-        dt = F.softplus(self.dt_proj(dt).float())                       # [B, E]
+        dt, B, C = self.x_proj(x[:, :, None])[..., 0].split([self.dt_rank, self.d_state, self.d_state], -1)
+        dt = F.softplus(self.dt_proj(dt[:, :, None])[..., 0].float())   # [B, E]
         A = -torch.exp(self.A_log.float())
         h = torch.exp(dt[:, :, None] * A) * state.ssm + (dt * x.float())[:, :, None] * B.float()[:, None, :]
         y = (h * C.float()[:, None, :]).sum(-1) + self.D.float() * x.float()
@@ -118,6 +116,23 @@ class Mamba(nn.Module):
 
     def _use_cuda(self, x: Tensor) -> bool:
         return self.backend != "torch" and x.is_cuda and cuda_scan_available()
+
+
+class ChannelsFirstLinear(nn.Linear):
+    """A linear layer across the channels of x [B, in, T] -> [B, out, T], the layout of the conv and the scan.
+
+    One product W x over all B * T tokens, so that time is the output's contiguous axis and the kernels read it
+    as it is; nn.Linear's [B, T, out] would be copied into their layout by their wrappers (mamba_ssm's Mamba
+    computes in_proj as W x for the same reason). x is read where it lies, without a copy, when B == 1 or its
+    tokens are evenly spaced in memory: a [B, T, in] tensor transposed, or this layer's own output. Parameters
+    as nn.Linear's.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, _, T = x.shape
+        tokens = x.transpose(0, 1).reshape(x.shape[1], batch * T)       # [in, B * T]
+        out = self.weight @ tokens if self.bias is None else torch.addmm(self.bias[:, None], self.weight, tokens)
+        return out.view(-1, batch, T).transpose(0, 1)
 
 
 class CausalConv1d(nn.Conv1d):

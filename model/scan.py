@@ -51,12 +51,13 @@ def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
     L = chunk_size or min(128, max(16, 2 ** round(math.log2(math.sqrt(T)))))
     n_chunks = -(-T // L)
 
-    # [B, n_chunks, L, ...] views; padding with dt = 0 makes identity steps. Per-step tensors
-    # come from unbind, not indexing: its backward is one stack, not L zero-filled copies.
+    # [B, n_chunks, L, ...], with channels contiguous: every step below is elementwise across channels, and
+    # the inputs come with time contiguous (the kernels' layout). Padding with dt = 0 makes identity steps.
+    # Per-step tensors come from unbind, not indexing: its backward is one stack, not L zero-filled copies.
     dtype = torch.promote_types(x.dtype, torch.float32)
     x_in, dt = x, step_size(dt, dt_softplus).to(dtype)
     x, A, B, C = (t.to(dtype) for t in (x, A, B, C))
-    chunked = lambda t: F.pad(t, (0, n_chunks * L - T)).view(*t.shape[:-1], n_chunks, L).movedim(-3, -1)
+    chunked = lambda t: F.pad(t, (0, n_chunks * L - T)).view(*t.shape[:-1], n_chunks, L).movedim(-3, -1).contiguous()
     dt, dtx, B, C = chunked(dt), chunked(dt * x), chunked(B), chunked(C)    # [B, n_chunks, L, E or N]
     a = torch.exp(dt[..., None] * A).unbind(2)                                # L x [B, n_chunks, E, N]
     bx = (dtx[..., None] * B[..., None, :]).unbind(2)

@@ -173,6 +173,27 @@ def test_gradients_reach_every_memory_parameter(fusion):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_channels_first_projection_is_a_linear_layer_with_time_contiguous(batch):
+    """The mixer's projections give what nn.Linear gives, in the layout the conv and scan kernels read."""
+    from model.mixer import ChannelsFirstLinear
+
+    torch.manual_seed(0)
+    layer = ChannelsFirstLinear(5, 7, bias=True)
+    reference = torch.nn.Linear(5, 7)
+    reference.load_state_dict(layer.state_dict())
+    u = torch.randn(batch, 11, 5, requires_grad=True)
+    out = layer(u.transpose(1, 2))
+    assert out.shape == (batch, 7, 11) and out.stride(-1) == 1
+    expected = reference(u).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, [u, layer.weight, layer.bias], grad)
+    theirs = torch.autograd.grad(expected, [u, reference.weight, reference.bias], grad)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     ids = tokens()
     grads = []
