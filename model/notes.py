@@ -66,7 +66,7 @@ class NoteBlock(nn.Module):
         pad = (lead, n_windows * W - lead - T)
         acc = _windows(torch.where(kept[..., None], value, self.empty_acc), pad, W, self.empty_acc)
         acc = acc.amax(2) if self.pooling == "max" else acc.sum(2)          # [B, n_windows, S]
-        count = _windows(kept.long(), pad, W, 0).sum(2)                     # [B, n_windows]
+        count = _windows(kept, pad, W, False).sum(2)                        # [B, n_windows] long
         imp = _windows(torch.where(kept, importance.detach(), 0.0), pad, W, 0.0).amax(2)
 
         if sp is not None:  # the state at this rank's start, from the earlier ranks' windows
@@ -91,7 +91,8 @@ class NoteBlock(nn.Module):
         first_epoch = (position + 1) // W
         epochs = torch.arange(first_epoch, (position + T) // W + 1, device=note.device)
         in_pool = pool_membership(cand_window, cand_imp, epochs, K, self.policy)      # [B, n_epochs, M]
-        members = torch.argsort((~in_pool).to(torch.int8), dim=-1, stable=True)[..., :K]
+        # each epoch's members first, in no particular order: attention reads the pool as a set
+        members = torch.topk(in_pool.to(torch.int8), min(K, in_pool.shape[-1]), dim=-1).indices
         view = PoolView(cand_notes, members, in_pool.gather(-1, members), lead=(position + 1) % W, width=W)
         if not final_state:
             return view, None
@@ -175,9 +176,8 @@ def pool_membership(window: Tensor, importance: Tensor, epochs: Tensor, K: int, 
         order = order.gather(-1, by_importance)
     ranked_window = window.gather(-1, order)[:, None, :]                       # [B, 1, M]
     present = (ranked_window >= 0) & (ranked_window < epochs[None, :, None])   # [B, E, M]
-    ahead = present.long().cumsum(-1) - present.long()
-    in_pool_ranked = present & (ahead < K)
-    return torch.zeros_like(in_pool_ranked).scatter(-1, order[:, None, :].expand_as(present), in_pool_ranked)
+    in_pool_ranked = present & (present.cumsum(-1) <= K)    # K or fewer present up to here: fewer than K ahead
+    return torch.empty_like(in_pool_ranked).scatter_(-1, order[:, None, :].expand_as(present), in_pool_ranked)
 
 
 def _compact(notes, window, importance, keep, K, open_acc, open_count, open_importance) -> NoteState:
@@ -186,7 +186,7 @@ def _compact(notes, window, importance, keep, K, open_acc, open_count, open_impo
     if missing > 0:   # fewer candidates than slots (a chunk that starts a sequence)
         notes, keep = F.pad(notes, (0, 0, 0, missing)), F.pad(keep, (0, missing))
         window, importance = F.pad(window, (0, missing), value=-1), F.pad(importance, (0, missing))
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :K]
+    order = torch.argsort(keep.to(torch.int8), dim=1, descending=True, stable=True)[:, :K]
     keep = keep.gather(1, order)
     return NoteState(
         notes=torch.where(keep[..., None], notes.gather(1, order[..., None].expand(-1, -1, notes.shape[-1])), 0.0),
@@ -197,8 +197,8 @@ def _compact(notes, window, importance, keep, K, open_acc, open_count, open_impo
 
 def _windows(t: Tensor, pad: tuple[int, int], W: int, fill) -> Tensor:
     """[B, T, ...] -> [B, n_windows, W, ...], padding `pad` tokens before and after with `fill`."""
-    extra = [0, 0] * (t.dim() - 2)
-    t = F.pad(t, (*extra, *pad), value=fill)
+    if any(pad):
+        t = F.pad(t, (*[0, 0] * (t.dim() - 2), *pad), value=fill)
     return t.view(t.shape[0], -1, W, *t.shape[2:])
 
 
@@ -229,7 +229,7 @@ class MemoryAttention(nn.Module):
         q = q.view(B * n_epochs, width, H, A // H).transpose(1, 2)
         anything = valid.any(-1, keepdim=True)
         # An epoch with an empty pool attends everywhere (finite, no NaN) and is zeroed after.
-        mask = (valid | ~anything).view(B * n_epochs, 1, 1, -1)
+        mask = torch.where(anything, valid, True).view(B * n_epochs, 1, 1, -1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = (out * anything.view(B * n_epochs, 1, 1, 1)).transpose(1, 2).reshape(B, n_epochs * width, A)
         out = out[:, lead:lead + T]
