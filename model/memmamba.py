@@ -33,8 +33,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # normalised in fp32 whatever the compute dtype; one fused kernel where torch has one
-        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight
+        # in fp32 whatever the compute dtype, the weight included: one fused kernel each way where torch has one
+        out = F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps)
+        return out.to(torch.promote_types(x.dtype, self.weight.dtype))
 
 
 class MemMambaLayer(nn.Module):
