@@ -47,6 +47,7 @@ class AdamW(torch.optim.AdamW):
     def step(self, closure=None):
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not params:
+            self.grad_norm = self.found_inf = None
             return None
         self.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         if self.max_grad_norm > 0:
