@@ -32,11 +32,11 @@ from model.config import MemMambaConfig  # noqa: E402
 from model.memmamba import MemMambaLM  # noqa: E402
 from training.config import load_config  # noqa: E402
 
-# Operations that launch nothing on a GPU: views, allocations, and Python numbers wrapped as CPU scalars.
+# Operations that launch nothing on a GPU: views, allocations, a dtype query, Python numbers wrapped as CPU scalars.
 NOT_LAUNCHED = {"scalar_tensor", "view", "_unsafe_view", "reshape", "transpose", "permute", "expand", "split",
                 "split_with_sizes", "chunk", "unbind", "slice", "select", "as_strided", "detach", "t", "alias",
                 "unsqueeze", "squeeze", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty",
-                "_reshape_alias"}
+                "_reshape_alias", "promote_types"}
 
 
 class Kernel(torch.autograd.Function):
@@ -68,17 +68,24 @@ def stand_in_kernels() -> None:
 
 
 class OperationCount(TorchDispatchMode):
+    """Operations launched, bytes they write and host reads of tensors, per `phase` (set by the caller)."""
+
     def __init__(self):
         super().__init__()
-        self.count, self.bytes = collections.Counter(), collections.Counter()
+        self.count, self.bytes, self.syncs = collections.Counter(), collections.Counter(), collections.Counter()
         self.phase = "forward"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name not in NOT_LAUNCHED:
+        if name == "_local_scalar_dense":   # a tensor read by the host: on a GPU, a wait for it
+            self.syncs[self.phase] += 1
+        elif name not in NOT_LAUNCHED:
+            # what an operation writes: the arguments it updates in place (an optimizer's states), or its outputs
+            mutated = [value for arg, value in zip(func._schema.arguments, args)
+                       if arg.alias_info is not None and arg.alias_info.is_write]
             self.count[self.phase] += 1
-            self.bytes[self.phase] += sum(t.numel() * t.element_size() for t in tree_leaves(out)
+            self.bytes[self.phase] += sum(t.numel() * t.element_size() for t in tree_leaves(mutated or out)
                                           if isinstance(t, torch.Tensor))
         return out
 

@@ -12,41 +12,16 @@ own operations are `bench/op_count.py`'s subject; here they are the same in ever
 from __future__ import annotations
 
 import argparse
-import collections
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.op_count import NOT_LAUNCHED  # noqa: E402
+from bench.op_count import OperationCount  # noqa: E402
 from training.train import setup, train_step  # noqa: E402
-
-
-class PhaseCount(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count, self.bytes, self.syncs = collections.Counter(), collections.Counter(), collections.Counter()
-        self.phase = "forward"
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        if name == "_local_scalar_dense":   # a tensor read by the host: on a GPU, a wait for it
-            self.syncs[self.phase] += 1
-        elif name not in NOT_LAUNCHED:
-            # what an operation writes: the arguments it updates in place (an optimizer's states), or its outputs
-            mutated = [value for arg, value in zip(func._schema.arguments, args)
-                       if arg.alias_info is not None and arg.alias_info.is_write]
-            self.count[self.phase] += 1
-            self.bytes[self.phase] += sum(t.numel() * t.element_size() for t in tree_leaves(mutated or out)
-                                          if isinstance(t, torch.Tensor))
-        return out
 
 
 def main() -> None:
@@ -64,7 +39,7 @@ def main() -> None:
                                   f"output_dir={tmp}", *args.overrides])
         train_step(run)   # warm-up: the optimizer's state is allocated in its first step
         engine, (window, loss_mask) = run.engine, next(run.batches)
-        with PhaseCount() as ops:
+        with OperationCount() as ops:
             loss = engine(window, loss_mask, run.sp)
             ops.phase = "backward"
             engine.backward(loss)

@@ -24,6 +24,7 @@ from training.config import apply_override, batch_layout, config_from_dict, load
 from training.distributed import free_port
 from training.export import load_model
 from training.flops import forward_flops_per_token
+from training.loss import lm_loss
 from training.metrics import Metrics
 from training.optim import AdamW, param_groups
 
@@ -155,8 +156,7 @@ def _optimizer_pair(max_grad_norm):
 
 
 def _backward(model, ids, scale=1.0):
-    logits, _ = model(ids[:, :-1])
-    (scale * torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:])).backward()
+    (scale * lm_loss(model, ids)).backward()
 
 
 def test_optimizer_clips_like_torch_and_steps_like_adamw():
@@ -371,10 +371,10 @@ def zero0_run(pg19_shards, tmp_path_factory):
 @pytest.mark.parametrize("run", ["zero3_run", "zero0_run"])
 def test_other_zero_stages_follow_the_zero1_run_step_for_step(run, request, straight_run):
     # ZeRO-3 with gradient accumulation must reduce exactly what ZeRO-1 does; stage 0 must clip as ZeRO-1 does.
+    assert any(norm > CLIP for step, norm in scalars(straight_run, "train/grad_norm").items() if step <= 3)
     for tag in ("train/loss", "train/grad_norm"):
         other, zero1 = scalars(request.getfixturevalue(run), tag), scalars(straight_run, tag)
         assert sorted(other) == [1, 2, 3]
-        assert any(scalars(straight_run, "train/grad_norm")[step] > CLIP for step in other)   # and was clipped
         for step in other:
             assert other[step] == pytest.approx(zero1[step], rel=1e-4), (tag, step)
 
