@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ConfigError, MemMambaConfig
-from model.scan import (cuda_scan_available, initial_state_contribution, selective_scan, selective_scan_cuda,
-                        selective_scan_gated_cuda, step_size)
+from model.scan import (initial_state_contribution, selective_scan, selective_scan_cuda, selective_scan_gated_cuda,
+                        step_size)
+from model.scan_kernel import cuda_scan_available
 from model.state import MixerState
 
 try:  # optional fast path, CUDA only
@@ -147,7 +148,6 @@ class CausalConv1d(nn.Conv1d):
         x = F.pad(x, (self.kernel_size[0] - 1, 0)) if halo is None else torch.cat([halo, x], -1)
         return F.silu(super().forward(x))
 
-    @torch.compiler.disable  # an extension the compiler cannot trace: it runs as it is
     def _kernel(self, x: Tensor, halo: Tensor | None) -> Tensor:
         if halo is None:
             return causal_conv1d_fn(x, self.weight[:, 0], self.bias, activation="silu")

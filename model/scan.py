@@ -1,7 +1,7 @@
 """The selective scan h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,  y_t = C_t . h_t.
 
 `selective_scan` is the pure-PyTorch path (any device, differentiable by autograd);
-`selective_scan_cuda` wraps mamba_ssm's fused kernel, which has no initial state of its
+`selective_scan_cuda` runs mamba_ssm's fused kernel (model/scan_kernel.py), which has no initial state of its
 own: since the recurrence is linear in h, the state an input starts from only adds
 C_t . (exp(A cumsum(dt))_t * h0) to the outputs (`initial_state_contribution`), the term
 sequence parallelism uses as well.
@@ -10,9 +10,9 @@ Layouts and options follow mamba_ssm's `selective_scan_fn`: x, dt [B, E, T]; A [
 B, C [B, N, T]; states [B, E, N]; with `dt_softplus` the step size is softplus(dt), and `D`
 adds the skip connection D * x to y. The scan always computes in fp32.
 
-Under torch.compile (`train.compile`) every scan runs as it is, outside the compiled graphs: the
-kernels are opaque to the compiler, and the PyTorch scan's loops would unroll into a graph of
-thousands of nodes that takes minutes to compile.
+Under torch.compile (`train.compile`) the kernel is one node of a layer's graph; the PyTorch scan runs as it
+is, outside the compiled graphs: its loops would unroll into a graph of thousands of nodes that takes
+minutes to compile.
 """
 from __future__ import annotations
 
@@ -22,10 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # optional fast path, CUDA only
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-except ImportError:
-    selective_scan_fn = None
+from model.scan_kernel import selective_scan_kernel
 
 
 def step_size(dt: Tensor, dt_softplus: bool) -> Tensor:
@@ -99,7 +96,6 @@ def initial_state_contribution(dt: Tensor, A: Tensor, C: Tensor, h0: Tensor) -> 
     return y, decay[:, :, -1] * h0
 
 
-@torch.compiler.disable
 def selective_scan_cuda(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                         dt_softplus: bool = False, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """mamba_ssm's fused kernel with the contract of `selective_scan`; y comes in x's dtype.
@@ -115,19 +111,18 @@ def selective_scan_cuda(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     dt, B, C = (t.to(x.dtype) for t in (dt, B, C))
     no_step = -1e4 if dt_softplus else 0.0
     unit_vectors = torch.eye(N, dtype=x.dtype, device=x.device).expand(batch, N, N)
-    y, h_last = selective_scan_fn(
+    D = A.new_zeros(A.shape[0]) if D is None else D.float()
+    y, h_last = selective_scan_kernel(
         F.pad(x, (0, N)), F.pad(dt, (0, N), value=no_step), A.float(), F.pad(B, (0, N)),
-        torch.cat([C, unit_vectors], -1), D=None if D is None else D.float(), delta_softplus=dt_softplus,
-        return_last_state=True)
+        torch.cat([C, unit_vectors], -1), D, delta_softplus=dt_softplus)
     y, h_read = y[..., :T], y[..., T:].float()
-    h_last = h_last.float() + (h_read - h_read.detach())
+    h_last = h_last + (h_read - h_read.detach())
     if h0 is not None:
         y_h0, h_last_h0 = initial_state_contribution(step_size(dt, dt_softplus), A, C, h0)
         y, h_last = y.float() + y_h0, h_last + h_last_h0
     return y, h_last
 
 
-@torch.compiler.disable
 def selective_scan_gated_cuda(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor
                               ) -> Tensor:
     """(scan from the zero state + D x) * silu(z) with softplus step sizes, in one kernel; no state out.
@@ -135,8 +130,5 @@ def selective_scan_gated_cuda(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
     What a training forward over whole sequences needs, as fused as mamba_ssm's own Mamba.
     """
     dt, B, C, z = (t.to(x.dtype) for t in (dt, B, C, z))
-    return selective_scan_fn(x, dt, A.float(), B, C, D=D.float(), z=z, delta_softplus=True)
+    return selective_scan_kernel(x, dt, A.float(), B, C, D.float(), z, delta_softplus=True)[0]
 
-
-def cuda_scan_available() -> bool:
-    return selective_scan_fn is not None and torch.cuda.is_available()

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from model.scan import cuda_scan_available, selective_scan, selective_scan_cuda
+from model.scan import selective_scan, selective_scan_cuda
+from model.scan_kernel import cuda_scan_available
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not cuda_scan_available(), reason="needs a CUDA GPU and mamba_ssm")]
@@ -102,9 +103,23 @@ def test_bf16_autocast_backends_agree():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_scan_operator_output_layouts_and_backward_are_registered_as_the_kernel_has_them(gated):
+    g = torch.Generator(device="cuda").manual_seed(4)
+    b, E, N, T = 2, 64, 16, 2100     # two of the kernel's chunks
+    # x, dt and z in the mixer's layout: time contiguous, channels strided
+    x, dt, z = torch.randn(3, E, b, T, device="cuda", generator=g).transpose(1, 2)
+    A = -torch.rand(E, N, device="cuda", generator=g)
+    B, C = torch.randn(2, b, 1, N, T, device="cuda", generator=g)
+    D = torch.randn(E, device="cuda", generator=g)
+    args = [t.requires_grad_() for t in (x, dt - 3, A, B, C, D)] + [z.requires_grad_() if gated else None, True]
+    torch.library.opcheck(torch.ops.memmamba.selective_scan_fwd, args)
+
+
 @pytest.mark.parametrize("chunk_len", [None, 128])
 def test_compiled_layers_agree_on_the_kernel_path(chunk_len):
-    """train.compile as it runs on a GPU: Triton kernels generated around the scan and conv kernels."""
+    """train.compile as it runs on a GPU: each layer one graph (a graph break fails), Triton kernels generated
+    around the scan and conv kernels."""
     import torch._dynamo
     from model import MemMambaConfig, MemMambaLM
     torch._dynamo.reset()
@@ -114,5 +129,5 @@ def test_compiled_layers_agree_on_the_kernel_path(chunk_len):
         torch.manual_seed(0)
         models.append(MemMambaLM(MemMambaConfig(backend="cuda")).cuda())
     for layer in models[1].layers:
-        layer.compile()
+        layer.compile(fullgraph=True)
     assert_same_training_step(*models, window, chunk_len)
