@@ -88,3 +88,35 @@ def run_rank_loss(rank, world, rendezvous):
 @pytest.mark.slow
 def test_sequence_parallel_loss_and_averaged_gradients_equal_one_process(tmp_path):
     mp.spawn(run_rank_loss, args=(2, tmp_path / "rendezvous"), nprocs=2)
+
+
+def run_rank_compiled(rank, world, rendezvous):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        models = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            models.append(MemMambaLM(dataclasses.replace(TEST_CONFIG, pool_policy="priority")))
+        for layer in models[1].layers:
+            layer.compile(backend="aot_eager")     # graphs as in training, run without code generation
+        windows = torch.randint(0, TEST_CONFIG.vocab_size, (2, 2, T + 1), generator=torch.Generator().manual_seed(3))
+        for window in windows:   # the second runs the compiled graphs without compiling
+            losses, grads = [], []
+            for model in models:
+                model.zero_grad()
+                loss = lm_loss(model, window, sp=SequenceParallel())
+                loss.backward()
+                losses.append(loss.detach())
+                grads.append({name: p.grad for name, p in model.named_parameters()})
+            torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+            for name, grad in grads[0].items():
+                torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_eager_loss_and_gradients_under_sequence_parallelism(tmp_path):
+    """train.compile with parallel.sequence_parallel_size > 1: the exchanges between ranks run between graphs."""
+    mp.spawn(run_rank_compiled, args=(2, tmp_path / "rendezvous"), nprocs=2)
