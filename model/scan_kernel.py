@@ -32,7 +32,7 @@ def selective_scan_kernel(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     u, delta, B, C, z = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (u, delta, B, C, z))
     out, chunk_states, *gated = torch.ops.memmamba.selective_scan_fwd(
         u, delta, A, B[:, None], C[:, None], D, z, delta_softplus)    # B, C: one group
-    # the state is kept as (exp(A dt) products, h) pairs along the last axis
+    # the kernel keeps pairs along the last axis, the state second (where mamba_ssm reads its last state)
     return (gated[0] if gated else out), chunk_states[:, :, -1, 1::2].detach()
 
 
