@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from model import MemMambaLM
 from model.sequence_parallel import SequenceParallel
 from tests.test_model import TEST_CONFIG
+from tests.training_step import assert_same_training_step
 from training.loss import lm_loss
 
 T = 48
@@ -102,16 +103,7 @@ def run_rank_compiled(rank, world, rendezvous):
             layer.compile(backend="aot_eager")     # graphs as in training, run without code generation
         windows = torch.randint(0, TEST_CONFIG.vocab_size, (2, 2, T + 1), generator=torch.Generator().manual_seed(3))
         for window in windows:   # the second runs the compiled graphs without compiling
-            losses, grads = [], []
-            for model in models:
-                model.zero_grad()
-                loss = lm_loss(model, window, sp=SequenceParallel())
-                loss.backward()
-                losses.append(loss.detach())
-                grads.append({name: p.grad for name, p in model.named_parameters()})
-            torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-            for name, grad in grads[0].items():
-                torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+            assert_same_training_step(*models, lambda model: lm_loss(model, window, sp=SequenceParallel()))
     finally:
         dist.destroy_process_group()
 
