@@ -8,6 +8,7 @@ Every variant is set up by `training.train.setup` from the config plus `--set` o
 (`training.train.train_step`: forward, backward, DeepSpeed's step), so that a machine whose load changes slows
 them alike. Tokens/s is the median over the measured steps; "vs Mamba" is the median of the per-turn ratios.
 MFU is taken against the datasheet peak of a known GPU, or against a measured matmul peak (e.g. on a CPU).
+"first step" is the time of each variant's first step: for the compiled variants, mostly compiling.
 
 The variant `mamba_ssm` (CUDA, needs the mamba_ssm package) is mamba_ssm's own MambaLMHeadModel of the same
 size, stepped the way the stack steps: fp32 weights, bf16 autocast, fused AdamW, clipping, no activation
@@ -97,6 +98,7 @@ def main() -> None:
 
     model_section = json.loads(Path(args.config).read_text())["model"]
     runs, seconds, memory = {}, {name: [] for name in args.variants}, {name: 0.0 for name in args.variants}
+    first_step = {}   # seconds: compiling, for the compiled variants
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.variants:
             overrides = [f"data.path={args.data}", f"data.seq_len={args.seq_len}", "data.num_workers=0",
@@ -117,8 +119,11 @@ def main() -> None:
                     torch.cuda.reset_peak_memory_stats()
                 started = time.perf_counter()
                 run.step() if name == "mamba_ssm" else train_step(run)
+                elapsed = time.perf_counter() - started
+                if step == 0:
+                    first_step[name] = elapsed
                 if step >= args.warmup:
-                    seconds[name].append(time.perf_counter() - started)
+                    seconds[name].append(elapsed)
                 if cuda:
                     memory[name] = max(memory[name], torch.cuda.max_memory_allocated() / 2 ** 30)
         for run in stack_runs:
@@ -130,15 +135,16 @@ def main() -> None:
           f"{args.steps} steps per "
           f"variant after {args.warmup} warm-up, taking turns; {any_run.place.device}, "
           f"{torch.get_num_threads()} threads, peak {peak / 1e12:.3f} TFLOP/s")
-    print("| model | tokens/s | TFLOP/s | MFU | vs Mamba |" + (" peak memory |" if cuda else ""))
-    print("|---|---:|---:|---:|---:|" + ("---:|" if cuda else ""))
+    print("| model | tokens/s | TFLOP/s | MFU | vs Mamba | first step |" + (" peak memory |" if cuda else ""))
+    print("|---|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""))
     for name, run in runs.items():
         tps = args.micro_batch * args.seq_len / statistics.median(seconds[name])
         model_config = run.model_config if name == "mamba_ssm" else run.cfg.model_config
         flops = tps * train_flops_per_token(model_config, args.seq_len)
         base = "mamba_compiled" if name.endswith("_compiled") else "mamba"
         ratio = f"{speed_ratio(seconds, name, base):.2f}x" if base in seconds else "-"
-        print(f"| {name} | {tps:,.0f} | {flops / 1e12:.4f} | {100 * flops / peak:.1f}% | {ratio} |"
+        print(f"| {name} | {tps:,.0f} | {flops / 1e12:.4f} | {100 * flops / peak:.1f}% | {ratio} "
+              f"| {first_step[name]:.1f} s |"
               + (f" {memory[name]:.1f} GiB |" if cuda else ""))
     bars = [("MemMamba", "memmamba", "Mamba", "mamba", BAR), ("Mamba", "mamba", "mamba_ssm", "mamba_ssm", REFERENCE_BAR),
             ("compiled MemMamba", "memmamba_compiled", "compiled Mamba", "mamba_compiled", BAR),
