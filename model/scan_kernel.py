@@ -10,7 +10,7 @@ The extension is called as mamba_ssm's `selective_scan_fn` calls it, without a d
 in dt_proj's product). Inputs with time not contiguous are copied first, as there; the compiler hands custom
 operators their inputs in the strides they were traced with.
 """
-from __future__ import annotations
+from typing import List, Optional   # the spelling of types that every torch.library version reads in a signature
 
 import torch
 from torch import Tensor
@@ -24,7 +24,7 @@ KERNEL_CHUNK = 2048   # the kernel keeps the state at the end of every 2048 step
 
 
 def selective_scan_kernel(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
-                          z: Tensor | None = None, delta_softplus: bool = False) -> tuple[Tensor, Tensor]:
+                          z: Optional[Tensor] = None, delta_softplus: bool = False) -> tuple[Tensor, Tensor]:
     """The kernel on u, delta, z [B, E, T]; A [E, N] fp32; B, C [B, N, T]; D [E] fp32.
 
     Returns (y, final state [B, E, N] in fp32, without gradient); y = scan + D u, times silu(z) if z is given.
@@ -37,8 +37,8 @@ def selective_scan_kernel(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
 
 
 @torch.library.custom_op("memmamba::selective_scan_fwd", mutates_args=(), device_types="cuda")
-def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None,
-             delta_softplus: bool) -> list[Tensor]:
+def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Optional[Tensor],
+             delta_softplus: bool) -> List[Tensor]:
     """-> [out, chunk states, out * silu(z) if z is given]"""
     return extension.fwd(u, delta, A, B, C, D, z, None, delta_softplus)
 
@@ -51,8 +51,8 @@ def _(u, delta, A, B, C, D, z, delta_softplus):
 
 
 @torch.library.custom_op("memmamba::selective_scan_bwd", mutates_args=(), device_types="cuda")
-def _backward_kernel(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None,
-                     dout: Tensor, chunk_states: Tensor, out: Tensor | None, delta_softplus: bool) -> list[Tensor]:
+def _backward_kernel(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Optional[Tensor],
+                     dout: Tensor, chunk_states: Tensor, out: Optional[Tensor], delta_softplus: bool) -> List[Tensor]:
     """-> [du, ddelta, dA, dB, dC, dD, dz if z is given]"""
     du, ddelta, dA, dB, dC, dD, _, *dz = extension.bwd(
         u, delta, A, B, C, D, z, None, dout, chunk_states, out, None, delta_softplus, False)
