@@ -113,9 +113,9 @@ class NoteBlock(nn.Module):
         if (position + 1) % self.window:
             new_state = NoteState(state.notes, state.window, state.importance, acc, count, imp)
         else:
-            note, made = self._finish(acc, count)
+            finished, made = self._finish(acc, count)
             window = torch.where(made, position // self.window, -1)
-            new_state = self._insert(state, note.to(state.notes.dtype), window, imp)
+            new_state = self._insert(state, finished.to(state.notes.dtype), window, imp)
         slots = torch.arange(self.pool_size, device=note.device).expand(note.shape[0], 1, -1)
         return PoolView(new_state.notes, slots, new_state.valid[:, None, :], lead=0, width=1), new_state
 
