@@ -4,7 +4,8 @@ Semantics (../shared/docs/memmamba-design.md): a token t is kept if I_token(t) >
 window j (absolute positions [jW, (j+1)W)) becomes one note, the max (or mean) of
 I_token * N(u) over its kept tokens, and makes no note if nothing was kept. pool(t) holds
 the notes of the windows complete at t, at most K of them: the newest (FIFO) or the most
-important (priority; ties go to the newer). Tokens read pool(t) through attention.
+important (priority, by max I_token rounded to 3 decimals; ties go to the newer). Tokens
+read pool(t) through attention.
 
 The parallel form never loops over tokens. The candidates of a chunk are the carried pool
 plus the notes of the windows that close inside the chunk; since pool(t) only changes when
@@ -67,7 +68,7 @@ class NoteBlock(nn.Module):
         acc = _windows(torch.where(kept[..., None], value, self.empty_acc), pad, W, self.empty_acc)
         acc = acc.amax(2) if self.pooling == "max" else acc.sum(2)          # [B, n_windows, S]
         count = _windows(kept, pad, W, False).sum(2)                        # [B, n_windows] long
-        imp = _windows(torch.where(kept, importance.detach(), 0.0), pad, W, 0.0).amax(2)
+        imp = _windows(torch.where(kept, rank_key(importance), 0.0), pad, W, 0.0).amax(2)
 
         if sp is not None:  # the state at this rank's start, from the earlier ranks' windows
             state = sp.note_state(self, acc, count, imp, T)
@@ -109,7 +110,7 @@ class NoteBlock(nn.Module):
         value, kept = importance[:, None] * note, importance.detach() > self.tau1
         acc = self._combine(state.open_acc, torch.where(kept[:, None], value, self.empty_acc))
         count = state.open_count + kept.long()
-        imp = torch.maximum(state.open_importance, torch.where(kept, importance.detach(), 0.0))
+        imp = torch.maximum(state.open_importance, torch.where(kept, rank_key(importance), 0.0))
         if (position + 1) % self.window:
             new_state = NoteState(state.notes, state.window, state.importance, acc, count, imp)
         else:
@@ -160,6 +161,15 @@ class NoteBlock(nn.Module):
         keep = valid & ~evict
         empty = self._empty_open(notes.shape[0], notes[:, 0])
         return _compact(notes, windows, importance, keep, self.pool_size, *empty)
+
+
+# Priority pools compare importances rounded to 3 decimals. The same token's importance differs in its last bits
+# between a whole forward, a chunk and a single step (products of different shapes), and exact ties are common
+# (at layer 0 a token's importance depends on its id alone): rounded, they stay ties, which the newer note wins in
+# every form.
+def rank_key(importance: Tensor) -> Tensor:
+    """The importance that priority pools rank by."""
+    return torch.round(importance.detach(), decimals=3)
 
 
 def pool_membership(window: Tensor, importance: Tensor, epochs: Tensor, K: int, policy: str) -> Tensor:

@@ -30,7 +30,7 @@ class NoteState:
     """
     notes: Tensor            # [B, K, S]
     window: Tensor           # [B, K] long, absolute window index; -1 for an empty slot
-    importance: Tensor       # [B, K] the note's max I_token (priority pools rank by it)
+    importance: Tensor       # [B, K] the note's max I_token, rounded (priority pools rank by it)
     open_acc: Tensor         # [B, S]
     open_count: Tensor       # [B] long
     open_importance: Tensor  # [B]

@@ -75,7 +75,8 @@ def memmamba_lm_reference(weights, config, input_ids):
                     continue
                 values = torch.stack([value[b, t] for t in kept])
                 note = values.max(0).values if config.pooling == "max" else values.mean(0)
-                made.append((j, note, max(float(importance[b, t]) for t in kept)))
+                # priority ranks importances rounded to 3 decimals (model/notes.py: the forms' last bits differ)
+                made.append((j, note, max(float(torch.round(importance[b, t], decimals=3)) for t in kept)))
             windows.append(made)
         pools = []
         for b in range(batch):

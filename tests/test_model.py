@@ -42,7 +42,10 @@ def assert_states_equal(a, b):
         if la.notes is not None:
             assert torch.equal(la.notes.window, lb.notes.window)
             torch.testing.assert_close(la.notes.notes, lb.notes.notes, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(la.notes.importance, lb.notes.importance, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(la.notes.open_acc, lb.notes.open_acc, rtol=1e-5, atol=1e-5)
             assert torch.equal(la.notes.open_count, lb.notes.open_count)
+            torch.testing.assert_close(la.notes.open_importance, lb.notes.open_importance, rtol=1e-5, atol=1e-5)
 
 
 POLICIES = [dict(pool_policy="fifo"), dict(pool_policy="priority"), dict(pooling="mean"),
@@ -73,6 +76,29 @@ def test_forward_equals_step_by_step(overrides):
             outs.append(logits)
     torch.testing.assert_close(torch.stack(outs, 1), full, rtol=1e-5, atol=1e-5)
     assert_states_equal(step_state, state)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 4])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_priority_ties_go_to_the_newer_note_in_every_form(window, seed):
+    """At layer 0 a token's importance depends on its id alone, so windows whose most important token is the same
+    id tie. The whole, chunked and streaming forms compute that importance through products of different shapes,
+    whose last bits differ; the newer note must win the tie in all of them."""
+    model = make_model(seed, pool_policy="priority", note_window=window, pool_size=1, tau1=0.3)
+    ids = tokens(vocab=3, seed=seed + 10)                    # three token ids: ties in every row
+    with torch.no_grad():
+        full, state = model(ids)
+        for sizes in ([1, 40], [5, 1, 11, 13, 11]):
+            parts, parts_state = chunked(model, ids, sizes)
+            torch.testing.assert_close(parts, full, rtol=1e-5, atol=1e-5)
+            assert_states_equal(parts_state, state)
+        prefix, prefix_state = chunked(model, ids[:, :20], [7, 13])
+        outs = []
+        for t in range(20, ids.shape[1]):
+            logits, prefix_state = model.step(ids[:, t], prefix_state)
+            outs.append(logits)
+    torch.testing.assert_close(torch.stack(outs, 1), full[:, 20:], rtol=1e-5, atol=1e-5)
+    assert_states_equal(prefix_state, state)
 
 
 def test_thresholds_are_active_in_the_equivalence_tests():
@@ -261,3 +287,5 @@ def test_chunked_prefill_equals_one_pass():
     torch.testing.assert_close(last, full[:, -1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-5)
     assert state.position == 40
+    with pytest.raises(ValueError, match="at least one token"):
+        model.prefill(ids[:, :0])
