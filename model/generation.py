@@ -22,6 +22,9 @@ class GenerationMixin:
         (chunk start, chunk end) giving the positions whose logits to keep, returns those
         concatenated instead of only the last.
         """
+        if input_ids.shape[1] == 0:
+            raise ValueError("prefill needs a prompt of at least one token (e.g. the end-of-sequence id, which "
+                             "starts a new document)")
         if state is None:
             state = self.allocate_state(input_ids.shape[0], input_ids.device)
         kept = []
