@@ -57,6 +57,10 @@ def tiny_config(**sections):
     ({"optimiser": {"lr": 1e-4}}, "unknown key optimiser"),
     ({"optimizer.lr": -1}, "optimizer.lr must be positive, got -1"),
     ({"optimizer.betas": [0.9]}, "optimizer.betas must be two numbers in [0, 1), got [0.9]"),
+    ({"optimizer.weight_decay": float("nan")}, "optimizer.weight_decay must be >= 0, got nan"),
+    ({"train.grad_clip": float("nan")}, "train.grad_clip must be >= 0 (0 turns clipping off), got nan"),
+    ({"data.passkey": {"key_digit": 5}}, "unknown key data.passkey.key_digit; allowed: key_digits"),
+    ({"data.passkey": {"key_digits": 0}}, "data.passkey.key_digits must be a positive integer, got 0"),
     ({"train.precision": "fp16"}, "train.precision must be one of 'auto', 'bf16', 'fp32', got 'fp16'"),
     ({"data.source": "web"}, "data.source must be one of 'shards', 'passkey', got 'web'"),
     ({"data.path": None}, "data.path must be a string, got None"),
@@ -456,7 +460,20 @@ def test_sequence_parallel_run_matches_the_data_parallel_run(pg19_shards, straig
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("problem", ["missing key", "no shards", "vocabulary", "model shape"])
+def test_a_resumed_run_takes_the_configs_optimizer_settings_and_names_model_changes(pg19_shards, straight_run,
+                                                                                     tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copytree(straight_run / "checkpoints" / "step-00000008", tmp_path / "checkpoints" / "step-00000008")
+    result = train(1, pg19_shards.root, tmp_path, "train.max_steps=10", "optimizer.lr=1e-3", "model.backend=torch")
+    assert "note: model.backend is 'torch' here, 'auto' in the checkpoint" in result.stdout
+    assert scalars(straight_run, "train/lr")[9] == pytest.approx(3e-3)
+    assert scalars(tmp_path, "train/lr") == {9: pytest.approx(1e-3), 10: pytest.approx(1e-3)}
+    assert scalars(tmp_path, "train/loss")[9] == pytest.approx(scalars(straight_run, "train/loss")[9], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("problem", ["missing key", "no shards", "vocabulary", "model shape", "another run",
+                                     "rollback", "deepspeed key", "deepspeed value"])
 def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, straight_run, tmp_path):
     config = tmp_path / "config.json"
     raw = json.loads((CONFIGS / "tiny_cpu.json").read_text())
@@ -465,6 +482,10 @@ def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, str
     config.write_text(json.dumps(raw))
     shutil.copy(pg19_shards.tokenizer_path, tmp_path / "tokenizer.model")  # a data.path without shards
     latest = straight_run / "checkpoints" / "step-00000016"
+    saved = tmp_path / "run" / "checkpoints"
+    if problem in ("another run", "rollback"):   # checkpoints that this run's saves would overwrite or mix with
+        for name in ("step-00000008", "step-00000016"):
+            shutil.copytree(straight_run / "checkpoints" / name, saved / name)
     overrides, expected = {
         "missing key": ([], "error: missing key train.max_steps"),
         "no shards": ([f"data.path={tmp_path}"], f"error: {tmp_path}/train: no such directory"),
@@ -472,6 +493,14 @@ def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, str
         "model shape": ([f"checkpoint.resume={latest}", "model.d_model=32"],
                         f"error: {latest}: checkpoint of a different model: parameter embedding.weight is "
                         "[1024, 64] there and [1024, 32] here"),
+        "another run": (["checkpoint.resume=never"], f"error: {saved}: holds checkpoints after step 0 "
+                                                     "(step-00000008, step-00000016)"),
+        "rollback": ([f"checkpoint.resume={saved / 'step-00000008'}"],
+                     f"error: {saved}: holds checkpoints after step 8 (step-00000016)"),
+        "deepspeed key": (['deepspeed.zero_optimisation={"stage": 2}'],
+                          "error: unknown key deepspeed.zero_optimisation: DeepSpeed does not read it"),
+        "deepspeed value": (["deepspeed.zero_optimization.overlap_comm=sometimes"],
+                            "error: deepspeed.zero_optimization.overlap_comm: Input should be a valid boolean"),
     }[problem]
     result = train(1, pg19_shards.root, tmp_path / "run", *overrides, check=False, config=config)
     assert result.returncode == 1

@@ -63,6 +63,16 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return path
 
 
+def check_no_later(root: Path, step: int) -> None:
+    """Refuse to start a run at `step` where root holds checkpoints of later steps: those of another run
+    (checkpoint.resume=never), or the abandoned future of a rollback to an earlier checkpoint. The run's saves
+    would overwrite some of them and be pruned in favour of others, and a later resume=auto would pick one."""
+    later = [p.name for p in complete_checkpoints(root) if int(p.name.split("-")[1]) > step]
+    if later:
+        raise CheckpointError(f"{root}: holds checkpoints after step {step} ({', '.join(later)}), which this run's "
+                              f"saves would mix with; move or delete them, or use another output_dir")
+
+
 def read_meta(path: Path) -> dict:
     meta = json.loads((path / META).read_text())
     if meta.get("format") != FORMAT:
@@ -121,8 +131,6 @@ def save(engine, root: Path, step: int, meta: dict, rank_state: dict, keep: int,
     self-contained."""
     name = checkpoint_name(step)
     final, partial = root / name, root / (PARTIAL + name)
-    if final.is_dir():  # resumed from this very step and stopped before the next one: nothing new
-        return final
     engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
     torch.save(rank_state, partial / f"rank-{dist.get_rank():05d}.pt")
     dist.barrier()
@@ -170,8 +178,10 @@ def load(engine, path: Path, meta: dict) -> dict | None:
 
 
 def universal(path: Path) -> Path:
-    """The checkpoint in DeepSpeed's universal format (ZeRO partitions merged per parameter), made once."""
+    """The checkpoint in DeepSpeed's universal format (ZeRO partitions merged per parameter), made once by rank 0
+    (collective: every rank returns, or raises, once it is there)."""
     out = path / "universal"
+    failure = [None]
     if dist.get_rank() == 0 and not out.is_dir():
         tmp = path / (PARTIAL + "universal")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -180,8 +190,11 @@ def universal(path: Path) -> Path:
                                     "--num_extract_workers", "1", "--num_merge_workers", "1"],
                                    capture_output=True, text=True)
         if converted.returncode:
-            raise CheckpointError(f"{path}: conversion to DeepSpeed's universal format failed: "
-                                  f"{converted.stderr.strip().splitlines()[-1:]}")
-        os.replace(tmp, out)
-    dist.barrier()
+            failure[0] = (f"{path}: conversion to DeepSpeed's universal format failed: "
+                          f"{converted.stderr.strip().splitlines()[-1:]}")
+        else:
+            os.replace(tmp, out)
+    dist.broadcast_object_list(failure, src=0)   # so that the other ranks stop too, rather than wait for rank 0
+    if failure[0] is not None:
+        raise CheckpointError(failure[0])
     return out

@@ -22,13 +22,22 @@ from model.config import describe_type, matches_type
 
 
 @dataclass
+class PasskeyConfig:
+    """Options of the passkey training set (data.source="passkey", training.tasks.PasskeyWindows)."""
+    key_digits: int = 5
+
+    def __post_init__(self):
+        _positive("data.passkey", self, "key_digits")
+
+
+@dataclass
 class DataConfig:
     path: str                           # the --output of `python -m data_pipeline prepare` (passkey: its filler)
     source: Literal["shards", "passkey"] = "shards"
     seq_len: int = 2048                 # tokens per training window (each item holds seq_len + 1)
     train_split: str = "train"
     num_workers: int = 2                # DataLoader processes per rank
-    passkey: dict = field(default_factory=dict)   # options of training.tasks.PasskeyWindows
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)   # for data.source="passkey"
 
     def __post_init__(self):
         _positive("data", self, "seq_len")
@@ -47,7 +56,7 @@ class OptimizerConfig:
     def __post_init__(self):
         if not self.lr > 0:
             raise ConfigError(f"optimizer.lr must be positive, got {self.lr}")
-        if self.weight_decay < 0:
+        if not self.weight_decay >= 0:
             raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
@@ -77,7 +86,7 @@ class TrainConfig:
         for key in ("grad_accum", "global_batch_size", "chunk_len"):
             if getattr(self, key) is not None:
                 _positive("train", self, key)
-        if self.grad_clip < 0:
+        if not self.grad_clip >= 0:
             raise ConfigError(f"train.grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
 
 
@@ -244,7 +253,7 @@ def _build(cls, values, where: str):
     for name, value in values.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{name}.")
+            kwargs[name] = _build(hint, value, f"{where}{name}.")
         elif not matches_type(value, hint):
             raise ConfigError(f"{where}{name} must be {describe_type(hint)}, got {value!r}")
         else:
@@ -253,12 +262,12 @@ def _build(cls, values, where: str):
 
 
 def _positive(section: str, obj, key: str) -> None:
-    if getattr(obj, key) <= 0:
+    if not getattr(obj, key) > 0:
         raise ConfigError(f"{section}.{key} must be a positive integer, got {getattr(obj, key)}")
 
 
 def _non_negative(section: str, obj, key: str) -> None:
-    if getattr(obj, key) < 0:
+    if not getattr(obj, key) >= 0:
         raise ConfigError(f"{section}.{key} must be >= 0, got {getattr(obj, key)}")
 
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_pipeline.evaluation import validation_windows
 from data_pipeline.stream import PackedWindows, RankBatches
 from training.config import ConfigError, RunConfig
+from training.tasks import PasskeyWindows
 
 Batch = tuple[Tensor, "Tensor | None"]
 
@@ -80,13 +81,8 @@ def collate(items: list) -> Batch:
 def _dataset(cfg: RunConfig, split: str, seed: int, tokenizer_checksum: str | None) -> Dataset:
     if cfg.data.source == "shards":
         return PackedWindows(cfg.data.path, split, cfg.data.seq_len, seed, tokenizer_checksum)
-    try:
-        from training.tasks import PasskeyWindows
-    except ImportError as error:
-        raise ConfigError(f"data.source='passkey' needs training.tasks.PasskeyWindows, which is not "
-                          f"available ({error})") from None
     return PasskeyWindows(root=cfg.data.path, split=split, seq_len=cfg.data.seq_len, seed=seed,
-                          tokenizer_checksum=tokenizer_checksum, **cfg.data.passkey)
+                          tokenizer_checksum=tokenizer_checksum, key_digits=cfg.data.passkey.key_digits)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

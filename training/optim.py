@@ -60,6 +60,20 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, max_grad_norm: fl
                     ) -> tuple[AdamW, torch.optim.lr_scheduler.LambdaLR]:
     optimizer = AdamW(param_groups(model, config.weight_decay), max_grad_norm, lr=config.lr,
                       betas=tuple(config.betas), eps=config.eps)
-    warmup = config.warmup_steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, config.warmup_steps))
     return optimizer, schedule
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The learning rate of optimizer step `step` (from 0) relative to optimizer.lr: linear, then constant."""
+    return min(1.0, (step + 1) / (warmup_steps + 1))
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
+                   config: OptimizerConfig) -> None:
+    """Give a resumed optimizer the config's settings. Loading a checkpoint brings back the ones it was saved
+    with, along with the moments; a run resumed with another optimizer.lr must train with that one."""
+    for group, weight_decay in zip(optimizer.param_groups, (config.weight_decay, 0.0)):   # as param_groups
+        group.update(lr=config.lr * warmup_factor(schedule.last_epoch, config.warmup_steps), initial_lr=config.lr,
+                     betas=tuple(config.betas), eps=config.eps, weight_decay=weight_decay)
+    schedule.base_lrs = [config.lr] * len(optimizer.param_groups)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import deepspeed
+import pydantic
 import torch
 import torch.distributed as dist
 
@@ -35,7 +36,7 @@ from training.distributed import Placement, init_distributed, sequence_parallel_
 from training.flops import measure_peak_flops, peak_flops, train_flops_per_token
 from training.loss import LanguageModelObjective
 from training.metrics import Metrics
-from training.optim import build_optimizer
+from training.optim import apply_settings, build_optimizer
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)   # Slurm pre-emption and time limits, the launcher's kill
 
@@ -100,26 +101,36 @@ def setup(config_path: str, overrides: list[str]) -> Run:
     if resume_from is not None:
         meta = checkpoint.read_meta(resume_from)
         checkpoint.check_compatible(resume_from, meta, parameter_shapes, checksum)
+        if place.rank == 0:
+            _note_model_changes(meta["model"], model_config_to_dict(cfg.model_config))
         universal = checkpoint.needs_universal(resume_from, meta, place.world_size, cfg.zero_stage)
+        if universal:
+            checkpoint.universal(resume_from)   # a conversion on the CPU: before the model reaches the accelerator
         state = TrainState(**meta["state"])
         data.check_stream_state(dataset, meta["data_stream"])
     elif cfg.train.init_from is not None:
         _initialise_from(model, cfg.train.init_from, parameter_shapes, checksum)
+    checkpoint.check_no_later(cfg.checkpoint_dir, state.step)
+
+    ds_config = _deepspeed_config(cfg, layout, universal, place.device)
+    _check_deepspeed_config(ds_config)
 
     # Everything is checked: from here on the accelerator is used.
     model.to(place.device)  # before the optimizer, which is fused
     # Without ZeRO our optimizer clips (training/optim.py); under ZeRO, DeepSpeed's.
     optimizer, schedule = build_optimizer(model, cfg.optimizer, cfg.train.grad_clip if cfg.zero_stage == 0 else 0.0)
     engine, *_ = deepspeed.initialize(model=LanguageModelObjective(model, cfg.train.chunk_len),
-                                      optimizer=optimizer, lr_scheduler=schedule,
-                                      config=_deepspeed_config(cfg, layout, universal, place.device))
+                                      optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     if cfg.zero_stage == 0 and place.world_size == 1:
         # Nothing to average: spare the backward pass DeepSpeed's copy of every gradient into a flat buffer and back.
         engine.enable_backward_allreduce = False
     if place.rank == 0:
         cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_partial(cfg.checkpoint_dir)
-    rank_state = checkpoint.load(engine, resume_from, meta) if resume_from is not None else None
+    rank_state = None
+    if resume_from is not None:
+        rank_state = checkpoint.load(engine, resume_from, meta)
+        apply_settings(optimizer, schedule, cfg.optimizer)
     if rank_state is not None:
         checkpoint.set_rng_state(rank_state["rng"])
     else:
@@ -270,6 +281,14 @@ def _initialise_from(model: torch.nn.Module, path: str, shapes: dict, tokenizer_
     model.load_state_dict(source.state_dict())
 
 
+def _note_model_changes(saved: dict, current: dict) -> None:
+    """Settings that leave the parameters' shapes alone (thresholds, pool policy, window) can change on a resume;
+    say so, since the weights were trained under the old ones."""
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            print(f"note: model.{key} is {current.get(key)!r} here, {saved.get(key)!r} in the checkpoint")
+
+
 def _sequence_parallel(size: int) -> SequenceParallel | None:
     group = sequence_parallel_group(size)
     return None if group is None else SequenceParallel(group)
@@ -303,6 +322,43 @@ def _deepspeed_config(cfg: RunConfig, layout: BatchLayout, universal: bool, devi
         # Gradients stay fp32 in communication too (no lower-precision modules).
         "torch_autocast": {"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []},
     }
+
+
+def _check_deepspeed_config(ds_config: dict) -> None:
+    """DeepSpeed's own parsing of its config, before the model reaches the accelerator, as one ConfigError.
+
+    DeepSpeed's sections reject keys they do not know, but a top-level key it never reads (a misspelt
+    "zero_optimisation") it ignores: the run would go on without it.
+    """
+    read = set()
+
+    class Recording(dict):
+        def get(self, key, default=None):
+            read.add(key)
+            return super().get(key, default)
+
+        def __contains__(self, key):
+            read.add(key)
+            return super().__contains__(key)
+
+        def __getitem__(self, key):
+            read.add(key)
+            return super().__getitem__(key)
+
+    try:
+        deepspeed.DeepSpeedConfig(Recording(ds_config))
+    except pydantic.ValidationError as error:
+        problem = error.errors()[0]
+        key = ".".join(map(str, problem["loc"]))
+        section = next((name for name, value in ds_config.items() if isinstance(value, dict)
+                        and problem["loc"][0] in value), None)
+        where = f"deepspeed.{section}.{key}" if section else f"deepspeed section ({error.title}): {key}"
+        raise ConfigError(f"{where}: {problem['msg']}, got {problem.get('input')!r}") from None
+    except (ValueError, AssertionError) as error:
+        raise ConfigError(f"deepspeed section: {str(error).strip().splitlines()[0]}") from None
+    unread = sorted(set(ds_config) - read)
+    if unread:
+        raise ConfigError(f"unknown key deepspeed.{unread[0]}: DeepSpeed does not read it")
 
 
 def _peak_flops(cfg: RunConfig, device: torch.device) -> float:
