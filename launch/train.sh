@@ -9,11 +9,15 @@
 # a script as it runs it, so it never reaches the Python). To Python, everything from those quotes to the
 # matching ones below is a string, and the code after it is each rank's entry point.
 # Launcher options go in DEEPSPEED_ARGS, e.g. DEEPSPEED_ARGS="--num_gpus 2" bash launch/train.sh CONFIG.
+# Python: $PYTHON, else the repository's .venv (made by `make`), else python3.
 set -euo pipefail
+venv="$(dirname "$0")/../.venv/bin/python"
+[[ -x "$venv" ]] || venv=python3
+python=${PYTHON:-$venv}
 if [[ -n "${RANK:-}${LOCAL_RANK:-}" ]]; then  # one rank of a launcher that runs it as a program (--no_python)
-  exec "${PYTHON:-python3}" -u "$0" "$@"
+  exec "$python" -u "$0" "$@"
 fi
-exec "${PYTHON:-python3}" -m deepspeed.launcher.runner ${DEEPSPEED_ARGS:-} "$0" "$@"
+exec "$python" -m deepspeed.launcher.runner ${DEEPSPEED_ARGS:-} "$0" "$@"
 ":"""
 import sys
 from pathlib import Path
