@@ -39,11 +39,14 @@ class GenerationMixin:
     @torch.no_grad()
     def stream(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
                top_k: int | None = None, greedy: bool = False, chunk_len: int = 4096,
-               generator: torch.Generator | None = None) -> Iterator[Tensor]:
-        """Yield the next token [B] one at a time (O(1) work per token for MemMamba)."""
+               generator: torch.Generator | None = None, vocab_size: int | None = None) -> Iterator[Tensor]:
+        """Yield the next token [B] one at a time (O(1) work per token for MemMamba).
+
+        `vocab_size`: draw only ids below it, those of a tokenizer smaller than the model's vocabulary.
+        """
         logits, state = self.prefill(input_ids, chunk_len=chunk_len)
         for i in range(max_new_tokens):
-            token = sample(logits, temperature, top_k, greedy, generator)
+            token = sample(logits[:, :vocab_size], temperature, top_k, greedy, generator)
             yield token
             if i + 1 < max_new_tokens:
                 logits, state = self.step(token, state)

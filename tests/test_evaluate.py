@@ -11,10 +11,13 @@ import torch
 from data_pipeline.reader import ShardedBooks
 from data_pipeline.tokenizer import Tokenizer
 from model import build_model, save_pretrained
+from model.config import model_config_to_dict
 from training import evaluate, generate
+from training.checkpoint import FORMAT
+from training.export import load_model
 from training.evaluation import passkey
 from training.evaluation.common import (EvalError, chunked_hidden, greedy, load_checkpoint, parse_length,
-                                        unique_names)
+                                        parse_lengths, unique_names)
 from training.evaluation.fidelity import (CrossLayerStats, cosine_fidelity, expected_embedding, ridge_fidelity,
                                           ridge_score)
 from training.evaluation.perplexity import evaluate as perplexity_evaluate, scored_nll, window_starts
@@ -101,6 +104,8 @@ def test_greedy_decoding_with_a_chunked_prefill_equals_generate(pg19_shards, che
         prompt = book_window(pg19_shards, 30)
         expected = model.generate(prompt, 4, greedy=True)[:, 30:]
         assert torch.equal(greedy(model, prompt, 4, chunk_len=7), expected)
+        few = model.generate(prompt, 4, greedy=True, vocab_size=20)[:, 30:]   # a tokenizer of 20 pieces
+        assert (few < 20).all() and torch.equal(greedy(model, prompt, 4, chunk_len=7, vocab_size=20), few)
 
 
 def test_a_100k_token_passkey_prompt_runs_in_chunks_with_a_constant_state(pg19_shards, checkpoints):
@@ -251,6 +256,8 @@ def test_text_stream_reassembles_multibyte_characters(pg19_shards):
     (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--split", "nope"], "nope: no such directory"),
     (["retrieval", "--checkpoint", "{memmamba}"], "needs --passages"),
     (["latency", "--model", "memmamba:huge"], "model.size must be one of"),
+    (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--out", "{data}/tokenizer.model"],
+     "tokenizer.model: cannot be a results folder"),
 ])
 def test_problems_end_with_one_line_and_status_1(pg19_shards, checkpoints, capsys, argv, message):
     argv = [a.format(memmamba=checkpoints["memmamba"], data=pg19_shards.root) for a in argv]
@@ -258,17 +265,30 @@ def test_problems_end_with_one_line_and_status_1(pg19_shards, checkpoints, capsy
     assert code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def test_a_checkpoint_with_another_tokenizer_is_refused(checkpoints, tmp_path, pg19_shards):
+@pytest.mark.parametrize("kind", ["export", "training checkpoint"])
+def test_a_checkpoint_with_another_tokenizer_is_refused(checkpoints, tmp_path, pg19_shards, kind):
     folder = tmp_path / "copy"
-    shutil.copytree(checkpoints["mamba"], folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "tokenizer_checksum": "0" * 64}))
+    if kind == "export":
+        shutil.copytree(checkpoints["mamba"], folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "tokenizer_checksum": "0" * 64}))
+    else:   # what training/checkpoint.py writes, as far as loading the weights reads it
+        model = load_checkpoint(str(checkpoints["mamba"]), torch.device("cpu")).model
+        step = folder / "step-00000001"
+        step.mkdir(parents=True)
+        torch.save({"module": {f"model.{k}": v for k, v in model.state_dict().items()}},
+                   step / "mp_rank_00_model_states.pt")
+        (step / "meta.json").write_text(json.dumps({"format": FORMAT, "model": model_config_to_dict(model.config),
+                                                    "zero_stage": 1, "tokenizer_checksum": "0" * 64}))
+        shutil.copy(pg19_shards.tokenizer_path, step / "tokenizer.model")
+        assert load_model(folder).config == model.config
     with pytest.raises(EvalError, match="not the tokenizer"):
         load_checkpoint(str(folder), torch.device("cpu"))
 
 
 def test_lengths_read_k_as_thousands():
     assert [parse_length(x) for x in ("4096", "4k", "1.5K", "400k")] == [4096, 4000, 1500, 400_000]
+    assert parse_lengths(["2k", "1k", "1000", "2000"]) == [2000, 1000]   # one table column each
 
 
 def test_tables_name_checkpoints_by_run_and_keep_names_unique():

@@ -266,6 +266,19 @@ def test_generate_greedy_is_the_argmax_of_the_forward_pass():
     assert torch.equal(logits[:, 8:].argmax(-1), out[:, 9:])
 
 
+def test_generation_draws_only_ids_below_vocab_size():
+    """A tokenizer smaller than the model's vocabulary: ids it lacks are never drawn."""
+    model = make_model()
+    prompt = tokens(batch=2, T=9)
+    out = model.generate(prompt, 6, greedy=True, vocab_size=10)
+    with torch.no_grad():
+        logits, _ = model(out[:, :-1])
+    assert torch.equal(logits[:, 8:, :10].argmax(-1), out[:, 9:])
+    assert not torch.equal(logits[:, 8:].argmax(-1), out[:, 9:])      # the whole vocabulary would differ
+    sampled = model.generate(prompt, 50, temperature=2.0, vocab_size=10, generator=torch.Generator().manual_seed(0))
+    assert (sampled[:, 9:] < 10).all()
+
+
 def test_top_k_sampling_stays_in_the_top_k():
     from model.generation import sample
     logits = torch.randn(4, 50)

@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.chunk_len < 1:
             raise EvalError(f"--chunk-len must be positive, got {args.chunk_len}")
+        out = Path(args.out or f"runs/eval/{args.task}")
+        try:
+            out.mkdir(parents=True, exist_ok=True)   # now, not after the evaluation has run
+        except OSError as error:
+            raise EvalError(f"--out {out}: cannot be a results folder ({error.strerror})") from None
         args.device = pick_device(args.device)
         dtype = DTYPES[args.dtype]
         specs = getattr(args, "model", [])
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                        for path, name in zip(args.checkpoint, unique_names(args.checkpoint))]
         checkpoints += [random_model(spec, args.device, dtype) for spec in specs]
         outcome = TASKS[args.task].run(checkpoints, args)
-        written = report.write(Path(args.out or f"runs/eval/{args.task}"), args.task, argv, checkpoints, outcome)
+        written = report.write(out, args.task, argv, checkpoints, outcome)
     except (EvalError, DataError, CheckpointError, ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

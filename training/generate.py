@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start, count = time.perf_counter(), 0
     for token in model.stream(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                              greedy=args.greedy, chunk_len=args.chunk_len, generator=generator):
+                              greedy=args.greedy, chunk_len=args.chunk_len, generator=generator,
+                              vocab_size=tokenizer.vocab_size):
         token = int(token[0])
         if token == EOS_ID:
             break

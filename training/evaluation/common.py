@@ -7,7 +7,6 @@ Transformer's state, its KV cache, grows with the input: that is the architectur
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from tqdm import tqdm
 from data_pipeline.tokenizer import Tokenizer
 from model import build_model
 from training.checkpoint import complete_checkpoints
-from training.export import load_model
+from training.export import load_model, trained_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,7 +62,7 @@ def load_checkpoint(path: str, device: torch.device, dtype: torch.dtype = torch.
     if tokenizer_file is None:
         raise EvalError(f"{path}: no tokenizer.model next to the weights; pass --tokenizer")
     tokenizer = Tokenizer(str(tokenizer_file))
-    expected = _exported_tokenizer_checksum(folder)
+    expected = trained_tokenizer(folder)
     if expected and expected != tokenizer.checksum:
         raise EvalError(f"{tokenizer_file}: not the tokenizer {path} was trained with "
                         f"({tokenizer.checksum[:12]}... != {expected[:12]}...)")
@@ -91,11 +90,6 @@ def random_model(spec: str, device: torch.device, dtype: torch.dtype = torch.flo
 def _tokenizer_next_to(folder: Path) -> Path | None:
     candidates = [folder / "tokenizer.model"] + [c / "tokenizer.model" for c in complete_checkpoints(folder)[-1:]]
     return next((c for c in candidates if c.is_file()), None)
-
-
-def _exported_tokenizer_checksum(folder: Path) -> str | None:
-    config = folder / "config.json"
-    return json.loads(config.read_text()).get("tokenizer_checksum") if config.is_file() else None
 
 
 def unique_names(paths: list[str]) -> list[str]:
@@ -129,15 +123,15 @@ def chunked_hidden(model: nn.Module, ids: Tensor, chunk_len: int, keep: tuple[in
 
 
 @torch.no_grad()
-def greedy(model: nn.Module, ids: Tensor, new_tokens: int, chunk_len: int) -> Tensor:
+def greedy(model: nn.Module, ids: Tensor, new_tokens: int, chunk_len: int, vocab_size: int | None = None) -> Tensor:
     """ids [B, T] -> the next `new_tokens` greedy tokens [B, new_tokens]: a chunked prefill,
-    then one `step` per token."""
+    then one `step` per token. `vocab_size`: only ids below it (a tokenizer smaller than the model's vocabulary)."""
     T = ids.shape[1]
     hidden, state = chunked_hidden(model, ids, chunk_len, keep=(T - 1, T))
     logits = model.lm_head(hidden[:, -1])
     out = []
     for i in range(new_tokens):
-        token = logits.argmax(-1)
+        token = logits[:, :vocab_size].argmax(-1)
         out.append(token)
         if i + 1 < new_tokens:
             logits, state = model.step(token, state)
@@ -155,6 +149,11 @@ def parse_length(text: str) -> int:
     if value < 1 or value != int(value):
         raise EvalError(f"{text!r}: a length must be a positive whole number of tokens")
     return int(value)
+
+
+def parse_lengths(texts: list[str]) -> list[int]:
+    """Lengths in the order given, each once (4k and 4000 are one column)."""
+    return list(dict.fromkeys(parse_length(text) for text in texts))
 
 
 def pick_device(name: str | None) -> torch.device:

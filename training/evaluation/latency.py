@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from training.evaluation.common import EvalError, Progress, chunked_hidden, parse_length
+from training.evaluation.common import EvalError, Progress, chunked_hidden, parse_lengths
 from training.evaluation.report import Outcome, length_label, table
 
 NAME = "latency"
@@ -30,7 +30,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", action="append", default=[], metavar="KIND:SIZE",
                         help="a randomly initialised model, e.g. memmamba:200m or transformer:200m (repeatable)")
     parser.add_argument("--lengths", nargs="+", default=PAPER_LENGTHS, help="forward input lengths")
-    parser.add_argument("--positions", nargs="+", default=PAPER_POSITIONS,
+    parser.add_argument("--positions", nargs="*", default=PAPER_POSITIONS,
                         help="positions at which to time generation (none: --positions with no value)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gen-tokens", type=int, default=32)
@@ -97,8 +97,8 @@ def evaluate(checkpoint, lengths: list[int], positions: list[int], args) -> dict
 
 
 def run(checkpoints, args) -> Outcome:
-    lengths = [parse_length(x) for x in args.lengths]
-    positions = [parse_length(x) for x in args.positions]
+    lengths = parse_lengths(args.lengths)
+    positions = parse_lengths(args.positions)
     if args.repeats < 1 or args.gen_tokens < 1 or args.batch_size < 1:
         raise EvalError("--repeats, --gen-tokens and --batch-size must be positive")
     results = {c.name: evaluate(c, lengths, positions, args) for c in checkpoints}

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from data_pipeline.reader import ShardedBooks
-from training.evaluation.common import EvalError, Progress, greedy, parse_length
+from training.evaluation.common import EvalError, Progress, greedy, parse_lengths
 from training.evaluation.report import Outcome, length_label, table
 from training.tasks import BookFiller, PasskeyTask
 
@@ -46,7 +46,8 @@ def evaluate(checkpoint, task: PasskeyTask, lengths: list[int], depths: list[flo
         for first in range(0, len(samples), args.batch_size):
             batch = samples[first:first + args.batch_size]
             ids = torch.from_numpy(np.stack([s.ids for s in batch])).to(args.device)
-            new = greedy(checkpoint.model, ids, max(len(s.answer) for s in batch) + 1, args.chunk_len).cpu()
+            new = greedy(checkpoint.model, ids, max(len(s.answer) for s in batch) + 1, args.chunk_len,
+                         task.tokenizer.vocab_size).cpu()
             for sample, tokens in zip(batch, new):
                 text = task.tokenizer.decode(tokens.tolist())
                 correct.append(task.is_correct(sample, text))
@@ -61,7 +62,7 @@ def evaluate(checkpoint, task: PasskeyTask, lengths: list[int], depths: list[flo
 
 
 def run(checkpoints, args) -> Outcome:
-    lengths = [parse_length(x) for x in args.lengths]
+    lengths = parse_lengths(args.lengths)
     if not all(0 <= d <= 1 for d in args.depths):
         raise EvalError(f"--depths must lie in [0, 1], got {args.depths}")
     if args.samples < 1 or args.batch_size < 1 or args.key_digits < 1:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_pipeline.reader import ShardedBooks
-from training.evaluation.common import EvalError, Progress, chunked_hidden, parse_length
+from training.evaluation.common import EvalError, Progress, chunked_hidden, parse_lengths
 from training.evaluation.report import Outcome, length_label, table
 
 NAME = "ppl"
@@ -89,7 +89,7 @@ def evaluate(checkpoint, books: ShardedBooks, lengths: list[int], args) -> list[
 
 
 def run(checkpoints, args) -> Outcome:
-    lengths = [parse_length(x) for x in args.lengths]
+    lengths = parse_lengths(args.lengths)
     if args.scored < 1 or any(args.scored > L for L in lengths):
         raise EvalError(f"--scored {args.scored} must be between 1 and the shortest length ({min(lengths)})")
     if args.windows_per_book < 1 or args.batch_size < 1:

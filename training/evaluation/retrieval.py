@@ -43,8 +43,8 @@ def evaluate(checkpoint, task: RetrievalTask, distractors: list[int], args) -> l
         for s in range(args.samples):
             sample = task.sample(n, np.random.default_rng([args.seed, n, s]))
             ids = torch.from_numpy(sample.ids)[None].to(args.device)
-            text = checkpoint.tokenizer.decode(greedy(checkpoint.model, ids, len(sample.answer) + 1,
-                                                      args.chunk_len)[0].tolist())
+            text = checkpoint.tokenizer.decode(greedy(checkpoint.model, ids, len(sample.answer) + 1, args.chunk_len,
+                                                      checkpoint.tokenizer.vocab_size)[0].tolist())
             correct.append(task.is_correct(sample, text))
             lengths.append(len(sample.ids))
             predictions.append({"gold_id": sample.gold_id, "gold_index": sample.gold_index,
