@@ -8,12 +8,12 @@ import hashlib
 import shlex
 import sys
 
-from data_pipeline import __version__
+from data_pipeline import __version__, manifest
 from data_pipeline.corpus import SPLITS, Corpus
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import prepare, tokenizer_for
 from data_pipeline.reader import ShardedBooks
-from data_pipeline.storage import display, join
+from data_pipeline.storage import check_folder, display, join, resolve
 from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.writer import default_workers, shard_split
 
@@ -59,8 +59,22 @@ def _print_reports(reports):
         print("\n".join(report.lines()))
 
 
+def _check_arguments(args):
+    """What can be wrong with the command line, found before a tokenizer is trained or a book is read."""
+    for name in ("workers", "tokens_per_shard", "vocab_size"):
+        if getattr(args, name, 1) < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_folder(args.output)
+    for split in getattr(args, "splits", []):
+        check_folder(join(args.output, split))
+
+
 def _verify(output, splits):
     for split in splits:
+        fs, path = resolve(output)
+        if not manifest.load(fs, join(path, split))["shards"]:
+            print(f"{split}: no shards (the corpus has no book with text in it): ok")
+            continue
         books = ShardedBooks(output, split)  # size, tar structure and npy headers of every shard
         for path, shard in zip(books.paths, books.manifest["shards"]):
             digest = hashlib.sha256()
@@ -80,6 +94,7 @@ def main(argv=None):
         if args.command == "verify":
             _verify(args.output, args.splits)
             return 0
+        _check_arguments(args)
         tokenizer_settings = {}
         if args.command in ("prepare", "tokenizer"):
             tokenizer_settings = dict(vocab_size=args.vocab_size, model_type=args.model_type,

@@ -29,6 +29,13 @@ def resolve(url):
         raise DataError(f"{url}: {error}") from None
 
 
+def check_folder(url):
+    """Refuse an output folder that is a file, before any work is done for it."""
+    fs, path = resolve(url)
+    if fs.exists(path) and not fs.isdir(path):
+        raise DataError(f"{display(fs, path)}: is a file, not a folder")
+
+
 def join(path, *parts):
     return "/".join([path.rstrip("/"), *parts])
 

@@ -40,6 +40,8 @@ class Tokenizer:
             model = fs.cat_file(path)
         except FileNotFoundError:
             raise DataError(f"{display(fs, path)}: no such tokenizer model") from None
+        except IsADirectoryError:
+            raise DataError(f"{display(fs, path)}: a folder, not a tokenizer model") from None
         self._load(model, display(fs, path))
 
     @classmethod

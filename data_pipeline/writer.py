@@ -243,6 +243,8 @@ def shard_split(corpus, split, tokenizer, output, tokens_per_shard=50_000_000, w
                 _add_shard(state, writer, position, skipped, warnings, report)
                 manifest.save(fs, split_dir, state)
                 skipped, warnings, writer = [], [], None
+    if writer is None and not state["shards"]:   # say so now, not when training first opens the split
+        warnings.append(f"{split}: no book with text, so no shards: training and evaluation cannot read this split")
     _add_shard(state, writer, len(books), skipped, warnings, report)
     state.update(
         complete=True,

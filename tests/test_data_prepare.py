@@ -63,6 +63,8 @@ def test_tokenizer_errors_name_the_file(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(DataError, match=f"^{tmp_path}/junk.model: not a sentencepiece model"):
         Tokenizer(tmp_path / "junk.model")
+    with pytest.raises(DataError, match=f"^{tmp_path}: a folder, not a tokenizer model$"):
+        Tokenizer(tmp_path)
 
 
 def test_round_trip_reproduces_normalised_text(pg19_mini, pg19_shards):
@@ -264,6 +266,23 @@ def test_bad_books_are_skipped_and_counted(pg19_mini, output_with_tokenizer, tmp
     )
 
 
+def test_a_split_without_text_is_reported_empty_and_verifies(pg19_mini, output_with_tokenizer, tmp_path,
+                                                              tokenizer_settings):
+    corpus = tmp_path / "corpus"
+    (corpus / "train").mkdir(parents=True)
+    (corpus / "validation").mkdir()
+    shutil.copy(pg19_mini / "train/46.txt", corpus / "train/46.txt")
+    (corpus / "validation/6.txt").write_bytes(b"\n \n")
+    train, validation = prepare(corpus, output_with_tokenizer, splits=["train", "validation"], workers=1,
+                                progress=False, **tokenizer_settings)
+    assert train.shards_written == 1 and validation.shards_written == 0
+    assert validation.warnings[-1] == ("validation: no book with text, so no shards: training and evaluation "
+                                       "cannot read this split")
+    verified = run_cli("verify", output_with_tokenizer, "--splits", "validation")
+    assert (verified.returncode, verified.stdout) == (0, "validation: no shards (the corpus has no book with text "
+                                                         "in it): ok\n")
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "data_pipeline", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
@@ -295,6 +314,15 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, pg19_shards):
     data = bytearray(shard.read_bytes())
     data[-20000] ^= 0xFF  # inside the last book's tokens: only the sha256 can tell
     shard.write_bytes(bytes(data))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for args, message in [(["--output", afile], f"{afile}: is a file, not a folder"),
+                          (["--output", tmp_path, "--splits", "train"], f"{afile.parent / 'train'}: is a file"),
+                          (["--output", tmp_path / "out", "--workers", 0], "--workers must be at least 1, got 0")]:
+        (tmp_path / "train").write_text("x")
+        refused = run_cli("prepare", "--input", pg19_shards.root, *args)
+        assert (refused.returncode, refused.stderr.startswith(f"error: {message}")) == (1, True), refused.stderr
+        assert not (tmp_path / "out").exists()
     corrupt = run_cli("verify", copy)
     assert corrupt.returncode == 1
     assert corrupt.stderr == f"error: {shard}: sha256 does not match manifest.json (corrupt data)\n"

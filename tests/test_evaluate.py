@@ -256,6 +256,7 @@ def test_text_stream_reassembles_multibyte_characters(pg19_shards):
     (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--split", "nope"], "nope: no such directory"),
     (["retrieval", "--checkpoint", "{memmamba}"], "needs --passages"),
     (["latency", "--model", "memmamba:huge"], "model.size must be one of"),
+    (["fidelity", "--checkpoint", "{memmamba}", "--data", "{data}", "--windows", "0"], "--windows"),
     (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--out", "{data}/tokenizer.model"],
      "tokenizer.model: cannot be a results folder"),
 ])

@@ -28,19 +28,28 @@ from training.evaluation.common import (DTYPES, EvalError, load_checkpoint, log,
 TASKS = {module.NAME: module for module in (perplexity, passkey, retrieval, fidelity, latency)}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """A task's docstring as written, and the default of every option that has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, [], False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0],
                                      epilog="`python -m training.evaluate <task> --help` describes a task.")
     tasks = parser.add_subparsers(dest="task", required=True, metavar="task")
     for name, module in TASKS.items():
-        command = tasks.add_parser(name, help=module.HELP, description=module.__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+        command = tasks.add_parser(name, help=module.HELP, description=module.__doc__, formatter_class=HelpFormatter)
         command.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
                              help="exported model, training checkpoint or folder of checkpoints (repeatable)")
         command.add_argument("--tokenizer", help="tokenizer.model, if not next to the checkpoint")
         command.add_argument("--out", help=f"results folder (default runs/eval/{name})")
         command.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-        command.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+        command.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="of the weights")
         command.add_argument("--chunk-len", type=int, default=4096,
                              help="tokens per chunk of the state-carrying forward (bounds activation memory)")
         module.add_arguments(command)

@@ -33,9 +33,9 @@ SLICE = 1024     # positions whose full-vocabulary distribution is alive at once
 
 def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="prepared shards; windows are spread over the split")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="the split the windows come from")
     parser.add_argument("--length", type=int, default=2048, help="tokens per window")
-    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--windows", type=int, default=16, help="windows of --length tokens")
     parser.add_argument("--deltas", nargs="+", type=int, default=[0, 8, 16, 32], help="ETMF distances")
     parser.add_argument("--gaps", nargs="+", type=int, default=[2, 5, 10], help="ECLMF layer gaps")
     parser.add_argument("--ridge", type=float, default=1e-4, help="lambda of the ridge decoder")
@@ -134,8 +134,8 @@ def evaluate(checkpoint, windows: Tensor, args) -> dict:
 
 
 def run(checkpoints, args) -> Outcome:
-    if args.length < 1 or min(args.gaps) < 1 or min(args.deltas) < 0:
-        raise EvalError("--length and --gaps must be positive, --deltas non-negative")
+    if args.length < 1 or args.windows < 1 or min(args.gaps) < 1 or min(args.deltas) < 0:
+        raise EvalError("--length, --windows and --gaps must be positive, --deltas non-negative")
     results = {}
     for checkpoint in checkpoints:
         windows = validation_windows(args.data, args.split, args.length, args.windows, checkpoint.tokenizer.checksum)

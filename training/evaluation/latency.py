@@ -32,10 +32,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lengths", nargs="+", default=PAPER_LENGTHS, help="forward input lengths")
     parser.add_argument("--positions", nargs="*", default=PAPER_POSITIONS,
                         help="positions at which to time generation (none: --positions with no value)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--gen-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="timed forwards per length (the median counts)")
+    parser.add_argument("--gen-tokens", type=int, default=32, help="greedy steps timed at each position")
+    parser.add_argument("--batch-size", type=int, default=1, help="sequences per forward")
+    parser.add_argument("--seed", type=int, default=0, help="of the random input ids")
 
 
 def _sync(device: torch.device) -> None:

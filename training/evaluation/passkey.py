@@ -26,13 +26,13 @@ PAPER_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="prepared shards; the filler comes from their books")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="the split whose books are the filler")
     parser.add_argument("--lengths", nargs="+", default=PAPER_LENGTHS, help="prompt lengths (4k = 4000 tokens)")
     parser.add_argument("--depths", nargs="+", type=float, default=PAPER_DEPTHS,
                         help="where the passkey sits in the filler: 0 = first, 1 = last")
     parser.add_argument("--samples", type=int, default=2, help="samples per length and depth")
-    parser.add_argument("--key-digits", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--key-digits", type=int, default=5, help="digits of each passkey")
+    parser.add_argument("--seed", type=int, default=0, help="of the keys, depths and filler")
     parser.add_argument("--batch-size", type=int, default=1, help="samples of one length run side by side")
 
 

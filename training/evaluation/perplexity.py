@@ -28,9 +28,9 @@ PAPER_LENGTHS = ["1k", "2k", "4k", "10k", "20k", "30k", "40k", "50k", "60k"]
 
 def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="the --output folder of `python -m data_pipeline prepare`")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="the split whose books are scored")
     parser.add_argument("--lengths", nargs="+", default=PAPER_LENGTHS, help="context lengths (4k = 4000 tokens)")
-    parser.add_argument("--windows-per-book", type=int, default=10)
+    parser.add_argument("--windows-per-book", type=int, default=10, help="windows of each length per book")
     parser.add_argument("--scored", type=int, default=100, help="predictions scored at the end of each window")
     parser.add_argument("--batch-size", type=int, default=1, help="windows of one length run side by side")
 

@@ -29,10 +29,11 @@ PAPER_DISTRACTORS = [10, 20, 120, 160, 200]
 def add_arguments(parser) -> None:
     parser.add_argument("--passages", help="JSON lines of {\"question\", \"text\"} (default: book paragraphs)")
     parser.add_argument("--data", help="prepared shards whose books give the passages (without --passages)")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--distractors", nargs="+", type=int, default=PAPER_DISTRACTORS)
+    parser.add_argument("--split", default="test", help="the split whose books give the passages")
+    parser.add_argument("--distractors", nargs="+", type=int, default=PAPER_DISTRACTORS,
+                        help="distractor passages per sample")
     parser.add_argument("--samples", type=int, default=20, help="questions per number of distractors")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of the samples")
 
 
 def evaluate(checkpoint, task: RetrievalTask, distractors: list[int], args) -> list[dict]:
