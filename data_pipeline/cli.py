@@ -70,9 +70,9 @@ def _check_arguments(args):
 
 
 def _verify(output, splits):
+    fs, root = resolve(output)
     for split in splits:
-        fs, path = resolve(output)
-        if not manifest.load(fs, join(path, split))["shards"]:
+        if not manifest.load(fs, join(root, split))["shards"]:
             print(f"{split}: no shards (the corpus has no book with text in it): ok")
             continue
         books = ShardedBooks(output, split)  # size, tar structure and npy headers of every shard
