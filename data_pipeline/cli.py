@@ -108,6 +108,7 @@ def main(argv=None):
                           **tokenizer_settings)
         else:
             corpus = Corpus(args.input)
+            corpus.check_splits(args.splits)
             tokenizer = Tokenizer(join(args.output, "tokenizer.model"))
             _print_reports([
                 shard_split(corpus, split, tokenizer, args.output, args.tokens_per_shard, args.workers,

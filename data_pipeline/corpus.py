@@ -13,6 +13,7 @@ from data_pipeline.storage import display, join, resolve
 from data_pipeline.text import decode_utf8, normalise_newlines, strip_gutenberg
 
 SPLITS = ("train", "validation", "test")
+MAX_KEY_BYTES = 95  # a USTAR member name holds 100 bytes: the key and ".json"
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class Book:
         """How reports name the book: its path relative to the corpus root."""
         return f"{self.split}/{self.book_id}.txt"
 
+    @property
+    def key(self):
+        """The book's name inside a shard: WebDataset splits a member name into key and extension at a dot."""
+        return self.book_id.replace(".", "_")
+
 
 def _book_order(book_id):
     # PG19 ids are Gutenberg numbers: sort them as numbers, anything else after them as text.
@@ -35,7 +41,10 @@ def _book_order(book_id):
 
 
 class Corpus:
-    """The books of a PG19-layout corpus. `warnings` collects problems with metadata.csv."""
+    """The books of a PG19-layout corpus. `warnings` collects problems with metadata.csv.
+
+    Files whose names start with a dot (macOS's `._46.txt`, editors' backups) are not books.
+    """
 
     def __init__(self, url):
         self.url = str(url)
@@ -64,15 +73,28 @@ class Corpus:
         folder = join(self.root, split)
         if not self.fs.isdir(folder):
             raise DataError(f"{display(self.fs, folder)}: no such directory (expected train/, validation/, test/)")
-        books = []
+        books, by_key = [], {}
         for path in self.fs.ls(folder, detail=False):
             name = path.rsplit("/", 1)[-1]
-            if not name.endswith(".txt"):
+            if not name.endswith(".txt") or name.startswith("."):
                 continue
             book_id = name.removesuffix(".txt")
             title, year = self.metadata.get(book_id, ("", None))
-            books.append(Book(split, book_id, path, title, year))
+            book = Book(split, book_id, path, title, year)
+            if len(book.key.encode()) > MAX_KEY_BYTES:
+                raise DataError(f"{display(self.fs, path)}: a book id of over {MAX_KEY_BYTES} bytes does not fit "
+                                "a tar member name; rename the file")
+            if book.key in by_key:
+                raise DataError(f"{display(self.fs, by_key[book.key].path)} and {name}: both would be stored as "
+                                f"{book.key!r} in a shard; rename one")
+            by_key[book.key] = book
+            books.append(book)
         return sorted(books, key=lambda book: _book_order(book.book_id))
+
+    def check_splits(self, splits):
+        """List every split now, so a missing folder or a bad file name stops a run before hours of tokenizing."""
+        for split in splits:
+            self.books(split)
 
 
 def read_book(fs, book, gutenberg=False):

@@ -31,6 +31,7 @@ def prepare(input, output, splits=SPLITS, vocab_size=32000, model_type="bpe", sa
     """
     log = sys.stderr if progress else None
     corpus = Corpus(input)
+    corpus.check_splits(splits)
     tokenizer = tokenizer_for(corpus, output, vocab_size, model_type, sample_bytes, seed, gutenberg, log)
     return [
         shard_split(corpus, split, tokenizer, output, tokens_per_shard, workers, gutenberg, progress, command)

@@ -70,7 +70,7 @@ class ShardWriter:
         self.samples, self.num_tokens = [], 0
 
     def add(self, book, tokens):
-        key = book.book_id.replace(".", "_")  # WebDataset splits a member name into key and extension at a dot
+        key = book.key
         meta = {"book_id": book.book_id, "title": book.title, "year": book.year, "num_tokens": len(tokens)}
         self._add_member(f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode())
         npy = io.BytesIO()

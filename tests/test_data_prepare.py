@@ -225,8 +225,8 @@ def test_memory_urls_for_input_and_output(pg19_mini):
         windows = PackedWindows("memory://prepared", "train", 64, seed=0)
         assert windows[len(windows) + 3].shape == (65,)
         with pytest.raises(DataError, match="memory:// files are not visible to worker processes"):
-            prepare("memory://pg19", "memory://prepared", workers=2, vocab_size=512, sample_bytes=200_000,
-                    progress=False)
+            prepare("memory://pg19", "memory://prepared", splits=["train", "validation"], workers=2, vocab_size=512,
+                    sample_bytes=200_000, progress=False)
     finally:
         fs.rm("/pg19", recursive=True)
         fs.rm("/prepared", recursive=True)
@@ -281,6 +281,29 @@ def test_a_split_without_text_is_reported_empty_and_verifies(pg19_mini, output_w
     verified = run_cli("verify", output_with_tokenizer, "--splits", "validation")
     assert (verified.returncode, verified.stdout) == (0, "validation: no shards (the corpus has no book with text "
                                                          "in it): ok\n")
+
+
+def test_book_files_that_cannot_be_shard_members_are_refused_before_any_work(pg19_mini, tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "train").mkdir(parents=True)
+    shutil.copy(pg19_mini / "train/46.txt", corpus / "train/46.txt")
+    (corpus / "train/._46.txt").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    assert [book.name for book in Corpus(corpus).books("train")] == ["train/46.txt"]
+
+    (corpus / "train/a.b.txt").write_text("one")
+    (corpus / "train/a_b.txt").write_text("two")
+    with pytest.raises(DataError, match=r"/train/a\.b\.txt and a_b\.txt: both would be stored as 'a_b' in a shard"):
+        Corpus(corpus).books("train")
+    (corpus / "train/a_b.txt").unlink()
+    long_id = "x" * 96
+    (corpus / "validation").mkdir()
+    (corpus / f"validation/{long_id}.txt").write_text("three")
+    for command in ("prepare", "shard"):
+        refused = run_cli(command, "--input", corpus, "--output", tmp_path / "out")
+        assert refused.returncode == 1
+        assert refused.stderr == (f"error: {corpus}/validation/{long_id}.txt: a book id of over 95 bytes does not "
+                                  "fit a tar member name; rename the file\n")
+        assert not (tmp_path / "out").exists()
 
 
 def run_cli(*args):
