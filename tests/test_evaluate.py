@@ -217,7 +217,9 @@ def test_every_evaluation_runs_end_to_end_on_tiny_checkpoints(pg19_shards, check
 
 
 def test_latency_compares_with_the_transformer(checkpoints, tmp_path, capsys):
-    argv = ["latency", "--model", "memmamba:tiny", "--model", "transformer:tiny", "--checkpoint", checkpoints["mamba"],
+    mamba = tmp_path / "mamba"   # without a tokenizer: latency never decodes
+    shutil.copytree(checkpoints["mamba"], mamba, ignore=shutil.ignore_patterns("tokenizer.model"))
+    argv = ["latency", "--model", "memmamba:tiny", "--model", "transformer:tiny", "--checkpoint", mamba,
             "--lengths", 32, 64, "--positions", 40, "--repeats", 1, "--gen-tokens", 2, "--out", tmp_path]
     code, out, err = run_cli(evaluate, argv, capsys)
     assert code == 0, err
@@ -256,6 +258,8 @@ def test_text_stream_reassembles_multibyte_characters(pg19_shards):
     (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--split", "nope"], "nope: no such directory"),
     (["retrieval", "--checkpoint", "{memmamba}"], "needs --passages"),
     (["latency", "--model", "memmamba:huge"], "model.size must be one of"),
+    (["latency", "--model", "mamba:tiny", "--model", "mamba:tiny"], "--model mamba:tiny is given twice"),
+    (["ppl", "--checkpoint", "{memmamba}", "--checkpoint", "{memmamba}", "--data", "{data}"], "is given twice"),
     (["fidelity", "--checkpoint", "{memmamba}", "--data", "{data}", "--windows", "0"], "--windows"),
     (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--out", "{data}/tokenizer.model"],
      "tokenizer.model: cannot be a results folder"),

@@ -72,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         specs = getattr(args, "model", [])
         if not args.checkpoint and not specs:
             raise EvalError("give at least one --checkpoint" + (" or --model" if args.task == "latency" else ""))
-        checkpoints = [load_checkpoint(path, args.device, dtype, args.tokenizer, name)
+        for option, values in (("--checkpoint", args.checkpoint), ("--model", specs)):
+            repeated = next((value for value in values if values.count(value) > 1), None)
+            if repeated is not None:   # results are keyed by model: the second would overwrite the first
+                raise EvalError(f"{option} {repeated} is given twice")
+        need_tokenizer = args.task != latency.NAME   # latency times random ids and never decodes them
+        checkpoints = [load_checkpoint(path, args.device, dtype, args.tokenizer, name, need_tokenizer)
                        for path, name in zip(args.checkpoint, unique_names(args.checkpoint))]
         checkpoints += [random_model(spec, args.device, dtype) for spec in specs]
         outcome = TASKS[args.task].run(checkpoints, args)

@@ -51,14 +51,18 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                    tokenizer_path: str | None = None, name: str | None = None) -> Checkpoint:
+                    tokenizer_path: str | None = None, name: str | None = None,
+                    need_tokenizer: bool = True) -> Checkpoint:
     """The one way evaluation loads a model: an exported folder (model.safetensors, config.json,
-    tokenizer.model), a training checkpoint, or a folder of checkpoints (the latest)."""
+    tokenizer.model), a training checkpoint, or a folder of checkpoints (the latest).
+    need_tokenizer=False: a missing tokenizer is no error, and the checkpoint has none."""
     folder = Path(path)
     if not folder.is_dir():
         raise EvalError(f"{path}: no such checkpoint folder")
     model = load_model(folder, device).to(dtype).eval()
     tokenizer_file = Path(tokenizer_path) if tokenizer_path else _tokenizer_next_to(folder)
+    if tokenizer_file is None and not need_tokenizer:
+        return Checkpoint(name or folder.name, str(folder), model, None)
     if tokenizer_file is None:
         raise EvalError(f"{path}: no tokenizer.model next to the weights; pass --tokenizer")
     tokenizer = Tokenizer(str(tokenizer_file))
