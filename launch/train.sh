@@ -14,7 +14,9 @@ set -euo pipefail
 venv="$(dirname "$0")/../.venv/bin/python"
 [[ -x "$venv" ]] || venv=python3
 python=${PYTHON:-$venv}
-if [[ -n "${RANK:-}${LOCAL_RANK:-}" ]]; then  # one rank of a launcher that runs it as a program (--no_python)
+# One rank already: of a launcher that runs this file as a program (--no_python), or one srun task of several
+# (training/distributed.py reads the rank from Slurm then).
+if [[ -n "${RANK:-}${LOCAL_RANK:-}" || ( -n "${SLURM_STEP_ID:-}" && "${SLURM_NTASKS:-1}" -gt 1 ) ]]; then
   exec "$python" -u "$0" "$@"
 fi
 exec "$python" -m deepspeed.launcher.runner ${DEEPSPEED_ARGS:-} "$0" "$@"

@@ -55,6 +55,8 @@ def tiny_config(**sections):
     ({"train.grad_accum": 2.5}, "train.grad_accum must be an integer or null, got 2.5"),
     ({"train.max_stpes": 10}, "unknown key train.max_stpes"),
     ({"optimiser": {"lr": 1e-4}}, "unknown key optimiser"),
+    ({"train": 5}, "train must be a JSON object, got 5"),
+    ({"data.passkey": []}, "data.passkey must be a JSON object, got []"),
     ({"optimizer.lr": -1}, "optimizer.lr must be positive, got -1"),
     ({"optimizer.betas": [0.9]}, "optimizer.betas must be two numbers in [0, 1), got [0.9]"),
     ({"optimizer.weight_decay": float("nan")}, "optimizer.weight_decay must be >= 0, got nan"),
@@ -307,6 +309,30 @@ def test_two_ranks_learn_log_and_checkpoint(straight_run):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "srun", "deepspeed --no_python"])
+def test_other_launchers_start_the_same_two_ranks(launcher, pg19_shards, straight_run, tmp_path):
+    script_and_args = train_command(1, pg19_shards.root, tmp_path, "train.max_steps=2")[1:]
+    env, port = {**_env(), "PYTHON": sys.executable}, str(free_port())
+    bin_dir = Path(sys.executable).parent
+    if launcher == "srun":   # what srun sets in each of 2 tasks on one node, running the script as a program
+        tasks = [({**env, "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+                   "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": port}, ["bash", *script_and_args]) for rank in range(2)]
+    elif launcher == "torchrun":
+        tasks = [(env, [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", port,
+                        *script_and_args])]
+    else:
+        tasks = [(env, [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", port, "--no_python",
+                        *script_and_args])]
+    processes = [subprocess.Popen(command, cwd=ROOT, env=task_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for task_env, command in tasks]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    assert all(process.returncode == 0 for process in processes), outputs
+    assert "2 ranks on cpu" in outputs[0][0]
+    assert scalars(tmp_path, "train/loss") == {step: scalars(straight_run, "train/loss")[step] for step in (1, 2)}
+
+
+@pytest.mark.slow
 def test_stopped_by_sigterm_and_resumed_equals_the_straight_run(pg19_shards, straight_run, tmp_path):
     # Data loading in a worker process too: it must outlive the signal, which goes to the whole process group.
     command = train_command(2, pg19_shards.root, tmp_path, f"train.max_steps={STEPS}", "data.num_workers=1")
@@ -414,12 +440,14 @@ def test_exported_weights_give_the_logits_of_the_trained_model(run, request, tmp
 def test_init_from_starts_a_new_run_from_trained_weights(pg19_shards, straight_run, tmp_path):
     # A learning rate too small to move anything: the new run's weights are those it started from.
     source = straight_run / "checkpoints"
-    train(1, pg19_shards.root, tmp_path, "train.max_steps=1", "optimizer.lr=1e-30", f"train.init_from={source}")
+    started_run = train(1, pg19_shards.root, tmp_path, "train.max_steps=1", "optimizer.lr=1e-30",
+                        f"train.init_from={source}")
     started, trained = load_model(tmp_path / "checkpoints"), load_model(source)
     for (name, a), (_, b) in zip(started.state_dict().items(), trained.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
     meta = json.loads((tmp_path / "checkpoints" / "step-00000001" / "meta.json").read_text())
     assert meta["state"]["step"] == 1 and meta["state"]["consumed_samples"] == 8   # a new run, not a resume
+    assert f"initialised from {source}" in started_run.stdout
 
     other = train(1, pg19_shards.root, tmp_path / "other", "train.max_steps=1", f"train.init_from={source}",
                   "model.n_layer=2", check=False)
@@ -473,7 +501,7 @@ def test_a_resumed_run_takes_the_configs_optimizer_settings_and_names_model_chan
 
 @pytest.mark.slow
 @pytest.mark.parametrize("problem", ["missing key", "no shards", "vocabulary", "model shape", "another run",
-                                     "rollback", "deepspeed key", "deepspeed value"])
+                                     "rollback", "deepspeed key", "deepspeed value", "output is a file"])
 def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, straight_run, tmp_path):
     config = tmp_path / "config.json"
     raw = json.loads((CONFIGS / "tiny_cpu.json").read_text())
@@ -501,10 +529,14 @@ def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, str
                           "error: unknown key deepspeed.zero_optimisation: DeepSpeed does not read it"),
         "deepspeed value": (["deepspeed.zero_optimization.overlap_comm=sometimes"],
                             "error: deepspeed.zero_optimization.overlap_comm: Input should be a valid boolean"),
+        "output is a file": ([f"output_dir={config}/run"], f"error: output_dir {config}/run: {config} is a file"),
     }[problem]
-    result = train(1, pg19_shards.root, tmp_path / "run", *overrides, check=False, config=config)
+    # Two ranks where the error comes before the process group exists: it is still printed once.
+    ranks = 2 if problem in ("missing key", "output is a file") else 1
+    result = train(ranks, pg19_shards.root, tmp_path / "run", *overrides, check=False, config=config)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(expected), result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "global batch" not in result.stdout   # no engine was built
 
 

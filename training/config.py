@@ -239,7 +239,7 @@ def config_from_dict(raw: dict) -> RunConfig:
 def _build(cls, values, where: str):
     """cls(**values) with every key checked against the dataclass's fields and type hints."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{where or 'the config'} must be a JSON object, got {values!r}")
+        raise ConfigError(f"{where.rstrip('.') or 'the config'} must be a JSON object, got {values!r}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - set(fields))

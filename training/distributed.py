@@ -46,6 +46,13 @@ def init_distributed() -> Placement:
     return Placement(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def is_first_process() -> bool:
+    """Rank 0, also before the process group exists: the process that reports an error every rank meets."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
 def _fill_environment() -> None:
     env = os.environ
     if "RANK" in env:

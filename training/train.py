@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -32,7 +33,7 @@ from model.config import model_config_to_dict
 from model.sequence_parallel import SequenceParallel
 from training import checkpoint, data, export
 from training.config import BatchLayout, ConfigError, RunConfig, batch_layout, load_config
-from training.distributed import Placement, init_distributed, sequence_parallel_group
+from training.distributed import Placement, init_distributed, is_first_process, sequence_parallel_group
 from training.flops import measure_peak_flops, peak_flops, train_flops_per_token
 from training.loss import LanguageModelObjective
 from training.metrics import Metrics
@@ -78,6 +79,7 @@ class Run:
 
 def setup(config_path: str, overrides: list[str]) -> Run:
     cfg = load_config(config_path, overrides)
+    _check_output_dir(Path(cfg.output_dir))
     place = init_distributed()
     layout = batch_layout(cfg.train, place.world_size, cfg.parallel.sequence_parallel_size)
     dp_rank = place.rank // cfg.parallel.sequence_parallel_size
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         run = setup(args.config, args.overrides)
         fit(run)
     except (ConfigError, DataError, checkpoint.CheckpointError, TrainingError) as error:
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if is_first_process():
             print(f"error: {error}", file=sys.stderr)
         return 1
     finally:
@@ -361,6 +363,17 @@ def _check_deepspeed_config(ds_config: dict) -> None:
         raise ConfigError(f"unknown key deepspeed.{unread[0]}: DeepSpeed does not read it")
 
 
+def _check_output_dir(folder: Path) -> None:
+    """That the run's folder can be made and written, without making it: a failed check leaves nothing behind."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {folder}: {existing} is not writable")
+
+
 def _peak_flops(cfg: RunConfig, device: torch.device) -> float:
     if cfg.logging.peak_tflops:
         return cfg.logging.peak_tflops * 1e12
@@ -370,7 +383,10 @@ def _peak_flops(cfg: RunConfig, device: torch.device) -> float:
 def _announce(run: Run, resume_from: Path | None) -> None:
     cfg, layout = run.cfg, run.layout
     params = sum(math.prod(shape) for shape in run.parameter_shapes.values())
-    where = f"resumed from {resume_from} at step {run.state.step}" if resume_from else "from scratch"
+    if resume_from:
+        where = f"resumed from {resume_from} at step {run.state.step}"
+    else:
+        where = f"initialised from {cfg.train.init_from}" if cfg.train.init_from else "from scratch"
     run.metrics.print(
         f"{cfg.model_config.arch} with {params / 1e6:.2f}M parameters, {where}\n"
         f"{run.place.world_size} ranks on {run.place.device.type}, ZeRO stage {cfg.zero_stage}; global batch "
