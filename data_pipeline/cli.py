@@ -30,15 +30,17 @@ def _parser():
                              help="strip Project Gutenberg licence header/footer (raw downloads; PG19 needs none)")
 
     def tokenizer_args(command):
-        command.add_argument("--vocab-size", type=int, default=32000)
-        command.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+        command.add_argument("--vocab-size", type=int, default=32000, help="tokenizer pieces (default 32000)")
+        command.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe",
+                             help="sentencepiece model (default bpe)")
         command.add_argument("--sample-mb", type=float, default=100.0,
                              help="MB of train text the tokenizer is trained on (default 100)")
-        command.add_argument("--seed", type=int, default=0, help="seed of the tokenizer's training sample")
+        command.add_argument("--seed", type=int, default=0, help="seed of the tokenizer's training sample (default 0)")
 
     def shard_args(command):
-        command.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
-        command.add_argument("--tokens-per-shard", type=int, default=50_000_000)
+        command.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="(default: all)")
+        command.add_argument("--tokens-per-shard", type=int, default=50_000_000,
+                             help="a shard is closed after the book that reaches this (default 50,000,000)")
         command.add_argument("--workers", type=int, default=default_workers(), help="tokenizing processes (all cores)")
         command.add_argument("--quiet", action="store_true", help="no progress output, only the final report")
 
@@ -50,7 +52,7 @@ def _parser():
     corpus_args(command), shard_args(command)
     command = commands.add_parser("verify", help="check every shard of prepared splits, sha256 included")
     command.add_argument("output", help="the --output of prepare")
-    command.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
+    command.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="(default: all)")
     return parser
 
 

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Tokenize a PG19-layout corpus into WebDataset shards: tokenizer.model + <split>/shard-*.tar + <split>/manifest.json.
 #
-#   launch/preprocess.sh [INPUT] [OUTPUT] [more `prepare` options]
+#   launch/preprocess.sh [options]                         pg19-mini -> data/pg19-mini, 1,024 pieces: the data that
+#                                                          configs/tiny_cpu.json (and `make quickstart`) read
+#   launch/preprocess.sh INPUT OUTPUT [`prepare` options]  any corpus, `prepare`'s defaults (32,000 pieces)
 #
-# INPUT defaults to pg19-mini (../shared/data/pg19-mini), OUTPUT to data/pg19-mini; both may be fsspec URLs,
-# e.g. the full PG19:  launch/preprocess.sh gs://deepmind-gutenberg gs://my-bucket/pg19   (needs gcsfs)
+# INPUT and OUTPUT may be fsspec URLs, e.g. the full PG19:
+#   launch/preprocess.sh gs://deepmind-gutenberg gs://my-bucket/pg19   (needs gcsfs)
 # Safe to re-run: finished work is kept, a killed run goes on where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-input=${1:-../shared/data/pg19-mini}
-output=${2:-data/pg19-mini}
-exec "${PYTHON:-.venv/bin/python}" -m data_pipeline prepare --input "$input" --output "$output" "${@:3}"
+if [[ $# -eq 0 || $1 == --* ]]; then  # options given after these replace them
+  set -- ../shared/data/pg19-mini data/pg19-mini --vocab-size 1024 --sample-mb 2 --tokens-per-shard 1000000 "$@"
+elif [[ $# -eq 1 || $2 == --* ]]; then
+  echo "usage: launch/preprocess.sh [INPUT OUTPUT] [prepare options]" >&2
+  exit 2
+fi
+exec "${PYTHON:-.venv/bin/python}" -m data_pipeline prepare --input "$1" --output "$2" "${@:3}"

@@ -259,7 +259,7 @@ def test_text_stream_reassembles_multibyte_characters(pg19_shards):
     (["retrieval", "--checkpoint", "{memmamba}"], "needs --passages"),
     (["latency", "--model", "memmamba:huge"], "model.size must be one of"),
     (["latency", "--model", "mamba:tiny", "--model", "mamba:tiny"], "--model mamba:tiny is given twice"),
-    (["ppl", "--checkpoint", "{memmamba}", "--checkpoint", "{memmamba}", "--data", "{data}"], "is given twice"),
+    (["ppl", "--checkpoint", "{memmamba}", "--checkpoint", "{memmamba}/", "--data", "{data}"], "is given twice"),
     (["fidelity", "--checkpoint", "{memmamba}", "--data", "{data}", "--windows", "0"], "--windows"),
     (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--out", "{data}/tokenizer.model"],
      "tokenizer.model: cannot be a results folder"),
@@ -289,6 +289,17 @@ def test_a_checkpoint_with_another_tokenizer_is_refused(checkpoints, tmp_path, p
         assert load_model(folder).config == model.config
     with pytest.raises(EvalError, match="not the tokenizer"):
         load_checkpoint(str(folder), torch.device("cpu"))
+
+
+def test_help_shows_every_options_default():
+    task_parsers = evaluate.build_parser()._subparsers._group_actions[0].choices
+    for name, parser in [*task_parsers.items(), ("generate", generate.build_parser())]:
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            unset = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+            if not unset:
+                assert f"{action.help} (default: {action.default})" in text or "default" in action.help, \
+                    (name, action.dest)
 
 
 def test_lengths_read_k_as_thousands():

@@ -33,7 +33,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, [], False, argparse.SUPPRESS) and "default" not in text:
+        unset = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        if not unset and "default" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         specs = getattr(args, "model", [])
         if not args.checkpoint and not specs:
             raise EvalError("give at least one --checkpoint" + (" or --model" if args.task == "latency" else ""))
-        for option, values in (("--checkpoint", args.checkpoint), ("--model", specs)):
+        folders = [str(Path(path).resolve()) for path in args.checkpoint]
+        for option, values in (("--checkpoint", folders), ("--model", specs)):
             repeated = next((value for value in values if values.count(value) > 1), None)
             if repeated is not None:   # results are keyed by model: the second would overwrite the first
                 raise EvalError(f"{option} {repeated} is given twice")

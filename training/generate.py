@@ -20,6 +20,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import EOS_ID
 from model import ConfigError
 from training.checkpoint import CheckpointError
+from training.evaluate import HelpFormatter
 from training.evaluation.common import DTYPES, EvalError, load_checkpoint, pick_device
 
 CONTEXT_TOKENS = 8   # printed tokens kept to decode the next one with its neighbours' spacing
@@ -45,19 +46,20 @@ class TextStream:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m training.generate", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="exported model, training checkpoint or folder of them")
     parser.add_argument("--tokenizer", help="tokenizer.model, if not next to the checkpoint")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="the text to continue (default: a new document)")
     prompt.add_argument("--prompt-file", help="read the prompt from a file, - for stdin")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.8, help="of the sampling softmax")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0: all)")
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest token")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of the sampling")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="of the weights")
     parser.add_argument("--chunk-len", type=int, default=4096, help="tokens per chunk of the prompt's prefill")
     return parser
 
