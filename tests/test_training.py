@@ -309,12 +309,21 @@ def test_two_ranks_learn_log_and_checkpoint(straight_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "srun", "deepspeed --no_python"])
+@pytest.mark.parametrize("launcher", ["torchrun", "srun", "deepspeed --no_python", "deepspeed --hostfile"])
 def test_other_launchers_start_the_same_two_ranks(launcher, pg19_shards, straight_run, tmp_path):
     script_and_args = train_command(1, pg19_shards.root, tmp_path, "train.max_steps=2")[1:]
     env, port = {**_env(), "PYTHON": sys.executable}, str(free_port())
     bin_dir = Path(sys.executable).parent
-    if launcher == "srun":   # what srun sets in each of 2 tasks on one node, running the script as a program
+    if launcher == "deepspeed --hostfile":
+        # The example's two nodes, one GPU each, over ssh and pdsh: the stand-ins in tests/cluster start both nodes'
+        # launchers on this machine, in the bare environment of an ssh login, which gets OMP_NUM_THREADS only
+        # from the DeepSpeed environment file.
+        (tmp_path / "deepspeed_env").write_text("OMP_NUM_THREADS=1\n")
+        env.update(PATH=os.pathsep.join([str(ROOT / "tests" / "cluster"), os.environ["PATH"]]),
+                   DS_ENV_FILE=str(tmp_path / "deepspeed_env"))
+        tasks = [(env, [str(bin_dir / "deepspeed"), "--hostfile", "launch/hostfile.example", "--num_gpus", "1",
+                        "--master_port", port, *script_and_args])]
+    elif launcher == "srun":   # what srun sets in each of 2 tasks on one node, running the script as a program
         tasks = [({**env, "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
                    "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
                    "MASTER_PORT": port}, ["bash", *script_and_args]) for rank in range(2)]
@@ -354,6 +363,44 @@ def test_stopped_by_sigterm_and_resumed_equals_the_straight_run(pg19_shards, str
     final, straight = module_state(tmp_path / "checkpoints" / "step-00000016"), module_state(
         straight_run / "checkpoints" / "step-00000016")
     assert all(torch.equal(final[name], straight[name]) for name in straight)
+
+
+@pytest.mark.slow
+def test_slurm_job_checkpoints_before_its_time_limit_requeues_and_resumes(pg19_shards, straight_run, tmp_path):
+    """launch/slurm_h800.sbatch on two nodes of one rank each, under the stand-in Slurm of tests/cluster, which runs
+    every node's task on this machine: each task is the DeepSpeed launcher with --no_ssh --node_rank."""
+    job_id = f"test{os.getpid()}"
+    env = {**_env(), "PATH": os.pathsep.join([str(ROOT / "tests" / "cluster"), str(Path(sys.executable).parent),
+                                              os.environ["PATH"]]),
+           "FAKE_SLURM_DIR": str(tmp_path), "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": "localhost,127.0.0.1",
+           "SLURM_SUBMIT_DIR": str(ROOT), "CONFIG": "configs/tiny_cpu.json", "GPUS_PER_NODE": "1",
+           "MASTER_PORT": str(free_port())}
+    output = tmp_path / "run"
+    command = ["bash", "launch/slurm_h800.sbatch", "--set", *TINY, f"data.path={pg19_shards.root}",
+               f"output_dir={output}", f"train.max_steps={STEPS}"]
+    try:
+        job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+        log = ""
+        for line in job.stdout:
+            log += line
+            if line.startswith("step 4/"):
+                job.send_signal(signal.SIGUSR1)   # what --signal=B:USR1@300 sends: to the batch script alone
+                break
+        log += job.communicate(timeout=300)[0]
+        assert job.returncode == 0, log[-3000:]
+        assert "2 ranks on cpu" in log and "stopped by SIGUSR1" in log, log[-3000:]
+        assert (tmp_path / "requeued").read_text() == f"{job_id}\n"
+        stopped_at = checkpoints(output)[-1]
+        assert 4 < int(stopped_at.split("-")[1]) < STEPS
+
+        requeued = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert requeued.returncode == 0, requeued.stdout[-3000:] + requeued.stderr[-3000:]
+        assert f"resumed from {output / 'checkpoints' / stopped_at}" in requeued.stdout
+        assert (tmp_path / "requeued").read_text() == f"{job_id}\n"   # a job that finishes is not requeued
+        assert scalars(output, "train/loss") == scalars(straight_run, "train/loss")
+    finally:
+        (ROOT / "runs" / f"hostfile-{job_id}").unlink(missing_ok=True)
 
 
 @pytest.mark.slow
