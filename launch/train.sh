@@ -5,7 +5,7 @@
 #   bash launch/train.sh CONFIG [--set KEY=VALUE ...]    a person: starts the DeepSpeed launcher on this file
 #   deepspeed launch/train.sh CONFIG [--set ...]          the launcher: runs `python -u launch/train.sh` per rank
 #
-# To bash, the quotes on line 2 are the no-op command ':', and the lines up to `exec` are the script (bash reads
+# To bash, the quotes on line 2 are the no-op command ':', and the lines up to `exit` are the script (bash reads
 # a script as it runs it, so it never reaches the Python). To Python, everything from those quotes to the
 # matching ones below is a string, and the code after it is each rank's entry point.
 # Launcher options go in DEEPSPEED_ARGS, e.g. DEEPSPEED_ARGS="--num_gpus 2" bash launch/train.sh CONFIG.
@@ -19,7 +19,22 @@ python=${PYTHON:-$venv}
 if [[ -n "${RANK:-}${LOCAL_RANK:-}" || ( -n "${SLURM_STEP_ID:-}" && "${SLURM_NTASKS:-1}" -gt 1 ) ]]; then
   exec "$python" -u "$0" "$@"
 fi
-exec "$python" -m deepspeed.launcher.runner ${DEEPSPEED_ARGS:-} "$0" "$@"
+# The DeepSpeed launcher dies on SIGTERM and SIGUSR1 without passing them on, which would leave the ranks training.
+# So it runs in a process group of its own (set -m) with both ignored (the ranks install their own handlers), and
+# this script passes each signal it gets to that whole group, then waits for the ranks' checkpoint.
+trap '' TERM USR1
+set -m
+"$python" -m deepspeed.launcher.runner ${DEEPSPEED_ARGS:-} "$0" "$@" &
+run=$!
+set +m
+for signal in HUP INT TERM USR1; do trap "kill -s $signal -- -$run" "$signal"; done
+status=0
+wait "$run" || status=$?
+while kill -0 "$run" 2>/dev/null; do   # a signal's trap ends a wait early
+  status=0
+  wait "$run" || status=$?
+done
+exit $status
 ":"""
 import sys
 from pathlib import Path

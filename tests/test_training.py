@@ -342,17 +342,29 @@ def test_other_launchers_start_the_same_two_ranks(launcher, pg19_shards, straigh
 
 
 @pytest.mark.slow
-def test_stopped_by_sigterm_and_resumed_equals_the_straight_run(pg19_shards, straight_run, tmp_path):
-    # Data loading in a worker process too: it must outlive the signal, which goes to the whole process group.
+@pytest.mark.parametrize("started_by", ["deepspeed", "bash launch/train.sh"])
+def test_stopped_by_sigterm_and_resumed_equals_the_straight_run(started_by, pg19_shards, straight_run, tmp_path):
+    # Data loading in a worker process too: it must outlive the signal.
     command = train_command(2, pg19_shards.root, tmp_path, f"train.max_steps={STEPS}", "data.num_workers=1")
-    process = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    env = _env()
+    if started_by == "bash launch/train.sh":   # which starts the launcher itself
+        launcher_args, command = command[1:5], ["bash", *command[5:]]
+        env.update(PYTHON=sys.executable, DEEPSPEED_ARGS=" ".join(launcher_args))
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
+    output = ""
     for line in process.stdout:
+        output += line
         if line.startswith("step 4/"):
-            os.killpg(process.pid, signal.SIGTERM)  # as Slurm does on pre-emption
+            if started_by == "deepspeed":   # whose launcher passes no signal on: to every process, as Slurm does
+                os.killpg(process.pid, signal.SIGTERM)
+            else:                           # to the script alone, as `kill PID` or a container's stop does
+                process.send_signal(signal.SIGTERM)
             break
-    output = line + process.communicate(timeout=300)[0]
+    output += process.communicate(timeout=300)[0]
     assert "stopped by SIGTERM" in output, output[-3000:]
+    if started_by == "bash launch/train.sh":   # the script outlived the signal and waited for the launcher
+        assert process.returncode not in (-signal.SIGTERM, 128 + signal.SIGTERM), output[-3000:]
     stopped_at = checkpoints(tmp_path)[-1]
     step = int(stopped_at.split("-")[1])
     assert 4 < step < STEPS
