@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model import ConfigError, build_model, load_pretrained
 from training import data
+from training.checkpoint import CheckpointError, needs_universal
 from training.config import apply_override, batch_layout, config_from_dict, load_config
 from training.distributed import free_port
 from training.export import load_model
@@ -38,6 +39,8 @@ CLIP = 0.3
 TINY = ["data.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=8", "optimizer.warmup_steps=0",
         f"train.grad_clip={CLIP}", "optimizer.eps=1e-4", "optimizer.lr=3e-3",
         "logging.every=1", "validation.every=8", "validation.windows=4", "checkpoint.every=4", "checkpoint.keep=3"]
+CLUSTER_DEEPSPEED = "deepspeed=" + json.dumps(json.loads((CONFIGS / "200m_8k_h800.json").read_text())["deepspeed"])
+ZERO3 = "deepspeed.zero_optimization.stage=3"
 
 
 # --- configs -------------------------------------------------------------------------------------------------
@@ -136,6 +139,18 @@ def test_the_papers_run_and_its_variants():
     assert load_config(CONFIGS / "transformer_200m_8k.json").model_config.arch == "transformer"
     for path in CONFIGS.glob("*.json"):
         load_config(path)
+
+
+def test_a_resume_on_another_zero_stage_or_world_size_takes_the_universal_format():
+    def needs(saved_stage, saved_ranks, stage, ranks):
+        return needs_universal(Path("ckpt"), {"zero_stage": saved_stage, "world_size": saved_ranks}, ranks, stage)
+
+    assert not needs(0, 2, 0, 1) and not needs(1, 2, 1, 2) and not needs(3, 2, 3, 2)
+    assert needs(1, 2, 1, 1) and needs(3, 1, 3, 2) and needs(2, 2, 1, 2) and needs(1, 1, 2, 2)
+    for saved, stage in [(0, 1), (2, 0), (3, 1), (2, 3)]:
+        with pytest.raises(CheckpointError, match=f"ckpt: written with ZeRO stage {saved}, which stage {stage} "
+                                                  f"cannot load; resume it with deepspeed.zero_optimization.stage"):
+            needs(saved, 2, stage, 2)
 
 
 def test_no_weight_decay_on_norms_biases_and_ssm_dynamics():
@@ -416,26 +431,33 @@ def test_slurm_job_checkpoints_before_its_time_limit_requeues_and_resumes(pg19_s
 
 
 @pytest.mark.slow
-def test_resume_on_one_rank_continues_the_data_order(pg19_shards, straight_run, tmp_path):
-    (tmp_path / "checkpoints").mkdir()
-    shutil.copytree(straight_run / "checkpoints" / "step-00000008", tmp_path / "checkpoints" / "step-00000008")
-    result = train(1, pg19_shards.root, tmp_path, f"train.max_steps={STEPS}")
+@pytest.mark.parametrize("run, zero", [("straight_run", []), ("zero2_run", [CLUSTER_DEEPSPEED]),
+                                       ("zero3_run", [ZERO3])])
+def test_resume_on_one_rank_continues_the_data_order(run, zero, request, pg19_shards, straight_run, tmp_path):
+    """A checkpoint of two ranks resumed on one, with ZeRO stage 1, 2 or 3: the same samples in the same steps and
+    the whole optimizer state, so it follows the two-rank run; only the order of the gradient sums differs."""
+    saved = request.getfixturevalue(run)
+    first = checkpoints(saved)[0]
+    shutil.copytree(saved / "checkpoints" / first, tmp_path / "checkpoints" / first)
+    result = train(1, pg19_shards.root, tmp_path, "train.max_steps=12", *zero)
     assert "resumed from" in result.stdout and "accumulation 4 x 1 data-parallel ranks" in result.stdout
     one_rank, two_ranks = scalars(tmp_path, "train/loss"), scalars(straight_run, "train/loss")
-    assert sorted(one_rank) == list(range(9, STEPS + 1))
-    # The same samples in the same steps; only the order of the gradient sums differs.
+    assert sorted(one_rank) == list(range(int(first.split("-")[1]) + 1, 13))
     for step in one_rank:
         assert one_rank[step] == pytest.approx(two_ranks[step], rel=1e-4)
-    meta = json.loads((tmp_path / "checkpoints" / "step-00000016" / "meta.json").read_text())
-    assert meta["state"]["consumed_samples"] == STEPS * 8 and meta["world_size"] == 1
+    resumed = load_model(tmp_path / "checkpoints" / "step-00000012").state_dict()
+    straight = load_model(straight_run / "checkpoints" / "step-00000012").state_dict()
+    for name in straight:   # two steps with a wrong AdamW step count move weights by 1e-4
+        assert torch.allclose(resumed[name], straight[name], rtol=0, atol=2e-6), name
+    meta = json.loads((tmp_path / "checkpoints" / "step-00000012" / "meta.json").read_text())
+    assert meta["state"]["consumed_samples"] == 12 * 8 and meta["world_size"] == 1
 
 
 @pytest.fixture(scope="module")
 def zero2_run(pg19_shards, tmp_path_factory):
     """Two ranks with the cluster config's ZeRO stage 2 and communication settings."""
     output = tmp_path_factory.mktemp("zero2")
-    deepspeed = json.loads((CONFIGS / "200m_8k_h800.json").read_text())["deepspeed"]
-    train(2, pg19_shards.root, output, "train.max_steps=2", f"deepspeed={json.dumps(deepspeed)}")
+    train(2, pg19_shards.root, output, "train.max_steps=2", CLUSTER_DEEPSPEED)
     return output
 
 
@@ -443,7 +465,7 @@ def zero2_run(pg19_shards, tmp_path_factory):
 def zero3_run(pg19_shards, tmp_path_factory):
     """Two ranks with ZeRO stage 3 (parameters partitioned), otherwise the straight run."""
     output = tmp_path_factory.mktemp("zero3")
-    train(2, pg19_shards.root, output, "train.max_steps=3", "deepspeed.zero_optimization.stage=3")
+    train(2, pg19_shards.root, output, "train.max_steps=3", ZERO3)
     return output
 
 
@@ -560,7 +582,8 @@ def test_a_resumed_run_takes_the_configs_optimizer_settings_and_names_model_chan
 
 @pytest.mark.slow
 @pytest.mark.parametrize("problem", ["missing key", "no shards", "vocabulary", "model shape", "another run",
-                                     "rollback", "deepspeed key", "deepspeed value", "output is a file"])
+                                     "rollback", "deepspeed key", "deepspeed value", "output is a file",
+                                     "zero stage"])
 def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, straight_run, tmp_path):
     config = tmp_path / "config.json"
     raw = json.loads((CONFIGS / "tiny_cpu.json").read_text())
@@ -589,6 +612,9 @@ def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, str
         "deepspeed value": (["deepspeed.zero_optimization.overlap_comm=sometimes"],
                             "error: deepspeed.zero_optimization.overlap_comm: Input should be a valid boolean"),
         "output is a file": ([f"output_dir={config}/run"], f"error: output_dir {config}/run: {config} is a file"),
+        "zero stage": ([f"checkpoint.resume={latest}", ZERO3],
+                       f"error: {latest}: written with ZeRO stage 1, which stage 3 cannot load; resume it with "
+                       "deepspeed.zero_optimization.stage=1"),
     }[problem]
     # Two ranks where the error comes before the process group exists: it is still printed once.
     ranks = 2 if problem in ("missing key", "output is a file") else 1

@@ -155,14 +155,14 @@ def remove_partial(root: Path) -> None:
 def needs_universal(path: Path, meta: dict, world_size: int, zero_stage: int) -> bool:
     """Whether resuming needs the universal format: ZeRO partitions saved by another number of ranks or stage.
 
-    Without ZeRO (stage 0) the optimizer state is saved whole, so any number of ranks can load it.
+    Without ZeRO (stage 0) the optimizer state is saved whole, so any number of ranks can load it. Of the stages,
+    DeepSpeed moves checkpoints between 1 and 2 only: stages 0 and 3 keep the model's weights in other files.
     """
-    if meta["zero_stage"] == zero_stage and (zero_stage == 0 or meta["world_size"] == world_size):
-        return False
-    if 0 in (meta["zero_stage"], zero_stage):
-        raise CheckpointError(f"{path}: written with ZeRO stage {meta['zero_stage']}; resume it with "
-                              f"deepspeed.zero_optimization.stage={meta['zero_stage']}")
-    return True
+    saved = meta["zero_stage"]
+    if saved != zero_stage and not {saved, zero_stage} <= {1, 2}:
+        raise CheckpointError(f"{path}: written with ZeRO stage {saved}, which stage {zero_stage} cannot load; "
+                              f"resume it with deepspeed.zero_optimization.stage={saved}")
+    return saved != 0 and (saved != zero_stage or meta["world_size"] != world_size)
 
 
 def load(engine, path: Path, meta: dict) -> dict | None:
@@ -170,11 +170,21 @@ def load(engine, path: Path, meta: dict) -> dict | None:
     checkpoint was written by another number of ranks (its per-rank state does not apply then)."""
     if engine.load_universal_checkpoint():
         engine.load_checkpoint(str(path), tag=universal(path).name)
+        _own_step_counts(engine.optimizer.optimizer)
     else:
         engine.load_checkpoint(str(path.parent), tag=path.name)
     if meta["world_size"] != dist.get_world_size():
         return None
     return torch.load(path / f"rank-{dist.get_rank():05d}.pt", weights_only=False)
+
+
+def _own_step_counts(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter its own AdamW step count. DeepSpeed's ZeRO-3 loads one tensor into all of them from a
+    universal checkpoint, and torch's AdamW advances each parameter's count in place, so a shared count would
+    advance once per parameter group each step and skew the bias correction."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"] = state["step"].clone()
 
 
 def universal(path: Path) -> Path:
