@@ -3,13 +3,18 @@
 The end-to-end tests share one straight two-rank run (`straight_run`) of the tiny model on pg19-mini shards,
 and compare other runs with it: stopped by SIGTERM and resumed, resumed on one rank, with ZeRO stage 2.
 """
+import fcntl
 import json
 import os
+import pty
 import re
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -286,6 +291,29 @@ def test_tokens_per_second_count_only_the_steps_own_time(tmp_path):
     metrics.log(2, 2, lr=1e-3, grad_norm=1.0, skipped=0, tokens_seen=2000)
     metrics.close()
     assert scalars(tmp_path, "perf/tps_total") == {2: 2000.0} and scalars(tmp_path, "perf/tps") == {2: 1000.0}
+
+
+@pytest.mark.slow
+def test_a_terminal_shows_a_progress_bar_with_the_time_left(pg19_shards, tmp_path):
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))   # a terminal of 120 columns
+    process = subprocess.Popen(train_command(1, pg19_shards.root, tmp_path, "train.max_steps=3"), cwd=ROOT,
+                               env=_env(), stdin=terminal, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    screen, deadline = b"", time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if not select.select([controller], [], [], 1.0)[0]:
+            continue
+        try:
+            screen += os.read(controller, 4096)
+        except OSError:   # the terminal is gone: the run has exited
+            break
+    os.close(controller)
+    assert process.wait(timeout=60) == 0
+    text = screen.decode(errors="replace")
+    # tqdm: "2/3 [00:01<00:00,  1.52step/s, loss=6.8777]", the time left after "<"
+    assert re.search(r"\b\d/3 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+(step/s|s/step), loss=\d\.\d{4}\]", text), text[-2000:]
+    assert "step 3/3 | loss" in text
 
 
 def checkpoints(output_dir):
