@@ -460,7 +460,7 @@ def test_slurm_job_checkpoints_before_its_time_limit_requeues_and_resumes(pg19_s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run, zero", [("straight_run", []), ("zero2_run", [CLUSTER_DEEPSPEED]),
-                                       ("zero3_run", [ZERO3])])
+                                       ("zero3_run", [ZERO3])], ids=["zero1", "zero2", "zero3"])
 def test_resume_on_one_rank_continues_the_data_order(run, zero, request, pg19_shards, straight_run, tmp_path):
     """A checkpoint of two ranks resumed on one, with ZeRO stage 1, 2 or 3: the same samples in the same steps and
     the whole optimizer state, so it follows the two-rank run; only the order of the gradient sums differs."""
@@ -481,11 +481,25 @@ def test_resume_on_one_rank_continues_the_data_order(run, zero, request, pg19_sh
     assert meta["state"]["consumed_samples"] == 12 * 8 and meta["world_size"] == 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("run, zero", [("zero2_run", [CLUSTER_DEEPSPEED]), ("zero3_run", [ZERO3])],
+                         ids=["zero2", "zero3"])
+def test_zero_stages_2_and_3_resume_bit_for_bit(run, zero, request, pg19_shards, tmp_path):
+    """As the straight run's stage 1 does (stopped by SIGTERM), with more of the state partitioned."""
+    saved = request.getfixturevalue(run)
+    shutil.copytree(saved / "checkpoints" / "step-00000002", tmp_path / "checkpoints" / "step-00000002")
+    train(2, pg19_shards.root, tmp_path, "train.max_steps=3", *zero)
+    assert scalars(tmp_path, "train/loss") == {3: scalars(saved, "train/loss")[3]}
+    resumed = load_model(tmp_path / "checkpoints" / "step-00000003").state_dict()
+    straight = load_model(saved / "checkpoints" / "step-00000003").state_dict()
+    assert all(torch.equal(resumed[name], straight[name]) for name in straight)   # step 3's update too
+
+
 @pytest.fixture(scope="module")
 def zero2_run(pg19_shards, tmp_path_factory):
     """Two ranks with the cluster config's ZeRO stage 2 and communication settings."""
     output = tmp_path_factory.mktemp("zero2")
-    train(2, pg19_shards.root, output, "train.max_steps=2", CLUSTER_DEEPSPEED)
+    train(2, pg19_shards.root, output, "train.max_steps=3", "checkpoint.every=2", CLUSTER_DEEPSPEED)
     return output
 
 
@@ -493,7 +507,7 @@ def zero2_run(pg19_shards, tmp_path_factory):
 def zero3_run(pg19_shards, tmp_path_factory):
     """Two ranks with ZeRO stage 3 (parameters partitioned), otherwise the straight run."""
     output = tmp_path_factory.mktemp("zero3")
-    train(2, pg19_shards.root, output, "train.max_steps=3", ZERO3)
+    train(2, pg19_shards.root, output, "train.max_steps=3", "checkpoint.every=2", ZERO3)
     return output
 
 
