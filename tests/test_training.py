@@ -625,7 +625,7 @@ def test_a_resumed_run_takes_the_configs_optimizer_settings_and_names_model_chan
 @pytest.mark.slow
 @pytest.mark.parametrize("problem", ["missing key", "no shards", "vocabulary", "model shape", "another run",
                                      "rollback", "deepspeed key", "deepspeed value", "output is a file",
-                                     "zero stage"])
+                                     "sequence length", "zero stage"])
 def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, straight_run, tmp_path):
     config = tmp_path / "config.json"
     raw = json.loads((CONFIGS / "tiny_cpu.json").read_text())
@@ -654,6 +654,9 @@ def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, str
         "deepspeed value": (["deepspeed.zero_optimization.overlap_comm=sometimes"],
                             "error: deepspeed.zero_optimization.overlap_comm: Input should be a valid boolean"),
         "output is a file": ([f"output_dir={config}/run"], f"error: output_dir {config}/run: {config} is a file"),
+        "sequence length": ([f"checkpoint.resume={latest}", "data.seq_len=128"],
+                            f"error: {pg19_shards.root}/train: checkpoint's data stream does not match this "
+                            "dataset (seq_len 64 != 128"),
         "zero stage": ([f"checkpoint.resume={latest}", ZERO3],
                        f"error: {latest}: written with ZeRO stage 1, which stage 3 cannot load; resume it with "
                        "deepspeed.zero_optimization.stage=1"),
@@ -664,6 +667,9 @@ def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, str
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(expected), result.stderr[-2000:]
+    if problem == "sequence length":
+        assert errors[0].endswith(f"; to train its weights on with this data, start a new run with "
+                                  f"train.init_from={latest}")
     assert "Traceback" not in result.stderr and "global batch" not in result.stdout   # no engine was built
 
 

@@ -6,12 +6,14 @@ for tasks that score only some targets (a passkey's answer). Every batch comes o
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline.evaluation import validation_windows
+from data_pipeline.errors import DataError
 from data_pipeline.stream import PackedWindows, RankBatches
 from training.config import ConfigError, RunConfig
 from training.tasks import PasskeyWindows
@@ -65,10 +67,14 @@ def stream_state(dataset: Dataset, consumed_samples: int) -> dict:
     return {"consumed_samples": consumed_samples}
 
 
-def check_stream_state(dataset: Dataset, state: dict) -> None:
+def check_stream_state(dataset: Dataset, state: dict, checkpoint: Path) -> None:
     """Refuse a checkpoint's stream state that does not fit this dataset (another seq_len, seed or tokenizer)."""
     if hasattr(dataset, "load_state_dict"):
-        dataset.load_state_dict(state)
+        try:
+            dataset.load_state_dict(state)
+        except DataError as error:
+            raise DataError(f"{error}; to train its weights on with this data, start a new run with "
+                            f"train.init_from={checkpoint}") from None
 
 
 def collate(items: list) -> Batch:

@@ -105,11 +105,11 @@ def setup(config_path: str, overrides: list[str]) -> Run:
         checkpoint.check_compatible(resume_from, meta, parameter_shapes, checksum)
         if place.rank == 0:
             _note_model_changes(meta["model"], model_config_to_dict(cfg.model_config))
+        data.check_stream_state(dataset, meta["data_stream"], resume_from)
         universal = checkpoint.needs_universal(resume_from, meta, place.world_size, cfg.zero_stage)
         if universal:
             checkpoint.universal(resume_from)   # a conversion on the CPU: before the model reaches the accelerator
         state = TrainState(**meta["state"])
-        data.check_stream_state(dataset, meta["data_stream"])
     elif cfg.train.init_from is not None:
         _initialise_from(model, cfg.train.init_from, parameter_shapes, checksum)
     checkpoint.check_no_later(cfg.checkpoint_dir, state.step)
