@@ -1,7 +1,8 @@
 """The training stack: configs, FLOP counts, and real runs through the DeepSpeed launcher on the CPU (gloo).
 
 The end-to-end tests share one straight two-rank run (`straight_run`) of the tiny model on pg19-mini shards,
-and compare other runs with it: stopped by SIGTERM and resumed, resumed on one rank, with ZeRO stage 2.
+and compare other runs with it: stopped by a signal and resumed, started by other launchers or on two simulated
+nodes (tests/cluster), resumed on one rank, with other ZeRO stages.
 """
 import fcntl
 import json
