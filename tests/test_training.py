@@ -422,15 +422,23 @@ def test_stopped_by_sigterm_and_resumed_equals_the_straight_run(started_by, pg19
 
 
 @pytest.mark.slow
-def test_slurm_job_checkpoints_before_its_time_limit_requeues_and_resumes(pg19_shards, straight_run, tmp_path):
+@pytest.mark.parametrize("stop", ["time limit", "pre-emption"])
+def test_slurm_job_checkpoints_when_stopped_and_resumes(stop, pg19_shards, straight_run, tmp_path):
     """launch/slurm_h800.sbatch on two nodes of one rank each, under the stand-in Slurm of tests/cluster, which runs
-    every node's task on this machine: each task is the DeepSpeed launcher with --no_ssh --node_rank."""
+    every node's task on this machine: each task is the DeepSpeed launcher with --no_ssh --node_rank. Before the
+    time limit Slurm sends SIGUSR1 to the batch script alone, which requeues the job; on pre-emption it sends
+    SIGTERM to every process of the job, and requeues the job itself (or not, as the cluster is set up)."""
     job_id = f"test{os.getpid()}"
     env = {**_env(), "PATH": os.pathsep.join([str(ROOT / "tests" / "cluster"), str(Path(sys.executable).parent),
                                               os.environ["PATH"]]),
            "FAKE_SLURM_DIR": str(tmp_path), "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": "localhost,127.0.0.1",
            "SLURM_SUBMIT_DIR": str(ROOT), "CONFIG": "configs/tiny_cpu.json", "GPUS_PER_NODE": "1",
            "MASTER_PORT": str(free_port())}
+    expected_requeues = f"{job_id}\n" if stop == "time limit" else ""   # a pre-empted job: Slurm's to requeue
+
+    def requeues():
+        return (tmp_path / "requeued").read_text() if (tmp_path / "requeued").exists() else ""
+
     output = tmp_path / "run"
     command = ["bash", "launch/slurm_h800.sbatch", "--set", *TINY, f"data.path={pg19_shards.root}",
                f"output_dir={output}", f"train.max_steps={STEPS}"]
@@ -441,19 +449,26 @@ def test_slurm_job_checkpoints_before_its_time_limit_requeues_and_resumes(pg19_s
         for line in job.stdout:
             log += line
             if line.startswith("step 4/"):
-                job.send_signal(signal.SIGUSR1)   # what --signal=B:USR1@300 sends: to the batch script alone
+                if stop == "time limit":   # --signal=B:USR1@300
+                    job.send_signal(signal.SIGUSR1)
+                else:
+                    job.send_signal(signal.SIGTERM)
+                    subprocess.run(["scancel", "--signal=TERM", f"{job_id}.0"], env=env, check=True)
                 break
         log += job.communicate(timeout=300)[0]
-        assert job.returncode == 0, log[-3000:]
-        assert "2 ranks on cpu" in log and "stopped by SIGUSR1" in log, log[-3000:]
-        assert (tmp_path / "requeued").read_text() == f"{job_id}\n"
+        if stop == "time limit":
+            assert job.returncode == 0 and "stopped by SIGUSR1" in log, log[-3000:]
+        else:   # the script outlived SIGTERM and waited for the ranks
+            assert job.returncode not in (-signal.SIGTERM, 128 + signal.SIGTERM), log[-3000:]
+            assert "pre-empted: waiting" in log and "stopped by SIGTERM" in log, log[-3000:]
+        assert "2 ranks on cpu" in log and requeues() == expected_requeues
         stopped_at = checkpoints(output)[-1]
         assert 4 < int(stopped_at.split("-")[1]) < STEPS
 
-        requeued = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert requeued.returncode == 0, requeued.stdout[-3000:] + requeued.stderr[-3000:]
-        assert f"resumed from {output / 'checkpoints' / stopped_at}" in requeued.stdout
-        assert (tmp_path / "requeued").read_text() == f"{job_id}\n"   # a job that finishes is not requeued
+        resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert f"resumed from {output / 'checkpoints' / stopped_at}" in resumed.stdout
+        assert requeues() == expected_requeues   # a job that finishes is not requeued
         assert scalars(output, "train/loss") == scalars(straight_run, "train/loss")
     finally:
         (ROOT / "runs" / f"hostfile-{job_id}").unlink(missing_ok=True)
