@@ -295,9 +295,10 @@ def test_tokens_per_second_count_only_the_steps_own_time(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_terminal_shows_a_progress_bar_with_the_time_left(pg19_shards, tmp_path):
+@pytest.mark.parametrize("columns", [120, 0], ids=["120 columns", "no width"])
+def test_a_terminal_shows_a_progress_bar_with_the_time_left(columns, pg19_shards, tmp_path):
     controller, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))   # a terminal of 120 columns
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     process = subprocess.Popen(train_command(1, pg19_shards.root, tmp_path, "train.max_steps=3"), cwd=ROOT,
                                env=_env(), stdin=terminal, stdout=terminal, stderr=terminal)
     os.close(terminal)

@@ -15,6 +15,7 @@ Scalars (TensorBoard tag, console name):
 from __future__ import annotations
 
 import math
+import os
 import resource
 import sys
 from pathlib import Path
@@ -36,7 +37,11 @@ class Metrics:
             # purge_step: TensorBoard hides what an interrupted earlier run logged after the resumed step.
             self.writer = SummaryWriter(str(tensorboard_dir), purge_step=start_step + 1)
             if progress_bar and sys.stderr.isatty():
-                self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+                # Some terminals report a width of 0 columns (`script` without a terminal of its own, say), in
+                # which tqdm would draw nothing: give those 80.
+                width = os.get_terminal_size(sys.stderr.fileno()).columns
+                self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=width > 0,
+                                ncols=None if width > 0 else 80)
         self._reset()
 
     def _reset(self) -> None:
