@@ -121,15 +121,16 @@ class RankBatches(Sampler):
 
 
 def train_loader(dataset, micro_batch_size, dp_rank, dp_world, consumed_samples=0, num_workers=2,
-                 pin_memory=False):
+                 pin_memory=False, collate_fn=None):
     """An endless DataLoader of LongTensor[micro_batch_size, seq_len + 1] for one data-parallel rank.
 
     Batches come in RankBatches order whatever num_workers is (the DataLoader hands batches to workers in turn
-    and returns them in order). Sequence-parallel ranks of one group pass the same dp_rank.
+    and returns them in order). Sequence-parallel ranks of one group pass the same dp_rank. `collate_fn` is
+    the DataLoader's, for datasets whose items are not plain tensors.
     """
     sampler = RankBatches(micro_batch_size, dp_rank, dp_world, consumed_samples)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      worker_init_fn=_ignore_stop_signals)
+                      collate_fn=collate_fn, worker_init_fn=_ignore_stop_signals)
 
 
 def _ignore_stop_signals(worker_id):

@@ -5,7 +5,6 @@ for tasks that score only some targets (a passkey's answer). Every batch comes o
 """
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline.evaluation import validation_windows
 from data_pipeline.errors import DataError
-from data_pipeline.stream import PackedWindows, RankBatches
+from data_pipeline.stream import PackedWindows, train_loader
 from training.config import ConfigError, RunConfig
 from training.tasks import PasskeyWindows
 
@@ -52,12 +51,8 @@ def train_batches(dataset: Dataset, cfg: RunConfig, dp_rank: int, dp_world: int,
     Rank r's k-th micro-batch holds global samples consumed + k * dp_world * mb + r * mb + [0, mb), so an
     optimizer step covers the same samples on any number of ranks (data_pipeline.stream.RankBatches).
     """
-    sampler = RankBatches(cfg.train.micro_batch_size, dp_rank, dp_world, consumed_samples)
-    # Not data_pipeline.stream.train_loader: its workers would die of the SIGTERM that Slurm or the launcher
-    # sends to the whole process group, and the rank could not finish its checkpoint.
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate,
-                      pin_memory=pin_memory, worker_init_fn=_ignore_stop_signals,
-                      persistent_workers=cfg.data.num_workers > 0)
+    return train_loader(dataset, cfg.train.micro_batch_size, dp_rank, dp_world, consumed_samples,
+                        cfg.data.num_workers, pin_memory, collate_fn=collate)
 
 
 def stream_state(dataset: Dataset, consumed_samples: int) -> dict:
@@ -89,10 +84,4 @@ def _dataset(cfg: RunConfig, split: str, seed: int, tokenizer_checksum: str | No
         return PackedWindows(cfg.data.path, split, cfg.data.seq_len, seed, tokenizer_checksum)
     return PasskeyWindows(root=cfg.data.path, split=split, seq_len=cfg.data.seq_len, seed=seed,
                           tokenizer_checksum=tokenizer_checksum, key_digits=cfg.data.passkey.key_digits)
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    # The main process stops at a step boundary and shuts its workers down itself.
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
 
