@@ -1,11 +1,16 @@
 """The training objective: sliced and chunked forms equal a plain cross-entropy."""
+import copy
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import model.lm_head
+from model import MemMambaLM
 from model.lm_head import IGNORE, LMHead
-from tests.test_model import TEST_CONFIG, make_model, tokens
+from tests.test_model import TEST_CONFIG, make_model, random_config, tokens
+from tests.training_step import assert_same_training_step
 from training.loss import lm_loss
 
 
@@ -67,6 +72,25 @@ def test_chunked_step_equals_unchunked_step(small_slices, chunk_len):
     torch.testing.assert_close(chunked_loss, loss, rtol=1e-6, atol=1e-6)
     for name in grads:
         torch.testing.assert_close(chunked_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_models_train_alike_whole_and_in_chunks(seed):
+    """Random models (tests/test_model.py) cut into chunks of a random length, with activation checkpointing on or
+    off and some targets masked or not: the loss and gradients of the whole sequence."""
+    rng = random.Random(seed)
+    config = random_config(rng)
+    T = rng.randint(3, 40)                     # the window: T - 1 inputs, cut into at least two chunks
+    torch.manual_seed(seed)
+    whole = MemMambaLM(config).train()
+    chunked = copy.deepcopy(whole)
+    chunked.gradient_checkpointing = rng.random() < 0.5
+    chunk_len = rng.randint(1, T - 2)
+    window = tokens(rng.randint(1, 3), T, seed, vocab=config.vocab_size)
+    mask = None
+    if rng.random() < 0.3:      # only some targets count, as in passkey fine-tuning
+        mask = torch.rand(window.shape[0], T - 1, generator=torch.Generator().manual_seed(seed)) < 0.5
+    assert_same_training_step(whole, chunked, lambda m: lm_loss(m, window, chunk_len if m is chunked else None, mask))
 
 
 def test_loss_mask_averages_over_the_selected_targets_only():

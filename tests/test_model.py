@@ -1,5 +1,6 @@
 """MemMamba's parallel, chunked and token-by-token forms compute one function (fp32, CPU)."""
 import dataclasses
+import random
 
 import pytest
 import torch
@@ -188,6 +189,55 @@ def test_forward_equals_the_reference_written_from_the_design(overrides):
         ours, _ = model(ids)
         ref = memmamba_lm_reference(reference_weights(model), model.config, ids)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def random_config(rng: random.Random) -> MemMambaConfig:
+    """A small MemMamba with every setting drawn at random, edge values included: windows of one token, pools of
+    one note, every token kept (tau1=0), every token reading (tau2=0), cross-layer spans longer than the model."""
+    heads = rng.choice([1, 2, 4])
+    return MemMambaConfig(
+        d_model=rng.choice([8, 16, 24]), n_layer=rng.randint(1, 5), vocab_size=31, d_state=rng.choice([1, 2, 4]),
+        d_conv=rng.choice([2, 3, 4]), expand=rng.choice([1, 2]), summary_dim=rng.choice([1, 3, 8]),
+        pool_size=rng.randint(1, 6), note_window=rng.randint(1, 9), tau1=rng.choice([0.0, 0.3, 0.5, 0.6]),
+        tau2=rng.choice([0.0, 0.4, 0.5, 0.6]), pool_policy=rng.choice(["fifo", "priority"]),
+        pooling=rng.choice(["max", "mean"]), cross_layer_every=rng.randint(1, 4), cross_layer_span=rng.randint(1, 5),
+        fusion=rng.choice(["weighted", "gated", "residual"]), attn_dim=heads * rng.choice([2, 4]), attn_heads=heads)
+
+
+def random_split(rng: random.Random, T: int) -> list[int]:
+    sizes = []
+    while T:
+        sizes.append(rng.randint(1, T))
+        T -= sizes[-1]
+    return sizes
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_models_agree_in_every_form(seed):
+    """Whole; in chunks cut at random; streamed token by token after a chunked prefix; the design's reference."""
+    from tests.reference import memmamba_lm_reference
+    rng = random.Random(seed)
+    config = random_config(rng)
+    batch, T = rng.randint(1, 3), rng.randint(1, 40)
+    torch.manual_seed(seed)
+    model = MemMambaLM(config).eval()
+    ids = tokens(batch, T, seed, vocab=config.vocab_size)
+    prefix = rng.randint(0, T - 1)
+    with torch.no_grad():
+        full, state = model(ids)
+        parts, parts_state = chunked(model, ids, random_split(rng, T))
+        step_state = chunked(model, ids[:, :prefix], random_split(rng, prefix))[1] if prefix else \
+            model.allocate_state(batch)
+        steps = []
+        for t in range(prefix, T):
+            logits, step_state = model.step(ids[:, t], step_state)
+            steps.append(logits)
+        reference = memmamba_lm_reference(reference_weights(model), config, ids)
+    torch.testing.assert_close(parts, full, rtol=1e-5, atol=1e-5)
+    assert_states_equal(parts_state, state)
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, prefix:], rtol=1e-5, atol=1e-5)
+    assert_states_equal(step_state, state)
+    torch.testing.assert_close(full, reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fusion", ["weighted", "gated", "residual"])

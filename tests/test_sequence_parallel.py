@@ -1,5 +1,6 @@
 """Sequence parallelism across P gloo processes == one process on the whole sequence."""
 import dataclasses
+import random
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.multiprocessing as mp
 
 from model import MemMambaLM
 from model.sequence_parallel import SequenceParallel
-from tests.test_model import TEST_CONFIG
+from tests.test_model import TEST_CONFIG, random_config
 from tests.training_step import assert_same_training_step
 from training.loss import lm_loss
 
@@ -56,6 +57,44 @@ CASES = [(2, dict(pool_policy="fifo")), (2, dict(pool_policy="priority", pooling
 @pytest.mark.parametrize("world, overrides", CASES, ids=[f"P{w}-" + "-".join(map(str, o.values())) for w, o in CASES])
 def test_sequence_parallel_equals_one_process(tmp_path, world, overrides):
     mp.spawn(run_rank, args=(world, tmp_path / "rendezvous", overrides), nprocs=world)
+
+
+def run_rank_random(rank, world, rendezvous, seeds):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        for seed in seeds:
+            rng = random.Random(seed)
+            config = random_config(rng)
+            length = world * rng.randint(max(config.d_conv - 1, 1), 16)
+            torch.manual_seed(seed)
+            model = MemMambaLM(config)
+            ids = torch.randint(0, config.vocab_size, (rng.randint(1, 2), length),
+                                generator=torch.Generator().manual_seed(seed))
+            w = torch.linspace(-1, 1, length * config.vocab_size).view(1, length, -1).sin()
+            reference, _ = model(ids)
+            (reference * w).sum().backward()
+            ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            model.zero_grad()
+
+            sp = SequenceParallel()
+            logits, _ = model(sp.local(ids), sp=sp)
+            (logits * sp.local(w)).sum().backward()
+            torch.testing.assert_close(logits, sp.local(reference), rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+            for name, grad in ref_grads.items():
+                ours = model.get_parameter(name).grad.clone()
+                dist.all_reduce(ours)
+                scale = grad.abs().max().item()
+                torch.testing.assert_close(ours, grad, rtol=1e-4, atol=1e-6 * max(scale, 1), msg=f"seed {seed}: {name}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sequence_parallel_equals_one_process_on_random_models(tmp_path):
+    """Random models (tests/test_model.py) on three ranks whose pieces are as short as the conv allows or span
+    several note windows, cutting windows anywhere."""
+    mp.spawn(run_rank_random, args=(3, tmp_path / "rendezvous", range(16)), nprocs=3)
 
 
 def run_rank_loss(rank, world, rendezvous):
