@@ -124,3 +124,33 @@ def _attention(u, notes, w, heads):
     scores = torch.einsum("hd,nhd->hn", q, k) / q.shape[-1] ** 0.5
     out = torch.einsum("hn,nhd->hd", scores.softmax(-1), v).reshape(-1)
     return w["out"] @ out
+
+
+def transformer_lm_reference(model, input_ids):
+    """Logits of the Transformer baseline (model/transformer.py) from its equations: rotary positions as complex
+    rotations, and each token's causal attention as an explicit softmax over the tokens up to it."""
+    import math
+    import torch.nn.functional as F
+    config = model.config
+    H = config.n_head
+    x = model.embedding.weight[input_ids]
+    batch, T, D = x.shape
+    d = D // H
+    angles = torch.arange(T)[:, None] * config.rope_base ** (-torch.arange(0, d, 2) / d)     # [T, d/2]
+    rotation = torch.polar(torch.ones_like(angles), angles)
+
+    def rotate(t):   # [B, T, H, d], channels (2i, 2i + 1) as one complex number
+        return torch.view_as_real(torch.view_as_complex(t.reshape(batch, T, H, d // 2, 2))
+                                  * rotation[None, :, None]).reshape(batch, T, H, d)
+
+    for block in model.layers:
+        q, k, v = (rms_norm(x, block.norm1.weight, config.norm_eps) @ block.qkv.weight.T).split(D, -1)
+        q, k, v = rotate(q.view(batch, T, H, d)), rotate(k.view(batch, T, H, d)), v.view(batch, T, H, d)
+        out = torch.empty(batch, T, H, d)
+        for t in range(T):
+            scores = torch.einsum("bhd,bshd->bhs", q[:, t], k[:, :t + 1]) / math.sqrt(d)
+            out[:, t] = torch.einsum("bhs,bshd->bhd", scores.softmax(-1), v[:, :t + 1])
+        x = x + out.reshape(batch, T, D) @ block.proj.weight.T
+        hidden = F.gelu(rms_norm(x, block.norm2.weight, config.norm_eps) @ block.fc.weight.T)
+        x = x + hidden @ block.fc_out.weight.T
+    return rms_norm(x, model.norm_f.weight, config.norm_eps) @ model.lm_head.weight.T

@@ -1,4 +1,4 @@
-"""The Transformer baseline: chunked prefill with the KV cache == one pass == step by step."""
+"""The Transformer baseline: one pass == its equations; chunked prefill with the KV cache == step by step."""
 import torch
 
 from model import TransformerConfig, TransformerLM
@@ -36,3 +36,13 @@ def test_causality():
         a, b = model(ids)[0], model(changed)[0]
     torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-6)
     assert not torch.allclose(a[:, 12], b[:, 12])
+
+
+def test_one_pass_equals_the_reference_written_from_the_equations():
+    from tests.reference import transformer_lm_reference
+    model = make()
+    ids = torch.randint(0, 50, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, _ = model(ids)
+        reference = transformer_lm_reference(model, ids)
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
