@@ -102,6 +102,28 @@ def test_priority_ties_go_to_the_newer_note_in_every_form(window, seed):
     assert_states_equal(prefix_state, state)
 
 
+@pytest.mark.parametrize("overrides", POLICIES[1:3] + POLICIES[-1:], ids=lambda o: "-".join(map(str, o.values())))
+def test_bf16_autocast_keeps_the_ssm_state_in_fp32_and_the_forms_agree(overrides):
+    """What a GPU runs with train.precision bf16, under the CPU's autocast: logits near fp32's, the forms agreeing to
+    bf16's precision, and the SSM state that crosses chunks in fp32."""
+    model = make_model(**overrides)
+    ids = tokens()
+    with torch.no_grad():
+        fp32, _ = model(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            full, state = model(ids)
+            parts, parts_state = chunked(model, ids, SPLITS[1])
+            step_state, steps = model.allocate_state(ids.shape[0]), []
+            for t in range(ids.shape[1]):
+                logits, step_state = model.step(ids[:, t], step_state)
+                steps.append(logits)
+    assert full.dtype == torch.bfloat16
+    for logits in (full, parts, torch.stack(steps, 1)):
+        torch.testing.assert_close(logits.float(), fp32, rtol=0.02, atol=0.02)
+    for layer_states in zip(state.layers, parts_state.layers, step_state.layers):
+        assert all(layer.mixer.ssm.dtype == torch.float32 for layer in layer_states)
+
+
 def test_thresholds_are_active_in_the_equivalence_tests():
     """Some windows make no note, some notes are evicted, some tokens skip the attention."""
     model = make_model()
