@@ -354,6 +354,17 @@ def test_two_ranks_learn_log_and_checkpoint(straight_run):
 
 
 @pytest.mark.slow
+def test_bf16_precision_reaches_the_engines_forward(pg19_shards, straight_run, tmp_path):
+    """train.precision=bf16 on the CPU: DeepSpeed runs its module under its own autocast setting, so only a
+    forward under the engine's bf16 autocast gives a first gradient near, but not at, the fp32 run's (whose
+    first loss and gradient one rank reproduces to the last bits)."""
+    result = train(1, pg19_shards.root, tmp_path, "train.max_steps=1", "train.precision=bf16")
+    assert "1 rank on cpu in bf16 autocast" in result.stdout
+    bf16, fp32 = scalars(tmp_path, "train/grad_norm")[1], scalars(straight_run, "train/grad_norm")[1]
+    assert 1e-5 < abs(bf16 / fp32 - 1) < 0.02, (bf16, fp32)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "srun", "deepspeed --no_python", "deepspeed --hostfile"])
 def test_other_launchers_start_the_same_two_ranks(launcher, pg19_shards, straight_run, tmp_path):
     script_and_args = train_command(1, pg19_shards.root, tmp_path, "train.max_steps=2")[1:]

@@ -309,9 +309,13 @@ def _tokenizer(cfg: RunConfig) -> Tokenizer:
     return tokenizer
 
 
+def _bf16(cfg: RunConfig, device: torch.device) -> bool:
+    """Whether the forward runs under bf16 autocast (train.precision; "auto" is bf16 on CUDA only)."""
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+
+
 def _deepspeed_config(cfg: RunConfig, layout: BatchLayout, universal: bool, device: torch.device) -> dict:
-    precision = cfg.train.precision
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    bf16 = _bf16(cfg, device)
     return {
         **cfg.deepspeed,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
@@ -387,9 +391,11 @@ def _announce(run: Run, resume_from: Path | None) -> None:
         where = f"resumed from {resume_from} at step {run.state.step}"
     else:
         where = f"initialised from {cfg.train.init_from}" if cfg.train.init_from else "from scratch"
+    ranks = f"{run.place.world_size} rank" + ("s" if run.place.world_size > 1 else "")
+    precision = "bf16 autocast" if _bf16(cfg, run.place.device) else "fp32"
     run.metrics.print(
         f"{cfg.model_config.arch} with {params / 1e6:.2f}M parameters, {where}\n"
-        f"{run.place.world_size} ranks on {run.place.device.type}, ZeRO stage {cfg.zero_stage}; global batch "
+        f"{ranks} on {run.place.device.type} in {precision}, ZeRO stage {cfg.zero_stage}; global batch "
         f"{layout.global_batch_size} = micro-batch {layout.micro_batch_size} x accumulation {layout.grad_accum} "
         f"x {layout.dp_world} data-parallel ranks, of {cfg.data.seq_len} tokens\n"
         f"TensorBoard: {cfg.tensorboard_dir}   checkpoints: {cfg.checkpoint_dir}")
