@@ -74,7 +74,7 @@ class Run:
 
     def close(self) -> None:
         self.metrics.close()
-        self.batches = None  # shuts the DataLoader workers down now: they ignore stop signals (training/data.py)
+        self.batches = None  # shuts the DataLoader workers down now: they ignore stop signals (data_pipeline/stream.py)
 
 
 def setup(config_path: str, overrides: list[str]) -> Run:
