@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from model import MemMambaConfig, MemMambaLM
+from model import MemMambaConfig, MemMambaLM, compile_layers
 from tests.training_step import assert_same_training_step
 from training.loss import lm_loss
 
@@ -28,8 +28,7 @@ def model_pair(**overrides) -> tuple[MemMambaLM, MemMambaLM]:
     for _ in range(2):
         torch.manual_seed(0)
         models.append(MemMambaLM(dataclasses.replace(CONFIG, **overrides)))
-    for layer in models[1].layers:
-        layer.compile(backend=BACKEND)
+    compile_layers(models[1], backend=BACKEND)
     return models[0], models[1]
 
 
@@ -49,6 +48,14 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(chunk_len, checkpoint
     windows = torch.randint(0, 97, (2, 2, 27), generator=torch.Generator().manual_seed(1))
     for window in windows:   # the second step runs the compiled graphs without compiling
         assert_same_training_step(eager, compiled, lambda model: lm_loss(model, window, chunk_len))
+
+
+def test_a_shorter_last_chunk_leaves_the_chunks_before_it_recomputed_by_their_own_graphs():
+    """Chunks of 10, 10, 10 and 6 tokens. The last one's length makes the compiler add a graph for any length; the
+    backward pass must still recompute the others with the graphs their forward ran (model/compile.py)."""
+    eager, compiled = model_pair(n_layer=1, note_window=8)
+    window = torch.randint(0, 97, (1, 37), generator=torch.Generator().manual_seed(0))
+    assert_same_training_step(eager, compiled, lambda model: lm_loss(model, window, chunk_len=10))
 
 
 def test_compiling_a_deeper_model_compiles_no_more_graphs():

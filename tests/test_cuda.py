@@ -54,7 +54,7 @@ def test_mamba_ssm_kernel_equals_torch_scan(with_h0, mixer_options):
 
 
 def _backend_pair(notes: bool):
-    from model import MemMambaConfig, MemMambaLM
+    from model import MemMambaConfig, MemMambaLM, compile_layers
     models = []
     for backend in ("torch", "cuda"):
         torch.manual_seed(0)
@@ -117,6 +117,5 @@ def test_compiled_layers_agree_on_the_kernel_path(chunk_len):
     for _ in range(2):
         torch.manual_seed(0)
         models.append(MemMambaLM(MemMambaConfig(backend="cuda")).cuda())
-    for layer in models[1].layers:
-        layer.compile(fullgraph=True)
+    compile_layers(models[1], fullgraph=True)
     assert_same_training_step(*models, lambda m: lm_loss(m, window, chunk_len=chunk_len), **KERNEL_TOL)

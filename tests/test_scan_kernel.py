@@ -14,7 +14,7 @@ import torch._dynamo
 import torch.nn.functional as F
 
 import model.mixer
-from model import MemMambaConfig, MemMambaLM
+from model import MemMambaConfig, MemMambaLM, compile_layers
 from model.scan import selective_scan, selective_scan_cuda, selective_scan_gated_cuda
 from model.scan_kernel import KERNEL_CHUNK
 from tests.training_step import assert_same_training_step
@@ -127,7 +127,6 @@ def test_a_layer_on_the_kernel_path_compiles_into_one_graph_and_trains_as_the_to
         torch.manual_seed(0)
         models.append(MemMambaLM(dataclasses.replace(CONFIG, notes=notes, backend=backend)))
     reference, compiled = models
-    for layer in compiled.layers:
-        layer.compile(backend="aot_eager_decomp_partition", fullgraph=True)
+    compile_layers(compiled, backend="aot_eager_decomp_partition", fullgraph=True)
     window = torch.randint(0, 97, (2, 27), generator=torch.Generator().manual_seed(1))
     assert_same_training_step(reference, compiled, lambda m: lm_loss(m, window, chunk_len))

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model import MemMambaLM
+from model import MemMambaLM, compile_layers
 from model.sequence_parallel import SequenceParallel
 from tests.test_model import TEST_CONFIG, random_config
 from tests.training_step import assert_same_training_step
@@ -138,8 +138,7 @@ def run_rank_compiled(rank, world, rendezvous):
         for _ in range(2):
             torch.manual_seed(0)
             models.append(MemMambaLM(dataclasses.replace(TEST_CONFIG, pool_policy="priority")))
-        for layer in models[1].layers:
-            layer.compile(backend="aot_eager")     # graphs as in training, run without code generation
+        compile_layers(models[1], backend="aot_eager")     # graphs as in training, run without code generation
         windows = torch.randint(0, TEST_CONFIG.vocab_size, (2, 2, T + 1), generator=torch.Generator().manual_seed(3))
         for window in windows:   # the second runs the compiled graphs without compiling
             assert_same_training_step(*models, lambda model: lm_loss(model, window, sp=SequenceParallel()))

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from data_pipeline import DataError
 from data_pipeline.tokenizer import Tokenizer
-from model import build_model
+from model import build_model, compile_layers
 from model.config import model_config_to_dict
 from model.sequence_parallel import SequenceParallel
 from training import checkpoint, data, export
@@ -93,9 +93,7 @@ def setup(config_path: str, overrides: list[str]) -> Run:
     model = build_model(cfg.model_config)
     model.gradient_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.compile:
-        # Layers of one kind share their compiled graphs, so depth does not multiply the compile time.
-        for layer in model.layers:
-            layer.compile()
+        compile_layers(model)
     parameter_shapes = checkpoint.parameter_shapes(model)
 
     state, meta, universal = TrainState(), None, False

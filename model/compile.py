@@ -1,0 +1,16 @@
+"""train.compile: torch.compile each layer of a model."""
+import torch
+from torch import nn
+
+
+def compile_layers(model: nn.Module, **options) -> None:
+    """Compile every layer of `model` in place (`options` are torch.compile's). Layers of one kind share their
+    graphs, so depth does not multiply the compile time."""
+    # Activation checkpointing (per layer, and per chunk with train.chunk_len) recomputes a layer in the backward
+    # pass, and the recomputation must run the graph its forward ran: checkpointing refuses the tensors another
+    # graph saves. Dynamo tries a function's graphs most recently used first, so once a later call (a shorter
+    # last chunk) has added a graph for any length, the earlier chunks would be recomputed with that one
+    # (pytorch/pytorch#166926). Tried in the order they were made, each call finds the graph its forward found.
+    torch._C._dynamo.eval_frame._set_lru_cache(False)
+    for layer in model.layers:
+        layer.compile(**options)
