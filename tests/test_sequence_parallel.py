@@ -16,9 +16,28 @@ from training.loss import lm_loss
 T = 48
 
 
-def loss_weights(vocab):
+def assert_sequence_parallel_equals_one_process(model, ids, label=""):
+    """On this rank's piece of `ids`, `model` gives the logits of the whole sequence in one process, and its
+    gradients summed over the ranks are that process's. Returns the names of the parameters compared."""
+    length, vocab = ids.shape[1], model.config.vocab_size
     # a loss that weighs every position and logit differently, so every gradient is checked
-    return torch.linspace(-1, 1, T * vocab).view(1, T, vocab).sin()
+    w = torch.linspace(-1, 1, length * vocab).view(1, length, vocab).sin()
+    reference, _ = model(ids)
+    (reference * w).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    sp = SequenceParallel()
+    logits, _ = model(sp.local(ids), sp=sp)
+    (logits * sp.local(w)).sum().backward()
+    torch.testing.assert_close(logits, sp.local(reference), rtol=1e-5, atol=1e-5, msg=label or None)
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == ref_grads.keys(), label
+    for name, ref_grad in ref_grads.items():
+        grad = model.get_parameter(name).grad.clone()
+        dist.all_reduce(grad)            # what data-parallel averaging sums up
+        scale = ref_grad.abs().max().item()
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6 * max(scale, 1), msg=f"{label}{name}")
+    return ref_grads.keys()
 
 
 def run_rank(rank, world, rendezvous, overrides):
@@ -28,22 +47,8 @@ def run_rank(rank, world, rendezvous, overrides):
         torch.manual_seed(0)
         model = MemMambaLM(dataclasses.replace(TEST_CONFIG, **overrides))
         ids = torch.randint(0, TEST_CONFIG.vocab_size, (2, T), generator=torch.Generator().manual_seed(3))
-        w = loss_weights(TEST_CONFIG.vocab_size)
-
-        reference, _ = model(ids)
-        (reference * w).sum().backward()
-        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        model.zero_grad()
-
-        sp = SequenceParallel()
-        logits, _ = model(sp.local(ids), sp=sp)
-        (logits * sp.local(w)).sum().backward()
-        torch.testing.assert_close(logits, sp.local(reference), rtol=1e-5, atol=1e-5)
-        for name, p in model.named_parameters():
-            grad = p.grad.clone()
-            dist.all_reduce(grad)            # what data-parallel averaging sums up
-            scale = ref_grads[name].abs().max().item()
-            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6 * max(scale, 1), msg=name)
+        compared = assert_sequence_parallel_equals_one_process(model, ids)
+        assert compared == {name for name, _ in model.named_parameters()}
     finally:
         dist.destroy_process_group()
 
@@ -71,21 +76,7 @@ def run_rank_random(rank, world, rendezvous, seeds):
             model = MemMambaLM(config)
             ids = torch.randint(0, config.vocab_size, (rng.randint(1, 2), length),
                                 generator=torch.Generator().manual_seed(seed))
-            w = torch.linspace(-1, 1, length * config.vocab_size).view(1, length, -1).sin()
-            reference, _ = model(ids)
-            (reference * w).sum().backward()
-            ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-            model.zero_grad()
-
-            sp = SequenceParallel()
-            logits, _ = model(sp.local(ids), sp=sp)
-            (logits * sp.local(w)).sum().backward()
-            torch.testing.assert_close(logits, sp.local(reference), rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
-            for name, grad in ref_grads.items():
-                ours = model.get_parameter(name).grad.clone()
-                dist.all_reduce(ours)
-                scale = grad.abs().max().item()
-                torch.testing.assert_close(ours, grad, rtol=1e-4, atol=1e-6 * max(scale, 1), msg=f"seed {seed}: {name}")
+            assert_sequence_parallel_equals_one_process(model, ids, label=f"seed {seed}: ")
     finally:
         dist.destroy_process_group()
 
