@@ -74,7 +74,8 @@ class Run:
 
     def close(self) -> None:
         self.metrics.close()
-        self.batches = None  # shuts the DataLoader workers down now: they ignore stop signals (data_pipeline/stream.py)
+        # Shuts the DataLoader workers down now: they ignore stop signals (data_pipeline/stream.py).
+        self.batches = None
 
 
 def setup(config_path: str, overrides: list[str]) -> Run:
@@ -313,7 +314,6 @@ def _bf16(cfg: RunConfig, device: torch.device) -> bool:
 
 
 def _deepspeed_config(cfg: RunConfig, layout: BatchLayout, universal: bool, device: torch.device) -> dict:
-    bf16 = _bf16(cfg, device)
     return {
         **cfg.deepspeed,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
@@ -324,7 +324,7 @@ def _deepspeed_config(cfg: RunConfig, layout: BatchLayout, universal: bool, devi
         "checkpoint": {**cfg.deepspeed.get("checkpoint", {}), "load_universal": universal},
         # The engine runs its module's forward under its own autocast setting, whatever surrounds the call.
         # Gradients stay fp32 in communication too (no lower-precision modules).
-        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []},
+        "torch_autocast": {"enabled": _bf16(cfg, device), "dtype": "bfloat16", "lower_precision_safe_modules": []},
     }
 
 
