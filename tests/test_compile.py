@@ -65,3 +65,15 @@ def test_compiling_a_deeper_model_compiles_no_more_graphs():
     window = torch.randint(0, 97, (1, 41), generator=torch.Generator().manual_seed(2))
     with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
         lm_loss(compiled, window).backward()
+
+
+def test_layers_of_more_kinds_than_torchs_graph_limit_all_stay_compiled():
+    """Cross-layer attention on every layer over the last five pools: the five layers read 1 to 5 pools, five
+    kinds that need ten graphs with validation, past torch's default of eight per function. compile_layers makes
+    room for them; past the limit torch would run the remaining layers uncompiled, which here is an error."""
+    _, compiled = model_pair(n_layer=5, cross_layer_every=1, cross_layer_span=5)
+    window = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        lm_loss(compiled, window).backward()
+        with torch.no_grad():
+            lm_loss(compiled, window)
