@@ -21,13 +21,20 @@ if [[ -n "${RANK:-}${LOCAL_RANK:-}" || ( -n "${SLURM_STEP_ID:-}" && "${SLURM_NTA
 fi
 # The DeepSpeed launcher dies on SIGTERM and SIGUSR1 without passing them on, which would leave the ranks training.
 # So it runs in a process group of its own (set -m) with both ignored (the ranks install their own handlers), and
-# this script passes each signal it gets to that whole group, then waits for the ranks' checkpoint.
+# this script passes the signals it gets on to that whole group, then waits for the ranks' checkpoint.
 trap '' TERM USR1
 set -m
 "$python" -m deepspeed.launcher.runner ${DEEPSPEED_ARGS:-} "$0" "$@" &
 run=$!
 set +m
-for signal in HUP INT TERM USR1; do trap "kill -s $signal -- -$run" "$signal"; done
+for signal in HUP INT; do trap "kill -s $signal -- -$run" "$signal"; done
+# SIGTERM goes on as SIGUSR1, which the ranks treat alike: the per-node launcher in the group would kill the ranks
+# 30 s after a SIGTERM, in the middle of a long step or save, but it leaves SIGUSR1 ignored. The top launcher still
+# gets a SIGTERM, which it ignores on one node and passes on to the other nodes' processes across nodes.
+for signal in TERM USR1; do
+  trap "echo 'launch/train.sh: SIG$signal: the ranks checkpoint and stop' >&2; kill -s USR1 -- -$run; kill -s TERM $run" \
+    "$signal"
+done
 status=0
 wait "$run" || status=$?
 while kill -0 "$run" 2>/dev/null; do   # a signal's trap ends a wait early
