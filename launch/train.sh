@@ -27,14 +27,23 @@ set -m
 "$python" -m deepspeed.launcher.runner ${DEEPSPEED_ARGS:-} "$0" "$@" &
 run=$!
 set +m
-for signal in HUP INT; do trap "kill -s $signal -- -$run" "$signal"; done
-# SIGTERM goes on as SIGUSR1, which the ranks treat alike: the per-node launcher in the group would kill the ranks
-# 30 s after a SIGTERM, in the middle of a long step or save, but it leaves SIGUSR1 ignored. The top launcher still
-# gets a SIGTERM, which it ignores on one node and passes on to the other nodes' processes across nodes.
-for signal in TERM USR1; do
-  trap "echo 'launch/train.sh: SIG$signal: the ranks checkpoint and stop' >&2; kill -s USR1 -- -$run; kill -s TERM $run" \
-    "$signal"
-done
+# Every signal the script gets (SIGTERM, SIGUSR1, Ctrl-C, HUP) stops the run with a checkpoint: it goes on to the
+# group as SIGUSR1, which the per-node launcher leaves ignored, where after a SIGTERM it would kill the ranks 30 s
+# later, in the middle of a long step or save. The top launcher still gets a SIGTERM, which it ignores on one node
+# and passes on to the other nodes' processes across nodes. A second Ctrl-C kills the run at once.
+stopping=0
+stop() {
+  if [[ $stopping == 1 && $1 == INT ]]; then
+    echo "launch/train.sh: SIGINT again: killing the run" >&2
+    kill -s KILL -- -"$run"
+  else
+    stopping=1
+    echo "launch/train.sh: SIG$1: the ranks checkpoint and stop (Ctrl-C again kills them)" >&2
+    kill -s USR1 -- -"$run"
+    kill -s TERM "$run"
+  fi
+}
+for signal in HUP INT TERM USR1; do trap "stop $signal" "$signal"; done
 status=0
 wait "$run" || status=$?
 while kill -0 "$run" 2>/dev/null; do   # a signal's trap ends a wait early

@@ -19,6 +19,7 @@ import termios
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -434,6 +435,33 @@ def test_stopped_by_sigterm_and_resumed_equals_the_straight_run(started_by, pg19
     final, straight = module_state(tmp_path / "checkpoints" / "step-00000016"), module_state(
         straight_run / "checkpoints" / "step-00000016")
     assert all(torch.equal(final[name], straight[name]) for name in straight)
+
+
+def test_a_signal_during_setup_stops_the_run_after_its_first_step(pg19_shards, tmp_path):
+    """`bash launch/train.sh` starts the ranks with the stop signals ignored, so the ranks catch them from the start
+    of setup: one sent before the run's first line would otherwise be lost, and the run would go on to the end."""
+    command = train_command(2, pg19_shards.root, tmp_path, "train.max_steps=40")
+    env = {**_env(), "PYTHON": sys.executable, "DEEPSPEED_ARGS": " ".join(command[1:5])}
+    script = subprocess.Popen(["bash", *command[5:]], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    usr1 = 1 << (signal.SIGUSR1 - 1)
+    while not any(int(re.search(r"SigCgt:\s*(\w+)", process.read_text()).group(1), 16) & usr1
+                  for process in _rank_statuses(script.pid)):   # a rank has its handler: it is in setup
+        assert script.poll() is None, script.stdout.read()[-3000:]
+        time.sleep(0.05)
+    script.send_signal(signal.SIGTERM)
+    output = script.communicate(timeout=300)[0]
+    assert script.returncode == 0, output[-3000:]
+    assert output.index("launch/train.sh: SIGTERM") < output.index("TensorBoard:"), output[-3000:]
+    # (rank 0 says "stopped by SIGUSR1", or "by a signal to another rank" if the other rank caught it first)
+    assert "at step 1; resume with" in output and checkpoints(tmp_path) == ["step-00000001"], output[-3000:]
+
+
+def _rank_statuses(script_pid):
+    """/proc/<pid>/status of the training ranks under the script (started as `python -u launch/train.sh`)."""
+    ranks = [child for child in psutil.Process(script_pid).children(recursive=True)
+             if "--local_rank=0" in child.cmdline() or "--local_rank=1" in child.cmdline()]
+    return [Path(f"/proc/{rank.pid}/status") for rank in ranks]
 
 
 @pytest.mark.slow

@@ -79,6 +79,7 @@ class Run:
 
 
 def setup(config_path: str, overrides: list[str]) -> Run:
+    stop_signal = _catch_stop_signals()
     cfg = load_config(config_path, overrides)
     _check_output_dir(Path(cfg.output_dir))
     place = init_distributed()
@@ -144,9 +145,6 @@ def setup(config_path: str, overrides: list[str]) -> Run:
                       place.device)
     batches = iter(data.train_batches(dataset, cfg, dp_rank, layout.dp_world, state.consumed_samples,
                                       pin_memory=place.device.type == "cuda"))
-    stop_signal = []
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signal.Signals(signum).name))
     run = Run(cfg, place, dp_rank, layout, engine, state, dataset, batches, val_batches,
               _sequence_parallel(cfg.parallel.sequence_parallel_size), parameter_shapes, tokenizer, metrics,
               stop_signal)
@@ -288,6 +286,17 @@ def _note_model_changes(saved: dict, current: dict) -> None:
     for key in sorted(set(saved) | set(current)):
         if saved.get(key) != current.get(key):
             print(f"note: model.{key} is {current.get(key)!r} here, {saved.get(key)!r} in the checkpoint")
+
+
+def _catch_stop_signals() -> list[str]:
+    """The names of the stop signals received from now on. Caught from the start of setup (which can take minutes:
+    a checkpoint's conversion, compiling), since `bash launch/train.sh` starts the ranks with these signals
+    ignored: one that came before this would be lost. Fit stops after the step in progress, the first one for a
+    signal during setup."""
+    received = []
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
+    return received
 
 
 def _sequence_parallel(size: int) -> SequenceParallel | None:
