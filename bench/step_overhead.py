@@ -36,7 +36,7 @@ def main() -> None:
         run = setup(args.config, [f"data.path={args.data}", f"data.seq_len={args.seq_len}", "data.num_workers=0",
                                   "train.micro_batch_size=1", "train.grad_accum=1", "train.global_batch_size=null",
                                   "validation.windows=1", "logging.progress_bar=false", "checkpoint.resume=never",
-                                  f"output_dir={tmp}", *args.overrides])
+                                  f"output_dir={tmp}", *args.overrides], stop_signal=[])
         train_step(run)   # warm-up: the optimizer's state is allocated in its first step
         engine, (window, loss_mask) = run.engine, next(run.batches)
         with OperationCount() as ops:

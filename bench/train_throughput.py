@@ -107,7 +107,7 @@ def main() -> None:
                          f"output_dir={tmp}/{name}", *args.overrides, *variant_overrides(name, model_section)]
             print(f"# {name}: --set {shlex.join(overrides)}", flush=True)
             if name != "mamba_ssm":
-                runs[name] = setup(args.config, overrides)
+                runs[name] = setup(args.config, overrides, stop_signal=[])   # a benchmark is stopped by killing it
             else:
                 model_config = load_config(args.config, overrides).model_config
                 runs[name] = MambaSsmStep(model_config, args.micro_batch, args.seq_len, torch.device("cuda"))

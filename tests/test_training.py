@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from training.flops import forward_flops_per_token
 from training.loss import lm_loss
 from training.metrics import Metrics
 from training.optim import AdamW, param_groups
+from training.train import _report
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -694,7 +696,7 @@ def test_a_resumed_run_takes_the_configs_optimizer_settings_and_names_model_chan
 @pytest.mark.parametrize("problem", ["missing key", "no shards", "vocabulary", "model shape", "another run",
                                      "rollback", "deepspeed key", "deepspeed value", "output is a file",
                                      "sequence length", "zero stage"])
-def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, straight_run, tmp_path):
+def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, straight_run, tmp_path, monkeypatch):
     config = tmp_path / "config.json"
     raw = json.loads((CONFIGS / "tiny_cpu.json").read_text())
     if problem == "missing key":
@@ -729,8 +731,15 @@ def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, str
                        f"error: {latest}: written with ZeRO stage 1, which stage 3 cannot load; resume it with "
                        "deepspeed.zero_optimization.stage=1"),
     }[problem]
-    # Two ranks where the error comes before the process group exists: it is still printed once.
+    # Two ranks where the error comes before the process group exists: it is still printed once, also when the
+    # first rank gets there last (the launcher kills every rank once one exits with an error).
     ranks = 2 if problem in ("missing key", "output is a file") else 1
+    if ranks == 2:
+        late_start = tmp_path / "late_start"
+        late_start.mkdir()
+        (late_start / "sitecustomize.py").write_text("import os, time\nif os.environ.get('RANK') == '0':\n"
+                                                     "    time.sleep(5)\n")
+        monkeypatch.setenv("PYTHONPATH", str(late_start))
     result = train(ranks, pg19_shards.root, tmp_path / "run", *overrides, check=False, config=config)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -739,6 +748,22 @@ def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, str
         assert errors[0].endswith(f"; to train its weights on with this data, start a new run with "
                                   f"train.init_from={latest}")
     assert "Traceback" not in result.stderr and "global batch" not in result.stdout   # no engine was built
+
+
+@pytest.mark.parametrize("rank, stopped", [("0", False), ("1", True), ("1", False)],
+                         ids=["first process", "another rank stopped by the launcher", "another rank not stopped"])
+def test_an_error_is_printed_by_the_first_process_or_by_a_rank_nothing_stops(rank, stopped, monkeypatch, capsys):
+    """Another rank waits: the launcher stopping it means the first process met the error too and printed it;
+    not stopped within the wait, it met the error on its own and prints it."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr("training.train.REPORT_WAIT_S", 60.0 if rank == "0" or stopped else 0.3)
+    stop_signal = []
+    if stopped:
+        threading.Timer(0.2, stop_signal.append, ["SIGTERM"]).start()
+    started = time.monotonic()
+    _report(ConfigError("model.d_model: must be positive"), stop_signal)
+    assert time.monotonic() - started < 30          # the first process and a stopped rank do not wait it out
+    assert capsys.readouterr().err == ("" if stopped else "error: model.d_model: must be positive\n")
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ from training.metrics import Metrics
 from training.optim import apply_settings, build_optimizer
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)   # Slurm pre-emption and time limits, the launcher's kill
+REPORT_WAIT_S = 30.0   # how far behind the others the first process may be when a rank meets an error
 
 
 class TrainingError(Exception):
@@ -78,8 +79,8 @@ class Run:
         self.batches = None
 
 
-def setup(config_path: str, overrides: list[str]) -> Run:
-    stop_signal = _catch_stop_signals()
+def setup(config_path: str, overrides: list[str], stop_signal: list[str]) -> Run:
+    """stop_signal: the list that `_catch_stop_signals` fills; fit stops after its step once it holds a signal."""
     cfg = load_config(config_path, overrides)
     _check_output_dir(Path(cfg.output_dir))
     place = init_distributed()
@@ -254,13 +255,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="override config values, e.g. --set train.micro_batch_size=2 data.path=/data/pg19")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
     args = parser.parse_args(argv)
+    stop_signal = _catch_stop_signals()
     run = None
     try:
-        run = setup(args.config, args.overrides)
+        run = setup(args.config, args.overrides, stop_signal)
         fit(run)
     except (ConfigError, DataError, checkpoint.CheckpointError, TrainingError) as error:
-        if is_first_process():
-            print(f"error: {error}", file=sys.stderr)
+        _report(error, stop_signal)
         return 1
     finally:
         if run is not None:
@@ -289,7 +290,7 @@ def _note_model_changes(saved: dict, current: dict) -> None:
 
 
 def _catch_stop_signals() -> list[str]:
-    """The names of the stop signals received from now on. Caught from the start of setup (which can take minutes:
+    """The names of the stop signals received from now on. Caught from before setup (which can take minutes:
     a checkpoint's conversion, compiling), since `bash launch/train.sh` starts the ranks with these signals
     ignored: one that came before this would be lost. Fit stops after the step in progress, the first one for a
     signal during setup."""
@@ -297,6 +298,21 @@ def _catch_stop_signals() -> list[str]:
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
     return received
+
+
+def _report(error: Exception, stop_signal: list[str]) -> None:
+    """Prints an error that stops the run, once. Every rank usually meets it, and the first process prints it.
+    The others wait until the launcher stops them, as it stops every rank once one exits with an error: exiting
+    first would stop the first process too, perhaps before it got as far as the error (a process still importing
+    dies of the launcher's SIGTERM). A rank that nothing stops within REPORT_WAIT_S met an error that the first
+    process did not, and prints it itself."""
+    if not is_first_process():
+        deadline = time.monotonic() + REPORT_WAIT_S
+        while not stop_signal and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if stop_signal:
+            return
+    print(f"error: {error}", file=sys.stderr)
 
 
 def _sequence_parallel(size: int) -> SequenceParallel | None:
