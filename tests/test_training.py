@@ -6,6 +6,7 @@ nodes (tests/cluster), resumed on one rank, with other ZeRO stages.
 """
 import fcntl
 import json
+import math
 import os
 import pty
 import re
@@ -563,6 +564,26 @@ def test_zero_stages_2_and_3_resume_bit_for_bit(run, zero, request, pg19_shards,
     resumed = load_model(tmp_path / "checkpoints" / "step-00000003").state_dict()
     straight = load_model(saved / "checkpoints" / "step-00000003").state_dict()
     assert all(torch.equal(resumed[name], straight[name]) for name in straight)   # step 3's update too
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_as_the_eager_run_and_resumes_bit_for_bit(pg19_shards, straight_run, tmp_path):
+    """train.compile through the whole loop on two ranks: training, validation and a checkpoint with compiled
+    layers give the eager run's losses (to the compiler's rounding), and a resumed compiled run continues exactly."""
+    compiled = tmp_path / "compiled"
+    result = train(2, pg19_shards.root, compiled, "train.compile=true", "train.max_steps=3", "checkpoint.every=2",
+                   "validation.every=2")
+    assert "2 ranks on cpu in fp32, layers compiled, ZeRO stage 1" in result.stdout
+    losses, eager = scalars(compiled, "train/loss"), scalars(straight_run, "train/loss")
+    assert losses == pytest.approx({step: eager[step] for step in (1, 2, 3)}, rel=1e-4)
+    assert math.isfinite(scalars(compiled, "val/loss")[2])
+
+    shutil.copytree(compiled / "checkpoints" / "step-00000002", tmp_path / "checkpoints" / "step-00000002")
+    resumed = train(2, pg19_shards.root, tmp_path, "train.compile=true", "train.max_steps=3")
+    assert "resumed from" in resumed.stdout
+    assert scalars(tmp_path, "train/loss") == {3: losses[3]}
+    final, straight = (module_state(path / "checkpoints" / "step-00000003") for path in (tmp_path, compiled))
+    assert all(torch.equal(final[name], straight[name]) for name in straight)
 
 
 @pytest.fixture(scope="module")
