@@ -91,12 +91,17 @@ class PackedWindows(Dataset):
 
     def load_state_dict(self, state):
         """Check a state from `state_dict` against this dataset and return its consumed_samples."""
-        current = self.state_dict(state["consumed_samples"])
-        different = [key for key in current if state.get(key) != current[key]]
-        if different:
-            detail = ", ".join(f"{key} {state.get(key)!r} != {current[key]!r}" for key in different)
-            raise DataError(f"{self.books.where}: checkpoint's data stream does not match this dataset ({detail})")
-        return state["consumed_samples"]
+        return checked_position(self.books.where, state, self.state_dict(state["consumed_samples"]))
+
+
+def checked_position(where: str, state: dict, current: dict) -> int:
+    """A dataset's `load_state_dict`: the saved stream state's consumed_samples, if every other entry is this
+    dataset's (`current`); else a DataError naming what differs."""
+    different = [key for key in current if state.get(key) != current[key]]
+    if different:
+        detail = ", ".join(f"{key} {state.get(key)!r} != {current[key]!r}" for key in different)
+        raise DataError(f"{where}: checkpoint's data stream does not match this dataset ({detail})")
+    return state["consumed_samples"]
 
 
 class RankBatches(Sampler):

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline import DataError
 from data_pipeline.reader import ShardedBooks
+from data_pipeline.stream import PackedWindows
 from data_pipeline.tokenizer import NEWLINE_ID, Tokenizer
 from model import build_model
 from training.config import load_config
@@ -103,6 +105,21 @@ def test_passkey_windows_end_with_the_answer_and_depend_only_on_seed_and_index(p
     model = build_model({"arch": "memmamba", "size": "tiny"})
     loss = lm_loss(model, window[None], 128, mask[None])
     assert torch.isfinite(loss) and loss > 0
+
+
+def test_a_passkey_stream_resumes_only_from_a_checkpoint_of_the_same_windows(pg19_shards):
+    state = PasskeyWindows(pg19_shards.root, "train", seq_len=400, seed=3).state_dict(12)
+    assert PasskeyWindows(pg19_shards.root, "train", seq_len=400, seed=3).load_state_dict(state) == 12
+    mismatch = f"{pg19_shards.root}/train: checkpoint's data stream does not match this dataset"
+    for other, difference in [({"seq_len": 500}, "seq_len 400 != 500"), ({"seed": 4}, "seed 3 != 4"),
+                              ({"key_digits": 6}, "key_digits 5 != 6")]:
+        dataset = PasskeyWindows(pg19_shards.root, "train", **{"seq_len": 400, "seed": 3, **other})
+        with pytest.raises(DataError) as error:
+            dataset.load_state_dict(state)
+        assert str(error.value) == f"{mismatch} ({difference})"
+    with pytest.raises(DataError, match="key_digits None != 5"):   # a checkpoint of a run on the shards
+        PasskeyWindows(pg19_shards.root, "train", seq_len=400, seed=3).load_state_dict(
+            PackedWindows(pg19_shards.root, "train", seq_len=400, seed=3).state_dict(12))
 
 
 def test_passkey_config_trains_on_passkey_windows(pg19_shards):

@@ -56,20 +56,18 @@ def train_batches(dataset: Dataset, cfg: RunConfig, dp_rank: int, dp_world: int,
 
 
 def stream_state(dataset: Dataset, consumed_samples: int) -> dict:
-    """The data stream's checkpoint state: the dataset's own if it has one (PackedWindows), else the position."""
-    if hasattr(dataset, "state_dict"):
-        return dataset.state_dict(consumed_samples)
-    return {"consumed_samples": consumed_samples}
+    """The data stream's checkpoint state: its position and what the windows depend on (seq_len, seed, ...)."""
+    return dataset.state_dict(consumed_samples)
 
 
 def check_stream_state(dataset: Dataset, state: dict, checkpoint: Path) -> None:
-    """Refuse a checkpoint's stream state that does not fit this dataset (another seq_len, seed or tokenizer)."""
-    if hasattr(dataset, "load_state_dict"):
-        try:
-            dataset.load_state_dict(state)
-        except DataError as error:
-            raise DataError(f"{error}; to train its weights on with this data, start a new run with "
-                            f"train.init_from={checkpoint}") from None
+    """Refuse a checkpoint's stream state that does not fit this dataset (another source, seq_len, seed or
+    tokenizer)."""
+    try:
+        dataset.load_state_dict(state)
+    except DataError as error:
+        raise DataError(f"{error}; to train its weights on with this data, start a new run with "
+                        f"train.init_from={checkpoint}") from None
 
 
 def collate(items: list) -> Batch:

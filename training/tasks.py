@@ -24,6 +24,7 @@ import torch
 
 from data_pipeline.reader import ShardedBooks
 from data_pipeline.storage import join
+from data_pipeline.stream import checked_position
 from data_pipeline.tokenizer import NEWLINE_ID, Tokenizer
 
 PASSKEY_PREFIX = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -131,6 +132,7 @@ class PasskeyWindows(torch.utils.data.Dataset):
 
     def __init__(self, root, split, seq_len, seed, tokenizer_checksum=None, key_digits=5):
         books = ShardedBooks(root, split, tokenizer_checksum)
+        self.books = books
         self.task = PasskeyTask(Tokenizer(join(str(root), "tokenizer.model")), BookFiller(books), key_digits)
         self.seq_len, self.seed = seq_len, seed
         self.windows_per_epoch = max(1, int(books.num_tokens.sum()) // seq_len)
@@ -148,6 +150,20 @@ class PasskeyWindows(torch.utils.data.Dataset):
         mask = torch.zeros(self.seq_len, dtype=torch.bool)
         mask[self.seq_len - len(sample.answer):] = True
         return window, mask
+
+    def state_dict(self, consumed_samples):
+        """The stream's checkpoint state after `consumed_samples` global samples, with what item k depends on."""
+        return {
+            "consumed_samples": int(consumed_samples),
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "key_digits": self.task.key_digits,
+            "tokenizer_checksum": self.books.tokenizer_checksum,
+        }
+
+    def load_state_dict(self, state):
+        """Check a state from `state_dict` against this dataset and return its consumed_samples."""
+        return checked_position(self.books.where, state, self.state_dict(state["consumed_samples"]))
 
 
 RETRIEVAL_DOCUMENT = "Question: {question}\nDocument {id}: {text}\n\n"
