@@ -690,15 +690,24 @@ def test_non_finite_steps_are_skipped_then_the_run_aborts(pg19_shards, tmp_path,
 @pytest.mark.parametrize("ranks, layout", [(2, "accumulation 4 x 1 data-parallel ranks"),
                                            (4, "accumulation 2 x 2 data-parallel ranks")],
                          ids=["one-group-of-2", "2x2"])
-def test_sequence_parallel_run_matches_the_data_parallel_run(pg19_shards, straight_run, tmp_path, ranks, layout):
+def test_sequence_parallel_run_matches_the_data_parallel_run_and_resumes_bit_for_bit(pg19_shards, straight_run, tmp_path, ranks, layout):
     # Groups of 2 ranks split each 64-token window; the global batch, and so the data, stays that of the
     # straight run, and the loss must follow it step for step.
-    result = train(ranks, pg19_shards.root, tmp_path, "train.max_steps=3", "parallel.sequence_parallel_size=2")
+    run = tmp_path / "run"
+    result = train(ranks, pg19_shards.root, run, "train.max_steps=3", "parallel.sequence_parallel_size=2",
+                   "checkpoint.every=2")
     assert layout in result.stdout
-    sequence_parallel, data_parallel = scalars(tmp_path, "train/loss"), scalars(straight_run, "train/loss")
+    sequence_parallel, data_parallel = scalars(run, "train/loss"), scalars(straight_run, "train/loss")
     assert sorted(sequence_parallel) == [1, 2, 3]
     for step in sequence_parallel:
         assert sequence_parallel[step] == pytest.approx(data_parallel[step], rel=1e-4)
+
+    # Stopped and resumed in the same layout, it continues bit for bit.
+    shutil.copytree(run / "checkpoints" / "step-00000002", tmp_path / "checkpoints" / "step-00000002")
+    train(ranks, pg19_shards.root, tmp_path, "train.max_steps=3", "parallel.sequence_parallel_size=2")
+    assert scalars(tmp_path, "train/loss") == {3: sequence_parallel[3]}
+    final, straight = (module_state(path / "checkpoints" / "step-00000003") for path in (tmp_path, run))
+    assert all(torch.equal(final[name], straight[name]) for name in straight)
 
 
 @pytest.mark.slow
