@@ -690,7 +690,8 @@ def test_non_finite_steps_are_skipped_then_the_run_aborts(pg19_shards, tmp_path,
 @pytest.mark.parametrize("ranks, layout", [(2, "accumulation 4 x 1 data-parallel ranks"),
                                            (4, "accumulation 2 x 2 data-parallel ranks")],
                          ids=["one-group-of-2", "2x2"])
-def test_sequence_parallel_run_matches_the_data_parallel_run_and_resumes_bit_for_bit(pg19_shards, straight_run, tmp_path, ranks, layout):
+def test_sequence_parallel_run_matches_the_data_parallel_run_and_resumes_bit_for_bit(pg19_shards, straight_run,
+                                                                                    tmp_path, ranks, layout):
     # Groups of 2 ranks split each 64-token window; the global batch, and so the data, stays that of the
     # straight run, and the loss must follow it step for step.
     run = tmp_path / "run"
