@@ -131,11 +131,10 @@ class PasskeyWindows(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, split, seq_len, seed, tokenizer_checksum=None, key_digits=5):
-        books = ShardedBooks(root, split, tokenizer_checksum)
-        self.books = books
-        self.task = PasskeyTask(Tokenizer(join(str(root), "tokenizer.model")), BookFiller(books), key_digits)
+        self.books = ShardedBooks(root, split, tokenizer_checksum)
+        self.task = PasskeyTask(Tokenizer(join(str(root), "tokenizer.model")), BookFiller(self.books), key_digits)
         self.seq_len, self.seed = seq_len, seed
-        self.windows_per_epoch = max(1, int(books.num_tokens.sum()) // seq_len)
+        self.windows_per_epoch = max(1, int(self.books.num_tokens.sum()) // seq_len)
 
     def __len__(self):
         return self.windows_per_epoch

@@ -416,11 +416,10 @@ def _announce(run: Run, resume_from: Path | None) -> None:
         where = f"initialised from {cfg.train.init_from}" if cfg.train.init_from else "from scratch"
     ranks = f"{run.place.world_size} rank" + ("s" if run.place.world_size > 1 else "")
     precision = "bf16 autocast" if _bf16(cfg, run.place.device) else "fp32"
-    if cfg.train.compile:
-        precision += ", layers compiled"
+    compiled = ", layers compiled" if cfg.train.compile else ""
     run.metrics.print(
         f"{cfg.model_config.arch} with {params / 1e6:.2f}M parameters, {where}\n"
-        f"{ranks} on {run.place.device.type} in {precision}, ZeRO stage {cfg.zero_stage}; global batch "
+        f"{ranks} on {run.place.device.type} in {precision}{compiled}, ZeRO stage {cfg.zero_stage}; global batch "
         f"{layout.global_batch_size} = micro-batch {layout.micro_batch_size} x accumulation {layout.grad_accum} "
         f"x {layout.dp_world} data-parallel ranks, of {cfg.data.seq_len} tokens\n"
         f"TensorBoard: {cfg.tensorboard_dir}   checkpoints: {cfg.checkpoint_dir}")
