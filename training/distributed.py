@@ -46,11 +46,11 @@ def init_distributed() -> Placement:
     return Placement(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def is_first_process() -> bool:
-    """Rank 0, also before the process group exists: the process that reports an error every rank meets."""
+def process_rank() -> int:
+    """This process's global rank, also before the process group exists (0 for a process on its own)."""
     if dist.is_initialized():
-        return dist.get_rank() == 0
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+        return dist.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 def _fill_environment() -> None:

@@ -33,7 +33,7 @@ from model.config import model_config_to_dict
 from model.sequence_parallel import SequenceParallel
 from training import checkpoint, data, export
 from training.config import BatchLayout, ConfigError, RunConfig, batch_layout, load_config
-from training.distributed import Placement, init_distributed, is_first_process, sequence_parallel_group
+from training.distributed import Placement, init_distributed, process_rank, sequence_parallel_group
 from training.flops import measure_peak_flops, peak_flops, train_flops_per_token
 from training.loss import LanguageModelObjective
 from training.metrics import Metrics
@@ -305,14 +305,16 @@ def _report(error: Exception, stop_signal: list[str]) -> None:
     The others wait until the launcher stops them, as it stops every rank once one exits with an error: exiting
     first would stop the first process too, perhaps before it got as far as the error (a process still importing
     dies of the launcher's SIGTERM). A rank that nothing stops within REPORT_WAIT_S met an error that the first
-    process did not, and prints it itself."""
-    if not is_first_process():
-        deadline = time.monotonic() + REPORT_WAIT_S
-        while not stop_signal and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if stop_signal:
-            return
-    print(f"error: {error}", file=sys.stderr)
+    process did not, and prints it itself, with its rank."""
+    rank = process_rank()
+    if rank == 0:
+        print(f"error: {error}", file=sys.stderr)
+        return
+    deadline = time.monotonic() + REPORT_WAIT_S
+    while not stop_signal and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not stop_signal:
+        print(f"error: rank {rank}: {error}", file=sys.stderr)
 
 
 def _sequence_parallel(size: int) -> SequenceParallel | None:
