@@ -336,6 +336,18 @@ def module_state(checkpoint):
     return torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
 
 
+def assert_resumes_bit_for_bit(run, output_dir, ranks, shards, *overrides):
+    """A 3-step run with a checkpoint at step 2, resumed from it in output_dir: step 3's loss and weights are the
+    run's, bit for bit. Returns the resumed run's result."""
+    shutil.copytree(run / "checkpoints" / "step-00000002", output_dir / "checkpoints" / "step-00000002")
+    resumed = train(ranks, shards, output_dir, "train.max_steps=3", *overrides)
+    assert scalars(output_dir, "train/loss") == {3: scalars(run, "train/loss")[3]}
+    final = load_model(output_dir / "checkpoints" / "step-00000003").state_dict()
+    straight = load_model(run / "checkpoints" / "step-00000003").state_dict()
+    assert all(torch.equal(final[name], straight[name]) for name in straight)   # step 3's update too
+    return resumed
+
+
 @pytest.fixture(scope="module")
 def straight_run(pg19_shards, tmp_path_factory):
     output = tmp_path_factory.mktemp("straight")
@@ -445,9 +457,10 @@ def test_stopped_by_sigterm_and_resumed_equals_the_straight_run(started_by, pg19
     assert all(torch.equal(final[name], straight[name]) for name in straight)
 
 
+@pytest.mark.slow
 def test_a_signal_during_setup_stops_the_run_after_its_first_step(pg19_shards, tmp_path):
-    """`bash launch/train.sh` starts the ranks with the stop signals ignored, so the ranks catch them from the start
-    of setup: one sent before the run's first line would otherwise be lost, and the run would go on to the end."""
+    """`bash launch/train.sh` starts the ranks with the stop signals ignored, so the ranks catch them from before
+    setup: one sent before the run's first line would otherwise be lost, and the run would go on to the end."""
     command, env = as_bash_script(train_command(2, pg19_shards.root, tmp_path, "train.max_steps=40"))
     script = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True)
@@ -557,13 +570,7 @@ def test_resume_on_one_rank_continues_the_data_order(run, zero, request, pg19_sh
                          ids=["zero2", "zero3"])
 def test_zero_stages_2_and_3_resume_bit_for_bit(run, zero, request, pg19_shards, tmp_path):
     """As the straight run's stage 1 does (stopped by SIGTERM), with more of the state partitioned."""
-    saved = request.getfixturevalue(run)
-    shutil.copytree(saved / "checkpoints" / "step-00000002", tmp_path / "checkpoints" / "step-00000002")
-    train(2, pg19_shards.root, tmp_path, "train.max_steps=3", *zero)
-    assert scalars(tmp_path, "train/loss") == {3: scalars(saved, "train/loss")[3]}
-    resumed = load_model(tmp_path / "checkpoints" / "step-00000003").state_dict()
-    straight = load_model(saved / "checkpoints" / "step-00000003").state_dict()
-    assert all(torch.equal(resumed[name], straight[name]) for name in straight)   # step 3's update too
+    assert_resumes_bit_for_bit(request.getfixturevalue(run), tmp_path, 2, pg19_shards.root, *zero)
 
 
 @pytest.mark.slow
@@ -578,12 +585,8 @@ def test_a_compiled_run_trains_as_the_eager_run_and_resumes_bit_for_bit(pg19_sha
     assert losses == pytest.approx({step: eager[step] for step in (1, 2, 3)}, rel=1e-4)
     assert math.isfinite(scalars(compiled, "val/loss")[2])
 
-    shutil.copytree(compiled / "checkpoints" / "step-00000002", tmp_path / "checkpoints" / "step-00000002")
-    resumed = train(2, pg19_shards.root, tmp_path, "train.compile=true", "train.max_steps=3")
+    resumed = assert_resumes_bit_for_bit(compiled, tmp_path, 2, pg19_shards.root, "train.compile=true")
     assert "resumed from" in resumed.stdout
-    assert scalars(tmp_path, "train/loss") == {3: losses[3]}
-    final, straight = (module_state(path / "checkpoints" / "step-00000003") for path in (tmp_path, compiled))
-    assert all(torch.equal(final[name], straight[name]) for name in straight)
 
 
 @pytest.fixture(scope="module")
@@ -704,11 +707,7 @@ def test_sequence_parallel_run_matches_the_data_parallel_run_and_resumes_bit_for
         assert sequence_parallel[step] == pytest.approx(data_parallel[step], rel=1e-4)
 
     # Stopped and resumed in the same layout, it continues bit for bit.
-    shutil.copytree(run / "checkpoints" / "step-00000002", tmp_path / "checkpoints" / "step-00000002")
-    train(ranks, pg19_shards.root, tmp_path, "train.max_steps=3", "parallel.sequence_parallel_size=2")
-    assert scalars(tmp_path, "train/loss") == {3: sequence_parallel[3]}
-    final, straight = (module_state(path / "checkpoints" / "step-00000003") for path in (tmp_path, run))
-    assert all(torch.equal(final[name], straight[name]) for name in straight)
+    assert_resumes_bit_for_bit(run, tmp_path, ranks, pg19_shards.root, "parallel.sequence_parallel_size=2")
 
 
 @pytest.mark.slow
