@@ -48,7 +48,7 @@ STEPS = 16  # of the straight run; checkpoints every 4 steps, the latest 3 kept
 CLIP = 0.3
 TINY = ["data.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=8", "optimizer.warmup_steps=0",
         f"train.grad_clip={CLIP}", "optimizer.eps=1e-4", "optimizer.lr=3e-3",
-        "logging.every=1", "validation.every=8", "validation.windows=4", "checkpoint.every=4", "checkpoint.keep=3"]
+        "logging.every=1", "validation.every=8", "validation.windows=3", "checkpoint.every=4", "checkpoint.keep=3"]
 CLUSTER_DEEPSPEED = "deepspeed=" + json.dumps(json.loads((CONFIGS / "200m_8k_h800.json").read_text())["deepspeed"])
 ZERO3 = "deepspeed.zero_optimization.stage=3"
 
@@ -257,6 +257,23 @@ def test_passkey_source_gives_masked_batches_and_a_masked_loss(pg19_shards):
         logits, _ = model(window[:, :-1])
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), window[:, 1:], reduction="none")
     assert masked.item() == pytest.approx(nll[mask].mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("dp_world", [1, 2, 3, 4])
+def test_the_ranks_score_every_validation_window_once_in_the_same_number_of_passes(pg19_shards, dp_world):
+    cfg = config_from_dict(tiny_config(**{"data.path": str(pg19_shards.root), "data.seq_len": 64,
+                                          "validation.windows": 3, "train.micro_batch_size": 2}))
+    everything = data.validation_batches(cfg, pg19_shards.checksum, dp_rank=0, dp_world=1)
+    assert [len(window) for window, _ in everything] == [2, 1]
+    windows = torch.cat([window for window, _ in everything])
+    assert all(mask.all() for _, mask in everything)
+
+    shares = [data.validation_batches(cfg, pg19_shards.checksum, rank, dp_world) for rank in range(dp_world)]
+    assert len({len(share) for share in shares}) == 1            # as many forward passes on every rank
+    scored = [window for share in shares for batch, mask in share for window, row in zip(batch, mask) if row.any()]
+    assert torch.equal(torch.stack(scored), windows)
+    masks = torch.cat([mask for share in shares for _, mask in share])
+    assert all(row.all() or not row.any() for row in masks)
 
 
 # --- runs through the launcher -------------------------------------------------------------------------------
@@ -627,6 +644,15 @@ def test_other_zero_stages_follow_the_zero1_run_step_for_step(run, request, stra
 
 
 @pytest.mark.slow
+def test_the_validation_loss_does_not_depend_on_the_number_of_ranks(zero0_run, zero3_run):
+    # Both follow the straight run's weights (above); their 3 validation windows are shared out as 3 on one rank,
+    # and as 2 and 1 plus an unscored one on two ZeRO-3 ranks.
+    one_rank, two_ranks = scalars(zero0_run, "val/loss"), scalars(zero3_run, "val/loss")
+    assert sorted(one_rank) == sorted(two_ranks) == [3]
+    assert one_rank[3] == pytest.approx(two_ranks[3], rel=1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["straight_run", "zero2_run", "zero3_run"])
 def test_exported_weights_give_the_logits_of_the_trained_model(run, request, tmp_path):
     """The export (from the module's state) equals the ZeRO optimizer's fp32 master weights, on every rank."""
@@ -694,9 +720,10 @@ def test_non_finite_steps_are_skipped_then_the_run_aborts(pg19_shards, tmp_path,
                                            (4, "accumulation 2 x 2 data-parallel ranks")],
                          ids=["one-group-of-2", "2x2"])
 def test_sequence_parallel_run_matches_the_data_parallel_run_and_resumes_bit_for_bit(pg19_shards, straight_run,
-                                                                                    tmp_path, ranks, layout):
+                                                                                    zero0_run, tmp_path, ranks,
+                                                                                    layout):
     # Groups of 2 ranks split each 64-token window; the global batch, and so the data, stays that of the
-    # straight run, and the loss must follow it step for step.
+    # straight run, and the loss must follow it step for step, as must the validation loss at the end.
     run = tmp_path / "run"
     result = train(ranks, pg19_shards.root, run, "train.max_steps=3", "parallel.sequence_parallel_size=2",
                    "checkpoint.every=2")
@@ -705,6 +732,7 @@ def test_sequence_parallel_run_matches_the_data_parallel_run_and_resumes_bit_for
     assert sorted(sequence_parallel) == [1, 2, 3]
     for step in sequence_parallel:
         assert sequence_parallel[step] == pytest.approx(data_parallel[step], rel=1e-4)
+    assert scalars(run, "val/loss")[3] == pytest.approx(scalars(zero0_run, "val/loss")[3], rel=1e-4)
 
     # Stopped and resumed in the same layout, it continues bit for bit.
     assert_resumes_bit_for_bit(run, tmp_path, ranks, pg19_shards.root, "parallel.sequence_parallel_size=2")

@@ -26,9 +26,11 @@ def train_dataset(cfg: RunConfig, tokenizer_checksum: str | None) -> Dataset:
 
 def validation_batches(cfg: RunConfig, tokenizer_checksum: str | None, dp_rank: int, dp_world: int
                        ) -> list[Batch]:
-    """This rank's share of the fixed validation windows, in micro-batches.
+    """This rank's share of the fixed validation windows, in micro-batches, each batch with its loss mask.
 
-    Every rank gets as many windows as the others (ZeRO-3 needs all ranks to run the same forward passes).
+    The ranks score every window once, whatever their number, so a run's validation loss does not change when it
+    resumes on another number of ranks. Every rank runs as many forward passes as the others (ZeRO-3 needs it):
+    a rank short of windows pads its share with ones it does not score (an all-False loss mask).
     """
     if cfg.data.source == "shards":
         items = list(validation_windows(cfg.data.path, cfg.validation.split, cfg.data.seq_len,
@@ -36,11 +38,10 @@ def validation_batches(cfg: RunConfig, tokenizer_checksum: str | None, dp_rank: 
     else:  # a task's first windows of its validation split, always the same ones
         dataset = _dataset(cfg, cfg.validation.split, 0, tokenizer_checksum)
         items = [dataset[k] for k in range(cfg.validation.windows)]
-    per_rank = len(items) // dp_world
-    if per_rank == 0:
-        raise ConfigError(f"validation.windows ({len(items)} available) must be at least the number of "
-                          f"data-parallel ranks ({dp_world})")
-    mine, size = items[dp_rank * per_rank:(dp_rank + 1) * per_rank], cfg.train.micro_batch_size
+    per_rank = -(-len(items) // dp_world)
+    mine = [_with_mask(item, scored=True) for item in items[dp_rank * per_rank:(dp_rank + 1) * per_rank]]
+    mine += [_with_mask(items[0], scored=False)] * (per_rank - len(mine))
+    size = cfg.train.micro_batch_size
     return [collate(mine[i:i + size]) for i in range(0, per_rank, size)]
 
 
@@ -75,6 +76,12 @@ def collate(items: list) -> Batch:
         return torch.stack(items), None
     ids, masks = zip(*items)
     return torch.stack(ids), torch.stack(masks)
+
+
+def _with_mask(item, scored: bool) -> tuple[Tensor, Tensor]:
+    """A dataset item as (ids, loss mask); an unscored item's mask is all False."""
+    ids, mask = (item, torch.ones(len(item) - 1, dtype=torch.bool)) if isinstance(item, Tensor) else item
+    return ids, mask if scored else torch.zeros_like(mask)
 
 
 def _dataset(cfg: RunConfig, split: str, seed: int, tokenizer_checksum: str | None) -> Dataset:

@@ -215,14 +215,15 @@ def train_step(run: Run) -> tuple[float, float, bool, float, bool]:
 
 @torch.no_grad()
 def validate(run: Run) -> float:
-    """Mean loss over the fixed validation windows, shared out between the data-parallel ranks."""
+    """Mean loss per scored token of the fixed validation windows, shared out between the data-parallel ranks."""
     device = run.place.device
     run.engine.eval()
     totals = torch.zeros(2, device=device)
     for window, loss_mask in run.val_batches:
-        batch = (window.to(device), None if loss_mask is None else loss_mask.to(device))
-        totals[0] += run.engine(*batch, run.sp).float() * len(window)
-        totals[1] += len(window)
+        loss_mask = loss_mask.to(device)
+        scored = loss_mask.sum()
+        totals[0] += run.engine(window.to(device), loss_mask, run.sp).float() * scored
+        totals[1] += scored
     run.engine.train()
     dist.all_reduce(totals)
     return (totals[0] / totals[1]).item()
