@@ -91,6 +91,9 @@ def tiny_config(**sections):
      "train.chunk_len and parallel.sequence_parallel_size > 1 cannot be combined"),
     ({"train.compile": True, "deepspeed.zero_optimization.stage": 3},
      "train.compile cannot be combined with ZeRO stage 3"),
+    ({"deepspeed.zero_optimization.stage": True}, "deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got True"),
+    ({"optimizer.lr": float("inf")}, "optimizer.lr must be finite, got inf"),
+    ({"output_dir": ""}, "output_dir is empty"),
 ])
 def test_bad_values_raise_one_error_naming_the_key(change, message):
     with pytest.raises(ConfigError) as error:
@@ -106,6 +109,18 @@ def test_missing_sections_and_keys_are_named():
     del raw["output_dir"]
     with pytest.raises(ConfigError, match="missing key output_dir"):
         config_from_dict(raw)
+
+
+def test_a_config_file_that_cannot_be_read_is_named(tmp_path):
+    (tmp_path / "latin1.json").write_bytes(b"\xff\xfe{}")
+    (tmp_path / "broken.json").write_text('{\n  "train": {"max_steps": 1,}\n}')
+    for path, message in [(tmp_path / "absent.json", "no such config file"), (tmp_path, "a folder, not a config file"),
+                          (tmp_path / "latin1.json", "not valid JSON ('utf-8' codec can't decode byte 0xff"),
+                          (tmp_path / "broken.json", "not valid JSON (Expecting property name enclosed in double "
+                                                     "quotes: line 2 column 28")]:
+        with pytest.raises(ConfigError) as error:
+            load_config(path)
+        assert str(error.value).startswith(f"{path}: {message}")
 
 
 def test_overrides_reach_nested_keys_and_parse_json(tmp_path):

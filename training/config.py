@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, get_type_hints
@@ -160,13 +161,15 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir is empty: name the run's folder, e.g. runs/200m_8k")
         self.model_config = model_config_from_dict(self.model)
         for key, instead in OWNED_DEEPSPEED_KEYS.items():
             if key in self.deepspeed:
                 raise ConfigError(f"deepspeed.{key} is set from {instead}; remove it from the deepspeed section")
         if not isinstance(self.deepspeed.get("zero_optimization", {}), dict):
             raise ConfigError("deepspeed.zero_optimization must be a JSON object such as {\"stage\": 1}")
-        if self.zero_stage not in (0, 1, 2, 3):
+        if type(self.zero_stage) is not int or self.zero_stage not in (0, 1, 2, 3):   # (True == 1 in Python)
             raise ConfigError(f"deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         P = self.parallel.sequence_parallel_size
         if self.data.seq_len % P:
@@ -207,7 +210,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
-    except json.JSONDecodeError as error:
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not a config file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: not valid JSON ({error})") from None
     for override in overrides:
         apply_override(raw, override)
@@ -256,6 +261,8 @@ def _build(cls, values, where: str):
             kwargs[name] = _build(hint, value, f"{where}{name}.")
         elif not matches_type(value, hint):
             raise ConfigError(f"{where}{name} must be {describe_type(hint)}, got {value!r}")
+        elif isinstance(value, float) and math.isinf(value):   # JSON's Infinity (NaN fails each key's own check)
+            raise ConfigError(f"{where}{name} must be finite, got {value}")
         else:
             kwargs[name] = copy.deepcopy(value)
     return cls(**kwargs)

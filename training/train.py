@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -400,8 +401,10 @@ def _check_output_dir(folder: Path) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"output_dir {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir {folder}: {existing} is not writable")
+    try:   # by making a folder there: permissions alone do not say (root passes them, on /proc too)
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as error:
+        raise ConfigError(f"output_dir {folder}: {existing} is not writable ({error.strerror})") from None
 
 
 def _peak_flops(cfg: RunConfig, device: torch.device) -> float:
