@@ -170,6 +170,9 @@ def test_cross_layer_statistics_streamed_in_chunks_give_the_one_shot_score():
     expected = [ridge_fidelity(layers[l][0], layers[l + 2][0]) for l in range(2)]
     assert stats.scores(2, 1e-4) == pytest.approx(expected, abs=1e-9)
     assert len(stats.scores(1, 1e-4)) == 3
+    repeated = CrossLayerStats(4, 16, [2, 2], "cpu")                  # a gap given twice counts once
+    repeated.add(layers)
+    assert repeated.scores(2, 1e-4) == pytest.approx(expected, abs=1e-9)
     x = layers[0][0].double()
     assert ridge_score(x.T @ x, x.T @ x, float((x * x).sum()), float((x * x).sum())) == pytest.approx(1, abs=1e-4)
 
@@ -261,6 +264,7 @@ def test_text_stream_reassembles_multibyte_characters(pg19_shards):
     (["latency", "--model", "mamba:tiny", "--model", "mamba:tiny"], "--model mamba:tiny is given twice"),
     (["ppl", "--checkpoint", "{memmamba}", "--checkpoint", "{memmamba}/", "--data", "{data}"], "is given twice"),
     (["fidelity", "--checkpoint", "{memmamba}", "--data", "{data}", "--windows", "0"], "--windows"),
+    (["fidelity", "--checkpoint", "{memmamba}", "--data", "{data}", "--ridge", "-1"], "--ridge must be zero or"),
     (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--out", "{data}/tokenizer.model"],
      "tokenizer.model: cannot be a results folder"),
 ])

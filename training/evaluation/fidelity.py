@@ -75,7 +75,8 @@ class CrossLayerStats:
     """X'X and ||X||^2 per layer, X'Y and ||Y||^2 per (layer, gap), streamed over tokens."""
 
     def __init__(self, n_layer: int, dim: int, gaps: list[int], device):
-        self.pairs = [(l, g) for g in gaps for l in range(n_layer - g)]   # 0-based layer indices
+        # each gap once: a repeated one would add its X'Y twice against X'X once
+        self.pairs = [(l, g) for g in dict.fromkeys(gaps) for l in range(n_layer - g)]   # 0-based layer indices
         zeros = lambda: torch.zeros(dim, dim, dtype=torch.float64, device=device)  # noqa: E731
         self.xtx = [zeros() for _ in range(n_layer)]
         self.xx = [0.0] * n_layer
@@ -136,6 +137,9 @@ def evaluate(checkpoint, windows: Tensor, args) -> dict:
 def run(checkpoints, args) -> Outcome:
     if args.length < 1 or args.windows < 1 or min(args.gaps) < 1 or min(args.deltas) < 0:
         raise EvalError("--length, --windows and --gaps must be positive, --deltas non-negative")
+    if not 0 <= args.ridge < math.inf:   # a negative lambda gives scores that mean nothing, not an error
+        raise EvalError(f"--ridge must be zero or positive, got {args.ridge:g}")
+    args.gaps, args.deltas = list(dict.fromkeys(args.gaps)), list(dict.fromkeys(args.deltas))   # one column each
     results = {}
     for checkpoint in checkpoints:
         windows = validation_windows(args.data, args.split, args.length, args.windows, checkpoint.tokenizer.checksum)
