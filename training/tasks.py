@@ -196,15 +196,20 @@ class RetrievalTask:
         self.gold_candidates = [i for i, p in enumerate(passages) if p.question]
         if not self.gold_candidates:
             raise ValueError("no passage has a question, so none can be the gold document")
+        # SQuAD repeats a paragraph once per question: distractors are drawn from distinct texts
+        self.texts = list(dict.fromkeys(p.text for p in passages))
+
+    def most_distractors(self) -> int:
+        """The most distractors a sample can have: every other distinct text, each with its own id."""
+        return min(len(self.texts), self.max_id) - 1
 
     def sample(self, n_distractors: int, rng: np.random.Generator) -> RetrievalSample:
-        if n_distractors + 1 > self.max_id:
-            raise ValueError(f"{n_distractors} distractors need more than {self.max_id} document ids")
+        if n_distractors > self.most_distractors():
+            raise ValueError(f"{n_distractors} distractors asked, at most {self.most_distractors()} "
+                             f"({len(self.texts)} distinct passages, ids below {self.max_id})")
         gold = self.passages[self.gold_candidates[int(rng.integers(len(self.gold_candidates)))]]
-        others = [i for i, p in enumerate(self.passages) if p.text != gold.text]
-        if len(others) < n_distractors:
-            raise ValueError(f"{n_distractors} distractors asked, only {len(others)} other passages")
-        texts = [self.passages[i].text for i in rng.choice(others, n_distractors, replace=False)]
+        others = [text for text in self.texts if text != gold.text]
+        texts = [others[i] for i in rng.choice(len(others), n_distractors, replace=False)]
         gold_index = int(rng.integers(n_distractors + 1))
         texts.insert(gold_index, gold.text)
         doc_ids = [int(i) for i in rng.choice(self.max_id, n_distractors + 1, replace=False)]
