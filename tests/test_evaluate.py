@@ -14,9 +14,10 @@ from model import build_model, save_pretrained
 from model.config import model_config_to_dict
 from training import evaluate, generate
 from training.checkpoint import FORMAT
+from data_pipeline import DataError
 from training.export import load_model
-from training.evaluation import passkey
-from training.evaluation.common import (EvalError, chunked_hidden, greedy, load_checkpoint, parse_length,
+from training.evaluation import passkey, perplexity
+from training.evaluation.common import (Checkpoint, EvalError, chunked_hidden, greedy, load_checkpoint, parse_length,
                                         parse_lengths, unique_names)
 from training.evaluation.fidelity import (CrossLayerStats, cosine_fidelity, expected_embedding, ridge_fidelity,
                                           ridge_score)
@@ -272,6 +273,42 @@ def test_problems_end_with_one_line_and_status_1(pg19_shards, checkpoints, capsy
     argv = [a.format(memmamba=checkpoints["memmamba"], data=pg19_shards.root) for a in argv]
     code, out, err = run_cli(evaluate, argv, capsys)
     assert code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_every_value_is_checked_before_any_work_and_an_error_leaves_no_results_folder(
+        pg19_shards, checkpoints, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(passkey, "evaluate", lambda *a: pytest.fail("evaluated before the checks"))
+    monkeypatch.setattr(perplexity, "evaluate", lambda *a: pytest.fail("evaluated before the checks"))
+    model, data, out = ["--checkpoint", checkpoints["memmamba"]], ["--data", pg19_shards.root], tmp_path / "out"
+    for argv, message in [
+        (["passkey", "--lengths", "200", "60"], "error: --lengths 60: a passkey prompt needs at least "),
+        (["retrieval", "--distractors", "1", "5000"], "error: --distractors 5000: at most "),
+        (["ppl", "--lengths", "2000k"], "error: --lengths: no book of "),
+    ]:
+        code, _, err = run_cli(evaluate, [*argv, *model, *data, "--out", out], capsys)
+        assert code == 1 and err.startswith(message) and err.count("\n") == 1
+        assert not out.exists()
+    (out / "ppl.json").mkdir(parents=True)
+    code, _, err = run_cli(evaluate, ["ppl", *model, *data, "--lengths", "64", "--out", out], capsys)
+    assert code == 1 and err == f"error: --out {out}: cannot write {out / 'ppl.json'}\n"
+
+
+def test_every_models_data_is_checked_before_the_first_is_evaluated(pg19_shards, checkpoints):
+    good = load_checkpoint(str(checkpoints["mamba"]), torch.device("cpu"))
+    other = Checkpoint("other", "other", good.model, argparse.Namespace(checksum="0" * 64))   # another tokenizer
+    args = argparse.Namespace(data=pg19_shards.root, split="test", lengths=["64"], scored=10, windows_per_book=1,
+                              batch_size=1)
+    with pytest.raises(DataError, match="tokenizer"):
+        perplexity.prepare([good, other], args)
+
+
+def test_lengths_no_book_reaches_are_named_in_a_warning(pg19_shards, checkpoints, tmp_path, capsys):
+    argv = ["ppl", "--checkpoint", checkpoints["mamba"], "--data", pg19_shards.root, "--lengths", 64, "2000k",
+            "--windows-per-book", 1, "--scored", 10, "--out", tmp_path]
+    code, _, err = run_cli(evaluate, argv, capsys)
+    assert code == 0 and "warning: no book of " in err and "no perplexity at 2000k" in err
+    short, long = json.loads((tmp_path / "ppl.json").read_text())["results"]["mamba"]
+    assert short["windows"] > 0 and long["windows"] == 0 and long["ppl"] is None
 
 
 @pytest.mark.parametrize("kind", ["export", "training checkpoint"])

@@ -188,3 +188,11 @@ def test_distractors_are_distinct_documents_when_a_paragraph_has_several_questio
         assert len(set(texts)) == 20
     with pytest.raises(ValueError, match="20 distractors asked, at most 19 "):
         task.sample(20, np.random.default_rng(0))
+
+
+def test_every_key_fits_a_prompt_of_the_shortest_length(tokenizer, test_books):
+    task = PasskeyTask(tokenizer, BookFiller(test_books))
+    for seed in range(20):
+        assert len(task.sample(task.shortest(), 0.5, np.random.default_rng(seed)).ids) == task.shortest()
+        with pytest.raises(ValueError, match="a passkey prompt needs at least"):
+            task.sample(task.shortest() - 1, 0.5, np.random.default_rng(seed))

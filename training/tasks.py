@@ -100,13 +100,21 @@ class PasskeyTask:
     def random_key(self, rng: np.random.Generator) -> str:
         return str(int(rng.integers(10 ** (self.key_digits - 1), 10 ** self.key_digits)))
 
+    def needle(self, key: str) -> np.ndarray:
+        return np.array(self.tokenizer.encode(PASSKEY_NEEDLE.format(key=key)), dtype=np.int64)
+
+    def shortest(self) -> int:
+        """The tokens of a prompt with no filler. Digits are pieces of their own (the tokenizer splits
+        them), so every key of `key_digits` digits takes as many tokens."""
+        return len(self.prefix) + len(self.needle("9" * self.key_digits)) + len(self.query)
+
     def answer(self, key: str) -> np.ndarray:
         return np.array(self.tokenizer.encode(PASSKEY_ANSWER.format(key=key)), dtype=np.int64)
 
     def sample(self, length: int, depth: float, rng: np.random.Generator, key: str | None = None) -> PasskeySample:
         """A prompt of exactly `length` tokens, its key (random unless given) at `depth` of the filler."""
         key = self.random_key(rng) if key is None else key
-        needle = np.array(self.tokenizer.encode(PASSKEY_NEEDLE.format(key=key)), dtype=np.int64)
+        needle = self.needle(key)
         n_filler = length - len(self.prefix) - len(needle) - len(self.query)
         if n_filler < 0:
             raise ValueError(f"a passkey prompt needs at least {length - n_filler} tokens, asked for {length}")

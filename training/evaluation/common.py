@@ -7,6 +7,7 @@ Transformer's state, its KV cache, grows with the input: that is the architectur
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -142,22 +143,22 @@ def greedy(model: nn.Module, ids: Tensor, new_tokens: int, chunk_len: int, vocab
     return torch.stack(out, 1)
 
 
-def parse_length(text: str) -> int:
+def parse_length(text: str, option: str = "--lengths") -> int:
     """'4096', '4k' (4,000) or '64K' -> tokens."""
     text = str(text).strip().lower()
     scale = 1000 if text.endswith("k") else 1
     try:
         value = float(text.removesuffix("k")) * scale
     except ValueError:
-        raise EvalError(f"{text!r}: not a length (use e.g. 4096 or 4k)") from None
-    if value < 1 or value != int(value):
-        raise EvalError(f"{text!r}: a length must be a positive whole number of tokens")
+        raise EvalError(f"{option} {text!r}: not a length (use e.g. 4096 or 4k)") from None
+    if not 1 <= value < math.inf or value != int(value):   # also refuses nan and inf
+        raise EvalError(f"{option} {text!r}: a length must be a positive whole number of tokens")
     return int(value)
 
 
-def parse_lengths(texts: list[str]) -> list[int]:
+def parse_lengths(texts: list[str], option: str = "--lengths") -> list[int]:
     """Lengths in the order given, each once (4k and 4000 are one column)."""
-    return list(dict.fromkeys(parse_length(text) for text in texts))
+    return list(dict.fromkeys(parse_length(text, option) for text in texts))
 
 
 def pick_device(name: str | None) -> torch.device:
