@@ -266,6 +266,14 @@ def test_text_stream_reassembles_multibyte_characters(pg19_shards):
     (["ppl", "--checkpoint", "{memmamba}", "--checkpoint", "{memmamba}/", "--data", "{data}"], "is given twice"),
     (["fidelity", "--checkpoint", "{memmamba}", "--data", "{data}", "--windows", "0"], "--windows"),
     (["fidelity", "--checkpoint", "{memmamba}", "--data", "{data}", "--ridge", "-1"], "--ridge must be zero or"),
+    (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--device", "foo"], "--device foo: not a device"),
+    (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--lengths", "inf"], "--lengths 'inf': a length"),
+    (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--lengths", "nan"], "--lengths 'nan': a length"),
+    (["latency", "--model", "mamba:tiny", "--positions", "1e400"], "--positions '1e400': a length"),
+    (["passkey", "--checkpoint", "{memmamba}", "--data", "{data}", "--key-digits", "20"], "--key-digits must be"),
+    (["retrieval", "--checkpoint", "{memmamba}", "--passages", "{data}"], "pg19_shards0: is a directory"),
+    (["retrieval", "--checkpoint", "{memmamba}", "--passages", "{data}/tokenizer.model"],
+     "tokenizer.model: not UTF-8 text"),
     (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--out", "{data}/tokenizer.model"],
      "tokenizer.model: cannot be a results folder"),
 ])
@@ -273,6 +281,42 @@ def test_problems_end_with_one_line_and_status_1(pg19_shards, checkpoints, capsy
     argv = [a.format(memmamba=checkpoints["memmamba"], data=pg19_shards.root) for a in argv]
     code, out, err = run_cli(evaluate, argv, capsys)
     assert code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("damage", ["model.safetensors", "config.json", "mp_rank_00_model_states.pt", "meta.json"])
+def test_a_damaged_checkpoint_is_named_in_one_line(checkpoints, tmp_path, capsys, damage):
+    folder = tmp_path / "copy"
+    if damage in ("model.safetensors", "config.json"):
+        shutil.copytree(checkpoints["mamba"], folder)
+        path = folder / damage
+    else:
+        model = load_checkpoint(str(checkpoints["mamba"]), torch.device("cpu")).model
+        folder = folder / "step-00000001"
+        folder.mkdir(parents=True)
+        torch.save({"module": {f"model.{k}": v for k, v in model.state_dict().items()}},
+                   folder / "mp_rank_00_model_states.pt")
+        (folder / "meta.json").write_text(json.dumps({"format": FORMAT, "model": model_config_to_dict(model.config),
+                                                      "zero_stage": 1, "tokenizer_checksum": "0" * 64}))
+        path = folder / damage
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])   # truncated
+    for module, argv in [(evaluate, ["latency", "--lengths", 8, "--positions"]), (generate, [])]:
+        code, _, err = run_cli(module, [*argv, "--checkpoint", folder, "--device", "cpu"], capsys)
+        assert code == 1 and err.startswith(f"error: {folder}: cannot load the model (") and err.count("\n") == 1
+
+
+def test_generate_names_a_device_that_does_not_exist(checkpoints, capsys):
+    code, _, err = run_cli(generate, ["--checkpoint", checkpoints["mamba"], "--device", "foo"], capsys)
+    assert code == 1 and err == "error: --device foo: not a device (cpu, cuda, cuda:1 ...)\n"
+
+
+def test_ctrl_c_ends_an_evaluation_with_one_line_and_status_130(pg19_shards, checkpoints, tmp_path, capsys,
+                                                                monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(perplexity, "evaluate", interrupted)
+    argv = ["ppl", "--checkpoint", checkpoints["mamba"], "--data", pg19_shards.root, "--lengths", 200,
+            "--out", tmp_path]
+    assert run_cli(evaluate, argv, capsys)[::2] == (130, "interrupted\n")
 
 
 def test_every_value_is_checked_before_any_work_and_an_error_leaves_no_results_folder(

@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except (EvalError, DataError, CheckpointError, ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # Ctrl-C: the user knows where it stopped, a traceback adds nothing
+        print("interrupted", file=sys.stderr)
+        return 130
     print(outcome.markdown)
     log("wrote " + ", ".join(map(str, written)))
     return 0

@@ -91,8 +91,8 @@ class PasskeyTask:
     """Passkey prompts of an exact token length with filler from books."""
 
     def __init__(self, tokenizer: Tokenizer, filler: BookFiller, key_digits: int = 5):
-        if key_digits < 1:
-            raise ValueError(f"key_digits must be positive, got {key_digits}")
+        if not 1 <= key_digits <= 18:   # keys are drawn as 64-bit integers
+            raise ValueError(f"key_digits must be between 1 and 18, got {key_digits}")
         self.tokenizer, self.filler, self.key_digits = tokenizer, filler, key_digits
         self.prefix = np.array(tokenizer.encode(PASSKEY_PREFIX), dtype=np.int64)
         self.query = np.array(tokenizer.encode(PASSKEY_QUERY), dtype=np.int64)
@@ -246,16 +246,22 @@ QUOTE_WORDS = 12
 def load_passages(path) -> list[Passage]:
     """Passages from a JSON-lines file: {"text": ..., "question": ...} per line, the question
     optional (SQuAD: one line per question with its paragraph as the text)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.readlines()
+    except OSError as error:
+        raise ValueError(f"{path}: {error.strerror.lower()}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start})") from None
     passages = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                passages.append(Passage(str(row["text"]), row.get("question")))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{number}: not a JSON object with a \"text\" field") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            passages.append(Passage(str(row["text"]), row.get("question")))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}:{number}: not a JSON object with a \"text\" field") from None
     if not passages:
         raise ValueError(f"{path}: no passages")
     return passages

@@ -66,8 +66,10 @@ def prepare(checkpoints, args):
     lengths = parse_lengths(args.lengths)
     if not all(0 <= d <= 1 for d in args.depths):
         raise EvalError(f"--depths must lie in [0, 1], got {args.depths}")
-    if args.samples < 1 or args.batch_size < 1 or args.key_digits < 1:
-        raise EvalError("--samples, --batch-size and --key-digits must be positive")
+    if args.samples < 1 or args.batch_size < 1:
+        raise EvalError("--samples and --batch-size must be positive")
+    if not 1 <= args.key_digits <= 18:   # keys are drawn as 64-bit integers
+        raise EvalError(f"--key-digits must be between 1 and 18, got {args.key_digits}")
     tasks = {}
     for checkpoint in checkpoints:
         books = ShardedBooks(args.data, args.split, checkpoint.tokenizer.checksum)
