@@ -2,7 +2,10 @@
 import argparse
 import json
 import math
+import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -412,3 +415,18 @@ def test_results_get_a_png_plot_when_matplotlib_is_installed(checkpoints, pg19_s
     code, _, err = run_cli(evaluate, argv, capsys)
     assert code == 0, err
     assert (tmp_path / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def eval_sh(*argv):
+    script = Path(__file__).resolve().parents[1] / "launch" / "eval.sh"
+    return subprocess.run(["bash", script, *argv], capture_output=True, text=True, env={**os.environ, "PYTHON": "echo"})
+
+
+def test_eval_sh_all_names_the_results_after_the_run_and_refuses_extra_arguments():
+    commands = eval_sh("all", "runs/x/checkpoints/step-00001000").stdout.splitlines()
+    outs = [line.split("--out ")[1] for line in commands]
+    assert outs == [f"runs/eval/x/step-00001000/{task}" for task in ("ppl", "passkey", "retrieval", "fidelity")]
+    assert eval_sh("all", "runs/x/checkpoints").stdout.split("--out ")[1].startswith("runs/eval/x/ppl")
+    extra = eval_sh("all", "exports/200m", "data/pg19", "runs/eval/a", "runs/eval/b")
+    assert extra.returncode == 1 and extra.stdout == ""
+    assert extra.stderr == "usage: launch/eval.sh all CHECKPOINT [DATA] [OUT]\n"
