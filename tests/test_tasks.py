@@ -10,7 +10,7 @@ from data_pipeline import DataError
 from data_pipeline.reader import ShardedBooks
 from data_pipeline.stream import PackedWindows
 from data_pipeline.tokenizer import NEWLINE_ID, Tokenizer
-from model import build_model
+from model import ConfigError, build_model
 from training.config import load_config
 from training.data import train_dataset
 from training.loss import lm_loss
@@ -196,3 +196,11 @@ def test_every_key_fits_a_prompt_of_the_shortest_length(tokenizer, test_books):
         assert len(task.sample(task.shortest(), 0.5, np.random.default_rng(seed)).ids) == task.shortest()
         with pytest.raises(ValueError, match="a passkey prompt needs at least"):
             task.sample(task.shortest() - 1, 0.5, np.random.default_rng(seed))
+
+
+def test_passkey_windows_too_short_for_a_prompt_are_a_config_error(pg19_shards):
+    task = PasskeyWindows(pg19_shards.root, "train", seq_len=400, seed=3).task
+    shortest = task.shortest() + len(task.answer("12345")) - 1               # the prompt and its answer
+    assert PasskeyWindows(pg19_shards.root, "train", seq_len=shortest, seed=3)[0][0].shape == (shortest + 1,)
+    with pytest.raises(ConfigError, match=f"^data.seq_len {shortest - 1}: a passkey window needs at least {shortest} "):
+        PasskeyWindows(pg19_shards.root, "train", seq_len=shortest - 1, seed=3)

@@ -26,6 +26,7 @@ from data_pipeline.reader import ShardedBooks
 from data_pipeline.storage import join
 from data_pipeline.stream import checked_position
 from data_pipeline.tokenizer import NEWLINE_ID, Tokenizer
+from model import ConfigError
 
 PASSKEY_PREFIX = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
                   "I will quiz you about the pass key.\n")
@@ -141,6 +142,10 @@ class PasskeyWindows(torch.utils.data.Dataset):
     def __init__(self, root, split, seq_len, seed, tokenizer_checksum=None, key_digits=5):
         self.books = ShardedBooks(root, split, tokenizer_checksum)
         self.task = PasskeyTask(Tokenizer(join(str(root), "tokenizer.model")), BookFiller(self.books), key_digits)
+        shortest = self.task.shortest() + len(self.task.answer("9" * key_digits)) - 1   # window: prompt + answer
+        if seq_len < shortest:   # found now, not by the data loader's workers
+            raise ConfigError(f"data.seq_len {seq_len}: a passkey window needs at least {shortest} tokens "
+                              f"(instructions, passkey sentence, question and answer)")
         self.seq_len, self.seed = seq_len, seed
         self.windows_per_epoch = max(1, int(self.books.num_tokens.sum()) // seq_len)
 
