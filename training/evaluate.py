@@ -10,7 +10,7 @@
 (MemMamba, Mamba with notes off, or the Transformer), and can be repeated to put several
 models in one table. Results go to --out (default runs/eval/<task>): <task>.json, <task>.md
 and, when matplotlib is installed, <task>.png. Problems end the command with a one-line
-message and exit status 1.
+message and exit status 1 (a malformed command line: argparse's usage message and status 2).
 """
 from __future__ import annotations
 
