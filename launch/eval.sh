@@ -6,16 +6,22 @@
 #
 # Paths are relative to the repository root. DATA defaults to data/pg19-mini (the --output of
 # launch/preprocess.sh), OUT to runs/eval/<name>, where <name> is the run's for its checkpoints folder
-# (runs/x/checkpoints: x) and the folder's own otherwise; each task writes OUT/<task>/<task>.{json,md}.
+# (runs/x/checkpoints: x), the run's and the step's for one checkpoint (runs/x/checkpoints/step-00001000:
+# x/step-00001000, as training.evaluate names its row) and the folder's own otherwise; each task writes
+# OUT/<task>/<task>.{json,md}.
 # Latency needs no data: launch/eval.sh latency --model memmamba:200m --model transformer:200m
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 if [[ "${1:-}" == "all" ]]; then
-  checkpoint=${2:?usage: launch/eval.sh all CHECKPOINT [DATA] [OUT]}
+  usage="usage: launch/eval.sh all CHECKPOINT [DATA] [OUT]"
+  checkpoint=${2:?$usage}
+  if (( $# > 4 )); then echo "$usage" >&2; exit 1; fi
   data=${3:-data/pg19-mini}
   name=$(basename "$checkpoint")
   [[ $name == checkpoints ]] && name=$(basename "$(dirname "$checkpoint")")
+  # two runs' step-00001000 must not share a folder
+  [[ $name == step-* ]] && name=$(basename "$(dirname "$(dirname "$checkpoint")")")/$name
   out=${4:-runs/eval/$name}
   for task in ppl passkey retrieval fidelity; do
     "$python" -m training.evaluate "$task" --checkpoint "$checkpoint" --data "$data" --out "$out/$task"

@@ -2,7 +2,10 @@
 import argparse
 import json
 import math
+import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +17,10 @@ from model import build_model, save_pretrained
 from model.config import model_config_to_dict
 from training import evaluate, generate
 from training.checkpoint import FORMAT
+from data_pipeline import DataError
 from training.export import load_model
-from training.evaluation import passkey
-from training.evaluation.common import (EvalError, chunked_hidden, greedy, load_checkpoint, parse_length,
+from training.evaluation import passkey, perplexity
+from training.evaluation.common import (Checkpoint, EvalError, chunked_hidden, greedy, load_checkpoint, parse_length,
                                         parse_lengths, unique_names)
 from training.evaluation.fidelity import (CrossLayerStats, cosine_fidelity, expected_embedding, ridge_fidelity,
                                           ridge_score)
@@ -170,6 +174,9 @@ def test_cross_layer_statistics_streamed_in_chunks_give_the_one_shot_score():
     expected = [ridge_fidelity(layers[l][0], layers[l + 2][0]) for l in range(2)]
     assert stats.scores(2, 1e-4) == pytest.approx(expected, abs=1e-9)
     assert len(stats.scores(1, 1e-4)) == 3
+    repeated = CrossLayerStats(4, 16, [2, 2], "cpu")                  # a gap given twice counts once
+    repeated.add(layers)
+    assert repeated.scores(2, 1e-4) == pytest.approx(expected, abs=1e-9)
     x = layers[0][0].double()
     assert ridge_score(x.T @ x, x.T @ x, float((x * x).sum()), float((x * x).sum())) == pytest.approx(1, abs=1e-4)
 
@@ -261,6 +268,15 @@ def test_text_stream_reassembles_multibyte_characters(pg19_shards):
     (["latency", "--model", "mamba:tiny", "--model", "mamba:tiny"], "--model mamba:tiny is given twice"),
     (["ppl", "--checkpoint", "{memmamba}", "--checkpoint", "{memmamba}/", "--data", "{data}"], "is given twice"),
     (["fidelity", "--checkpoint", "{memmamba}", "--data", "{data}", "--windows", "0"], "--windows"),
+    (["fidelity", "--checkpoint", "{memmamba}", "--data", "{data}", "--ridge", "-1"], "--ridge must be zero or"),
+    (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--device", "foo"], "--device foo: not a device"),
+    (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--lengths", "inf"], "--lengths 'inf': a length"),
+    (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--lengths", "nan"], "--lengths 'nan': a length"),
+    (["latency", "--model", "mamba:tiny", "--positions", "1e400"], "--positions '1e400': a length"),
+    (["passkey", "--checkpoint", "{memmamba}", "--data", "{data}", "--key-digits", "20"], "--key-digits must be"),
+    (["retrieval", "--checkpoint", "{memmamba}", "--passages", "{data}"], "pg19_shards0: is a directory"),
+    (["retrieval", "--checkpoint", "{memmamba}", "--passages", "{data}/tokenizer.model"],
+     "tokenizer.model: not UTF-8 text"),
     (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--out", "{data}/tokenizer.model"],
      "tokenizer.model: cannot be a results folder"),
 ])
@@ -268,6 +284,78 @@ def test_problems_end_with_one_line_and_status_1(pg19_shards, checkpoints, capsy
     argv = [a.format(memmamba=checkpoints["memmamba"], data=pg19_shards.root) for a in argv]
     code, out, err = run_cli(evaluate, argv, capsys)
     assert code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("damage", ["model.safetensors", "config.json", "mp_rank_00_model_states.pt", "meta.json"])
+def test_a_damaged_checkpoint_is_named_in_one_line(checkpoints, tmp_path, capsys, damage):
+    folder = tmp_path / "copy"
+    if damage in ("model.safetensors", "config.json"):
+        shutil.copytree(checkpoints["mamba"], folder)
+        path = folder / damage
+    else:
+        model = load_checkpoint(str(checkpoints["mamba"]), torch.device("cpu")).model
+        folder = folder / "step-00000001"
+        folder.mkdir(parents=True)
+        torch.save({"module": {f"model.{k}": v for k, v in model.state_dict().items()}},
+                   folder / "mp_rank_00_model_states.pt")
+        (folder / "meta.json").write_text(json.dumps({"format": FORMAT, "model": model_config_to_dict(model.config),
+                                                      "zero_stage": 1, "tokenizer_checksum": "0" * 64}))
+        path = folder / damage
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])   # truncated
+    for module, argv in [(evaluate, ["latency", "--lengths", 8, "--positions"]), (generate, [])]:
+        code, _, err = run_cli(module, [*argv, "--checkpoint", folder, "--device", "cpu"], capsys)
+        assert code == 1 and err.startswith(f"error: {folder}: cannot load the model (") and err.count("\n") == 1
+
+
+def test_generate_names_a_device_that_does_not_exist(checkpoints, capsys):
+    code, _, err = run_cli(generate, ["--checkpoint", checkpoints["mamba"], "--device", "foo"], capsys)
+    assert code == 1 and err == "error: --device foo: not a device (cpu, cuda, cuda:1 ...)\n"
+
+
+def test_ctrl_c_ends_an_evaluation_with_one_line_and_status_130(pg19_shards, checkpoints, tmp_path, capsys,
+                                                                monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(perplexity, "evaluate", interrupted)
+    argv = ["ppl", "--checkpoint", checkpoints["mamba"], "--data", pg19_shards.root, "--lengths", 200,
+            "--out", tmp_path]
+    assert run_cli(evaluate, argv, capsys)[::2] == (130, "interrupted\n")
+
+
+def test_every_value_is_checked_before_any_work_and_an_error_leaves_no_results_folder(
+        pg19_shards, checkpoints, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(passkey, "evaluate", lambda *a: pytest.fail("evaluated before the checks"))
+    monkeypatch.setattr(perplexity, "evaluate", lambda *a: pytest.fail("evaluated before the checks"))
+    model, data, out = ["--checkpoint", checkpoints["memmamba"]], ["--data", pg19_shards.root], tmp_path / "out"
+    for argv, message in [
+        (["passkey", "--lengths", "200", "60"], "error: --lengths 60: a passkey prompt needs at least "),
+        (["retrieval", "--distractors", "1", "5000"], "error: --distractors 5000: at most "),
+        (["ppl", "--lengths", "2000k"], "error: --lengths: no book of "),
+    ]:
+        code, _, err = run_cli(evaluate, [*argv, *model, *data, "--out", out], capsys)
+        assert code == 1 and err.startswith(message) and err.count("\n") == 1
+        assert not out.exists()
+    (out / "ppl.json").mkdir(parents=True)
+    code, _, err = run_cli(evaluate, ["ppl", *model, *data, "--lengths", "64", "--out", out], capsys)
+    assert code == 1 and err == f"error: --out {out}: cannot write {out / 'ppl.json'}\n"
+
+
+def test_every_models_data_is_checked_before_the_first_is_evaluated(pg19_shards, checkpoints):
+    good = load_checkpoint(str(checkpoints["mamba"]), torch.device("cpu"))
+    other = Checkpoint("other", "other", good.model, argparse.Namespace(checksum="0" * 64))   # another tokenizer
+    args = argparse.Namespace(data=pg19_shards.root, split="test", lengths=["64"], scored=10, windows_per_book=1,
+                              batch_size=1)
+    with pytest.raises(DataError, match="tokenizer"):
+        perplexity.prepare([good, other], args)
+
+
+def test_lengths_no_book_reaches_are_named_in_a_warning(pg19_shards, checkpoints, tmp_path, capsys):
+    argv = ["ppl", "--checkpoint", checkpoints["mamba"], "--data", pg19_shards.root, "--lengths", 64, "2000k",
+            "--windows-per-book", 1, "--scored", 10, "--out", tmp_path]
+    code, _, err = run_cli(evaluate, argv, capsys)
+    assert code == 0 and "warning: no book of " in err and "no perplexity at 2000k" in err
+    short, long = json.loads((tmp_path / "ppl.json").read_text())["results"]["mamba"]
+    assert short["windows"] > 0 and long["windows"] == 0 and long["ppl"] is None
 
 
 @pytest.mark.parametrize("kind", ["export", "training checkpoint"])
@@ -327,3 +415,18 @@ def test_results_get_a_png_plot_when_matplotlib_is_installed(checkpoints, pg19_s
     code, _, err = run_cli(evaluate, argv, capsys)
     assert code == 0, err
     assert (tmp_path / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def eval_sh(*argv):
+    script = Path(__file__).resolve().parents[1] / "launch" / "eval.sh"
+    return subprocess.run(["bash", script, *argv], capture_output=True, text=True, env={**os.environ, "PYTHON": "echo"})
+
+
+def test_eval_sh_all_names_the_results_after_the_run_and_refuses_extra_arguments():
+    commands = eval_sh("all", "runs/x/checkpoints/step-00001000").stdout.splitlines()
+    outs = [line.split("--out ")[1] for line in commands]
+    assert outs == [f"runs/eval/x/step-00001000/{task}" for task in ("ppl", "passkey", "retrieval", "fidelity")]
+    assert eval_sh("all", "runs/x/checkpoints").stdout.split("--out ")[1].startswith("runs/eval/x/ppl")
+    extra = eval_sh("all", "exports/200m", "data/pg19", "runs/eval/a", "runs/eval/b")
+    assert extra.returncode == 1 and extra.stdout == ""
+    assert extra.stderr == "usage: launch/eval.sh all CHECKPOINT [DATA] [OUT]\n"

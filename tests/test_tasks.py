@@ -10,12 +10,12 @@ from data_pipeline import DataError
 from data_pipeline.reader import ShardedBooks
 from data_pipeline.stream import PackedWindows
 from data_pipeline.tokenizer import NEWLINE_ID, Tokenizer
-from model import build_model
+from model import ConfigError, build_model
 from training.config import load_config
 from training.data import train_dataset
 from training.loss import lm_loss
-from training.tasks import (PASSKEY_NEEDLE, BookFiller, PasskeyTask, PasskeyWindows, RetrievalTask, book_passages,
-                            load_passages, place_needle)
+from training.tasks import (PASSKEY_NEEDLE, BookFiller, Passage, PasskeyTask, PasskeyWindows, RetrievalTask,
+                            book_passages, load_passages, place_needle)
 
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -176,3 +176,31 @@ def test_passages_load_from_json_lines_and_bad_lines_are_named(tmp_path, tokeniz
     path.write_text('{"text": "fine"}\n{"question": "no text"}\n')
     with pytest.raises(ValueError, match=r"squad.jsonl:2: "):
         load_passages(path)
+
+
+def test_distractors_are_distinct_documents_when_a_paragraph_has_several_questions(tokenizer):
+    passages = [Passage(f"Paragraph {i}.", f"Question {q} on {i}?") for i in range(20) for q in range(5)]
+    task = RetrievalTask(tokenizer, passages)
+    assert task.most_distractors() == 19
+    for seed in range(5):
+        sample = task.sample(19, np.random.default_rng(seed))
+        texts = [t.split(".")[0] for t in tokenizer.decode(sample.ids.tolist()).split("Paragraph ")[1:]]
+        assert len(set(texts)) == 20
+    with pytest.raises(ValueError, match="20 distractors asked, at most 19 "):
+        task.sample(20, np.random.default_rng(0))
+
+
+def test_every_key_fits_a_prompt_of_the_shortest_length(tokenizer, test_books):
+    task = PasskeyTask(tokenizer, BookFiller(test_books))
+    for seed in range(20):
+        assert len(task.sample(task.shortest(), 0.5, np.random.default_rng(seed)).ids) == task.shortest()
+        with pytest.raises(ValueError, match="a passkey prompt needs at least"):
+            task.sample(task.shortest() - 1, 0.5, np.random.default_rng(seed))
+
+
+def test_passkey_windows_too_short_for_a_prompt_are_a_config_error(pg19_shards):
+    task = PasskeyWindows(pg19_shards.root, "train", seq_len=400, seed=3).task
+    shortest = task.shortest() + len(task.answer("12345")) - 1               # the prompt and its answer
+    assert PasskeyWindows(pg19_shards.root, "train", seq_len=shortest, seed=3)[0][0].shape == (shortest + 1,)
+    with pytest.raises(ConfigError, match=f"^data.seq_len {shortest - 1}: a passkey window needs at least {shortest} "):
+        PasskeyWindows(pg19_shards.root, "train", seq_len=shortest - 1, seed=3)

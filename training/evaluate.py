@@ -10,7 +10,7 @@
 (MemMamba, Mamba with notes off, or the Transformer), and can be repeated to put several
 models in one table. Results go to --out (default runs/eval/<task>): <task>.json, <task>.md
 and, when matplotlib is installed, <task>.png. Problems end the command with a one-line
-message and exit status 1.
+message and exit status 1 (a malformed command line: argparse's usage message and status 2).
 """
 from __future__ import annotations
 
@@ -64,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.chunk_len < 1:
             raise EvalError(f"--chunk-len must be positive, got {args.chunk_len}")
         out = Path(args.out or f"runs/eval/{args.task}")
-        try:
-            out.mkdir(parents=True, exist_ok=True)   # now, not after the evaluation has run
-        except OSError as error:
-            raise EvalError(f"--out {out}: cannot be a results folder ({error.strerror})") from None
+        report.check_out(out, args.task)
         args.device = pick_device(args.device)
         dtype = DTYPES[args.dtype]
         specs = getattr(args, "model", [])
@@ -82,11 +79,19 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints = [load_checkpoint(path, args.device, dtype, args.tokenizer, name, need_tokenizer)
                        for path, name in zip(args.checkpoint, unique_names(args.checkpoint))]
         checkpoints += [random_model(spec, args.device, dtype) for spec in specs]
-        outcome = TASKS[args.task].run(checkpoints, args)
+        work = TASKS[args.task].prepare(checkpoints, args)   # every model's inputs checked before any work
+        try:
+            out.mkdir(parents=True, exist_ok=True)   # only now: an error leaves no empty folder behind
+        except OSError as error:
+            raise EvalError(f"--out {out}: cannot be a results folder ({error.strerror})") from None
+        outcome = work()
         written = report.write(out, args.task, argv, checkpoints, outcome)
     except (EvalError, DataError, CheckpointError, ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # Ctrl-C: the user knows where it stopped, a traceback adds nothing
+        print("interrupted", file=sys.stderr)
+        return 130
     print(outcome.markdown)
     log("wrote " + ", ".join(map(str, written)))
     return 0

@@ -26,6 +26,7 @@ from data_pipeline.reader import ShardedBooks
 from data_pipeline.storage import join
 from data_pipeline.stream import checked_position
 from data_pipeline.tokenizer import NEWLINE_ID, Tokenizer
+from model import ConfigError
 
 PASSKEY_PREFIX = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
                   "I will quiz you about the pass key.\n")
@@ -91,8 +92,8 @@ class PasskeyTask:
     """Passkey prompts of an exact token length with filler from books."""
 
     def __init__(self, tokenizer: Tokenizer, filler: BookFiller, key_digits: int = 5):
-        if key_digits < 1:
-            raise ValueError(f"key_digits must be positive, got {key_digits}")
+        if not 1 <= key_digits <= 18:   # keys are drawn as 64-bit integers
+            raise ValueError(f"key_digits must be between 1 and 18, got {key_digits}")
         self.tokenizer, self.filler, self.key_digits = tokenizer, filler, key_digits
         self.prefix = np.array(tokenizer.encode(PASSKEY_PREFIX), dtype=np.int64)
         self.query = np.array(tokenizer.encode(PASSKEY_QUERY), dtype=np.int64)
@@ -100,13 +101,21 @@ class PasskeyTask:
     def random_key(self, rng: np.random.Generator) -> str:
         return str(int(rng.integers(10 ** (self.key_digits - 1), 10 ** self.key_digits)))
 
+    def needle(self, key: str) -> np.ndarray:
+        return np.array(self.tokenizer.encode(PASSKEY_NEEDLE.format(key=key)), dtype=np.int64)
+
+    def shortest(self) -> int:
+        """The tokens of a prompt with no filler. Digits are pieces of their own (the tokenizer splits
+        them), so every key of `key_digits` digits takes as many tokens."""
+        return len(self.prefix) + len(self.needle("9" * self.key_digits)) + len(self.query)
+
     def answer(self, key: str) -> np.ndarray:
         return np.array(self.tokenizer.encode(PASSKEY_ANSWER.format(key=key)), dtype=np.int64)
 
     def sample(self, length: int, depth: float, rng: np.random.Generator, key: str | None = None) -> PasskeySample:
         """A prompt of exactly `length` tokens, its key (random unless given) at `depth` of the filler."""
         key = self.random_key(rng) if key is None else key
-        needle = np.array(self.tokenizer.encode(PASSKEY_NEEDLE.format(key=key)), dtype=np.int64)
+        needle = self.needle(key)
         n_filler = length - len(self.prefix) - len(needle) - len(self.query)
         if n_filler < 0:
             raise ValueError(f"a passkey prompt needs at least {length - n_filler} tokens, asked for {length}")
@@ -133,6 +142,10 @@ class PasskeyWindows(torch.utils.data.Dataset):
     def __init__(self, root, split, seq_len, seed, tokenizer_checksum=None, key_digits=5):
         self.books = ShardedBooks(root, split, tokenizer_checksum)
         self.task = PasskeyTask(Tokenizer(join(str(root), "tokenizer.model")), BookFiller(self.books), key_digits)
+        shortest = self.task.shortest() + len(self.task.answer("9" * key_digits)) - 1   # window: prompt + answer
+        if seq_len < shortest:   # found now, not by the data loader's workers
+            raise ConfigError(f"data.seq_len {seq_len}: a passkey window needs at least {shortest} tokens "
+                              f"(instructions, passkey sentence, question and answer)")
         self.seq_len, self.seed = seq_len, seed
         self.windows_per_epoch = max(1, int(self.books.num_tokens.sum()) // seq_len)
 
@@ -196,15 +209,20 @@ class RetrievalTask:
         self.gold_candidates = [i for i, p in enumerate(passages) if p.question]
         if not self.gold_candidates:
             raise ValueError("no passage has a question, so none can be the gold document")
+        # SQuAD repeats a paragraph once per question: distractors are drawn from distinct texts
+        self.texts = list(dict.fromkeys(p.text for p in passages))
+
+    def most_distractors(self) -> int:
+        """The most distractors a sample can have: every other distinct text, each with its own id."""
+        return min(len(self.texts), self.max_id) - 1
 
     def sample(self, n_distractors: int, rng: np.random.Generator) -> RetrievalSample:
-        if n_distractors + 1 > self.max_id:
-            raise ValueError(f"{n_distractors} distractors need more than {self.max_id} document ids")
+        if n_distractors > self.most_distractors():
+            raise ValueError(f"{n_distractors} distractors asked, at most {self.most_distractors()} "
+                             f"({len(self.texts)} distinct passages, ids below {self.max_id})")
         gold = self.passages[self.gold_candidates[int(rng.integers(len(self.gold_candidates)))]]
-        others = [i for i, p in enumerate(self.passages) if p.text != gold.text]
-        if len(others) < n_distractors:
-            raise ValueError(f"{n_distractors} distractors asked, only {len(others)} other passages")
-        texts = [self.passages[i].text for i in rng.choice(others, n_distractors, replace=False)]
+        others = [text for text in self.texts if text != gold.text]
+        texts = [others[i] for i in rng.choice(len(others), n_distractors, replace=False)]
         gold_index = int(rng.integers(n_distractors + 1))
         texts.insert(gold_index, gold.text)
         doc_ids = [int(i) for i in rng.choice(self.max_id, n_distractors + 1, replace=False)]
@@ -233,16 +251,22 @@ QUOTE_WORDS = 12
 def load_passages(path) -> list[Passage]:
     """Passages from a JSON-lines file: {"text": ..., "question": ...} per line, the question
     optional (SQuAD: one line per question with its paragraph as the text)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.readlines()
+    except OSError as error:
+        raise ValueError(f"{path}: {error.strerror.lower()}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start})") from None
     passages = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                passages.append(Passage(str(row["text"]), row.get("question")))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{number}: not a JSON object with a \"text\" field") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            passages.append(Passage(str(row["text"]), row.get("question")))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}:{number}: not a JSON object with a \"text\" field") from None
     if not passages:
         raise ValueError(f"{path}: no passages")
     return passages

@@ -7,18 +7,21 @@ Transformer's state, its KV cache, grows with the input: that is the architectur
 """
 from __future__ import annotations
 
+import math
+import pickle
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from data_pipeline.tokenizer import Tokenizer
-from model import build_model
-from training.checkpoint import complete_checkpoints
+from model import ConfigError, build_model
+from training.checkpoint import CheckpointError, complete_checkpoints
 from training.export import load_model, trained_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,14 +62,20 @@ def load_checkpoint(path: str, device: torch.device, dtype: torch.dtype = torch.
     folder = Path(path)
     if not folder.is_dir():
         raise EvalError(f"{path}: no such checkpoint folder")
-    model = load_model(folder, device).to(dtype).eval()
+    try:
+        model = load_model(folder, device).to(dtype).eval()
+        expected = trained_tokenizer(folder)
+    except (CheckpointError, ConfigError):   # these already say what is wrong
+        raise
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
+        # truncated or corrupt weights, meta.json or config.json: name the checkpoint, not a reader's internals
+        raise EvalError(f"{path}: cannot load the model ({str(error).strip().splitlines()[0]})") from None
     tokenizer_file = Path(tokenizer_path) if tokenizer_path else _tokenizer_next_to(folder)
     if tokenizer_file is None and not need_tokenizer:
         return Checkpoint(name or folder.name, str(folder), model, None)
     if tokenizer_file is None:
         raise EvalError(f"{path}: no tokenizer.model next to the weights; pass --tokenizer")
     tokenizer = Tokenizer(str(tokenizer_file))
-    expected = trained_tokenizer(folder)
     if expected and expected != tokenizer.checksum:
         raise EvalError(f"{tokenizer_file}: not the tokenizer {path} was trained with "
                         f"({tokenizer.checksum[:12]}... != {expected[:12]}...)")
@@ -142,30 +151,34 @@ def greedy(model: nn.Module, ids: Tensor, new_tokens: int, chunk_len: int, vocab
     return torch.stack(out, 1)
 
 
-def parse_length(text: str) -> int:
+def parse_length(text: str, option: str = "--lengths") -> int:
     """'4096', '4k' (4,000) or '64K' -> tokens."""
     text = str(text).strip().lower()
     scale = 1000 if text.endswith("k") else 1
     try:
         value = float(text.removesuffix("k")) * scale
     except ValueError:
-        raise EvalError(f"{text!r}: not a length (use e.g. 4096 or 4k)") from None
-    if value < 1 or value != int(value):
-        raise EvalError(f"{text!r}: a length must be a positive whole number of tokens")
+        raise EvalError(f"{option} {text!r}: not a length (use e.g. 4096 or 4k)") from None
+    if not 1 <= value < math.inf or value != int(value):   # also refuses nan and inf
+        raise EvalError(f"{option} {text!r}: a length must be a positive whole number of tokens")
     return int(value)
 
 
-def parse_lengths(texts: list[str]) -> list[int]:
+def parse_lengths(texts: list[str], option: str = "--lengths") -> list[int]:
     """Lengths in the order given, each once (4k and 4000 are one column)."""
-    return list(dict.fromkeys(parse_length(text) for text in texts))
+    return list(dict.fromkeys(parse_length(text, option) for text in texts))
 
 
 def pick_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EvalError(f"--device {name}: not a device (cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise EvalError(f"--device {name}: no such CUDA device ({torch.cuda.device_count()} available)")
+    return device
 
 
 def log(message: str) -> None:

@@ -75,7 +75,8 @@ class CrossLayerStats:
     """X'X and ||X||^2 per layer, X'Y and ||Y||^2 per (layer, gap), streamed over tokens."""
 
     def __init__(self, n_layer: int, dim: int, gaps: list[int], device):
-        self.pairs = [(l, g) for g in gaps for l in range(n_layer - g)]   # 0-based layer indices
+        # each gap once: a repeated one would add its X'Y twice against X'X once
+        self.pairs = [(l, g) for g in dict.fromkeys(gaps) for l in range(n_layer - g)]   # 0-based layer indices
         zeros = lambda: torch.zeros(dim, dim, dtype=torch.float64, device=device)  # noqa: E731
         self.xtx = [zeros() for _ in range(n_layer)]
         self.xx = [0.0] * n_layer
@@ -133,18 +134,25 @@ def evaluate(checkpoint, windows: Tensor, args) -> dict:
             "windows": len(windows), "tokens": len(windows) * args.length}
 
 
-def run(checkpoints, args) -> Outcome:
+def prepare(checkpoints, args):
+    """Check the settings and every model's windows; returns the evaluation to run."""
     if args.length < 1 or args.windows < 1 or min(args.gaps) < 1 or min(args.deltas) < 0:
         raise EvalError("--length, --windows and --gaps must be positive, --deltas non-negative")
-    results = {}
-    for checkpoint in checkpoints:
-        windows = validation_windows(args.data, args.split, args.length, args.windows, checkpoint.tokenizer.checksum)
-        results[checkpoint.name] = evaluate(checkpoint, windows, args)
+    if not 0 <= args.ridge < math.inf:   # a negative lambda gives scores that mean nothing, not an error
+        raise EvalError(f"--ridge must be zero or positive, got {args.ridge:g}")
+    args.gaps, args.deltas = list(dict.fromkeys(args.gaps)), list(dict.fromkeys(args.deltas))   # one column each
+    windows = {c.name: validation_windows(args.data, args.split, args.length, args.windows, c.tokenizer.checksum)
+               for c in checkpoints}
+    return lambda: run(checkpoints, windows, args)
+
+
+def run(checkpoints, windows: dict, args) -> Outcome:
+    results = {c.name: evaluate(c, windows[c.name], args) for c in checkpoints}
     header = ["model"] + [f"ETMF_{d}" if d else "ETMF" for d in args.deltas] + [f"ECLMF_{g}" for g in args.gaps]
     rows = [[name, *(r["etmf"][str(d)] for d in args.deltas), *(r["eclmf"][str(g)] for g in args.gaps)]
             for name, r in results.items()]
-    windows = next(iter(results.values()))["windows"]
-    markdown = (f"Over {windows} windows of {args.length} tokens of {args.split}; ETMF_d compares token i "
+    count = next(iter(results.values()))["windows"]
+    markdown = (f"Over {count} windows of {args.length} tokens of {args.split}; ETMF_d compares token i "
                 f"with the expected output embedding at i + d; ECLMF_g decodes layer l + g from layer l "
                 f"(ridge {args.ridge:g}); '-' marks a gap the model has too few layers for.\n\n"
                 + table(header, rows))

@@ -96,11 +96,16 @@ def evaluate(checkpoint, lengths: list[int], positions: list[int], args) -> dict
     return {"kind": checkpoint.kind, "forward": forward, "generation": generation}
 
 
-def run(checkpoints, args) -> Outcome:
+def prepare(checkpoints, args):
+    """Check the settings; returns the evaluation to run."""
     lengths = parse_lengths(args.lengths)
-    positions = parse_lengths(args.positions)
+    positions = parse_lengths(args.positions, "--positions")
     if args.repeats < 1 or args.gen_tokens < 1 or args.batch_size < 1:
         raise EvalError("--repeats, --gen-tokens and --batch-size must be positive")
+    return lambda: run(checkpoints, lengths, positions, args)
+
+
+def run(checkpoints, lengths: list[int], positions: list[int], args) -> Outcome:
     results = {c.name: evaluate(c, lengths, positions, args) for c in checkpoints}
     labels = [length_label(L) for L in lengths]
     rows = [[name, r["kind"], *(e["ms"] for e in r["forward"])] for name, r in results.items()]

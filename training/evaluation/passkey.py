@@ -61,17 +61,27 @@ def evaluate(checkpoint, task: PasskeyTask, lengths: list[int], depths: list[flo
     return {"lengths": per_length, "predictions": predictions}
 
 
-def run(checkpoints, args) -> Outcome:
+def prepare(checkpoints, args):
+    """Check the settings and every model's filler and prompt lengths; returns the evaluation to run."""
     lengths = parse_lengths(args.lengths)
     if not all(0 <= d <= 1 for d in args.depths):
         raise EvalError(f"--depths must lie in [0, 1], got {args.depths}")
-    if args.samples < 1 or args.batch_size < 1 or args.key_digits < 1:
-        raise EvalError("--samples, --batch-size and --key-digits must be positive")
-    results = {}
+    if args.samples < 1 or args.batch_size < 1:
+        raise EvalError("--samples and --batch-size must be positive")
+    if not 1 <= args.key_digits <= 18:   # keys are drawn as 64-bit integers
+        raise EvalError(f"--key-digits must be between 1 and 18, got {args.key_digits}")
+    tasks = {}
     for checkpoint in checkpoints:
         books = ShardedBooks(args.data, args.split, checkpoint.tokenizer.checksum)
-        task = PasskeyTask(checkpoint.tokenizer, BookFiller(books), args.key_digits)
-        results[checkpoint.name] = evaluate(checkpoint, task, lengths, args.depths, args)
+        tasks[checkpoint.name] = task = PasskeyTask(checkpoint.tokenizer, BookFiller(books), args.key_digits)
+        short = [length_label(L) for L in lengths if L < task.shortest()]
+        if short:
+            raise EvalError(f"--lengths {' '.join(short)}: a passkey prompt needs at least {task.shortest()} tokens")
+    return lambda: run(checkpoints, tasks, lengths, args)
+
+
+def run(checkpoints, tasks: dict, lengths: list[int], args) -> Outcome:
+    results = {c.name: evaluate(c, tasks[c.name], lengths, args.depths, args) for c in checkpoints}
     labels = [length_label(L) for L in lengths]
     parts = [f"Exact-match accuracy, {len(args.depths)} depths x {args.samples} samples per length:",
              table(["model"] + labels, [[name, *(e["accuracy"] for e in r["lengths"])]

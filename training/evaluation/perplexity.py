@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_pipeline.reader import ShardedBooks
-from training.evaluation.common import EvalError, Progress, chunked_hidden, parse_lengths
+from training.evaluation.common import EvalError, Progress, chunked_hidden, log, parse_lengths
 from training.evaluation.report import Outcome, length_label, table
 
 NAME = "ppl"
@@ -88,16 +88,26 @@ def evaluate(checkpoint, books: ShardedBooks, lengths: list[int], args) -> list[
     return results
 
 
-def run(checkpoints, args) -> Outcome:
+def prepare(checkpoints, args):
+    """Check the settings and every model's books; returns the evaluation to run."""
     lengths = parse_lengths(args.lengths)
     if args.scored < 1 or any(args.scored > L for L in lengths):
         raise EvalError(f"--scored {args.scored} must be between 1 and the shortest length ({min(lengths)})")
     if args.windows_per_book < 1 or args.batch_size < 1:
         raise EvalError("--windows-per-book and --batch-size must be positive")
-    results = {}
-    for checkpoint in checkpoints:
-        books = ShardedBooks(args.data, args.split, checkpoint.tokenizer.checksum)
-        results[checkpoint.name] = evaluate(checkpoint, books, lengths, args)
+    books = {c.name: ShardedBooks(args.data, args.split, c.tokenizer.checksum) for c in checkpoints}
+    for where, longest in {b.where: int(b.num_tokens.max()) for b in books.values()}.items():
+        too_long = [length_label(L) for L in lengths if L + 1 > longest]   # a window is L + 1 tokens
+        if len(too_long) == len(lengths):
+            raise EvalError(f"--lengths: no book of {where} is long enough, the longest has {longest} tokens")
+        if too_long:
+            log(f"warning: no book of {where} is longer than {longest} tokens: no perplexity at "
+                f"{', '.join(too_long)}")
+    return lambda: run(checkpoints, books, lengths, args)
+
+
+def run(checkpoints, books: dict, lengths: list[int], args) -> Outcome:
+    results = {c.name: evaluate(c, books[c.name], lengths, args) for c in checkpoints}
     header = ["model", "params"] + [length_label(L) for L in lengths]
     rows, spread = [], []
     for checkpoint in checkpoints:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import time
@@ -10,6 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from training.evaluation.common import EvalError
+
+EXTENSIONS = ("json", "md", "png")
 
 
 @dataclass
@@ -40,6 +45,18 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def check_out(out: Path, task: str) -> None:
+    """Refuse, before any work, a results folder that `write` could not fill."""
+    existing = next(path for path in (out, *out.parents) if path.exists())   # '.' or '/' at the latest
+    if not existing.is_dir():
+        raise EvalError(f"--out {out}: cannot be a results folder ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EvalError(f"--out {out}: cannot be a results folder ({existing} is not writable)")
+    for path in (out / f"{task}.{extension}" for extension in EXTENSIONS):
+        if path.is_dir() or path.exists() and not os.access(path, os.W_OK):
+            raise EvalError(f"--out {out}: cannot write {path}")
 
 
 def write(out: Path, task: str, argv: list[str], checkpoints: list, outcome: Outcome) -> list[Path]:

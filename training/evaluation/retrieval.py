@@ -57,20 +57,27 @@ def evaluate(checkpoint, task: RetrievalTask, distractors: list[int], args) -> l
     return results
 
 
-def run(checkpoints, args) -> Outcome:
+def prepare(checkpoints, args):
+    """Check the settings and every model's passages; returns the evaluation to run."""
     if args.passages is None and args.data is None:
         raise EvalError("retrieval needs --passages FILE.jsonl or --data (book paragraphs as passages)")
     if args.samples < 1 or min(args.distractors) < 0:
         raise EvalError("--samples must be positive and --distractors non-negative")
-    results = {}
+    from_file = load_passages(args.passages) if args.passages else None
+    tasks = {}
     for checkpoint in checkpoints:
-        if args.passages:
-            passages = load_passages(args.passages)
-        else:
-            passages = book_passages(ShardedBooks(args.data, args.split, checkpoint.tokenizer.checksum),
-                                     checkpoint.tokenizer)
-        task = RetrievalTask(checkpoint.tokenizer, passages)
-        results[checkpoint.name] = evaluate(checkpoint, task, args.distractors, args)
+        passages = from_file or book_passages(ShardedBooks(args.data, args.split, checkpoint.tokenizer.checksum),
+                                              checkpoint.tokenizer)
+        tasks[checkpoint.name] = task = RetrievalTask(checkpoint.tokenizer, passages)
+        too_many = [str(n) for n in args.distractors if n > task.most_distractors()]
+        if too_many:
+            raise EvalError(f"--distractors {' '.join(too_many)}: at most {task.most_distractors()} "
+                            f"({len(task.texts)} distinct passages, ids below {task.max_id})")
+    return lambda: run(checkpoints, tasks, args)
+
+
+def run(checkpoints, tasks: dict, args) -> Outcome:
+    results = {c.name: evaluate(c, tasks[c.name], args.distractors, args) for c in checkpoints}
     header = ["model"] + [str(n) for n in args.distractors]
     rows = [[name, *(e["accuracy"] for e in entries)] for name, entries in results.items()]
     first = next(iter(results.values()))
