@@ -302,9 +302,10 @@ def test_a_damaged_checkpoint_is_named_in_one_line(checkpoints, tmp_path, capsys
                                                       "zero_stage": 1, "tokenizer_checksum": "0" * 64}))
         path = folder / damage
     path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])   # truncated
+    expected = f"{path}: not valid JSON (" if damage == "meta.json" else f"{folder}: cannot load the model ("
     for module, argv in [(evaluate, ["latency", "--lengths", 8, "--positions"]), (generate, [])]:
         code, _, err = run_cli(module, [*argv, "--checkpoint", folder, "--device", "cpu"], capsys)
-        assert code == 1 and err.startswith(f"error: {folder}: cannot load the model (") and err.count("\n") == 1
+        assert code == 1 and err.startswith(f"error: {expected}") and err.count("\n") == 1
 
 
 def test_generate_names_a_device_that_does_not_exist(checkpoints, capsys):

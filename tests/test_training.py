@@ -695,6 +695,24 @@ def test_exported_weights_give_the_logits_of_the_trained_model(run, request, tmp
 
 
 @pytest.mark.slow
+def test_an_export_onto_a_file_or_from_a_damaged_checkpoint_stops_with_one_line(straight_run, tmp_path, capsys):
+    from training import export
+
+    latest = straight_run / "checkpoints" / checkpoints(straight_run)[-1]
+    (tmp_path / "a_file").write_text("")
+    assert export.main([str(latest), str(tmp_path / "a_file")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'a_file'}: a file, not a folder to export to\n"
+
+    damaged = tmp_path / "damaged" / latest.name
+    shutil.copytree(latest, damaged)
+    weights = damaged / "mp_rank_00_model_states.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert export.main([str(damaged), str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {damaged}: cannot load the model (")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_trained_weights(pg19_shards, straight_run, tmp_path):
     # A learning rate too small to move anything: the new run's weights are those it started from.
     source = straight_run / "checkpoints"

@@ -74,7 +74,10 @@ def check_no_later(root: Path, step: int) -> None:
 
 
 def read_meta(path: Path) -> dict:
-    meta = json.loads((path / META).read_text())
+    try:
+        meta = json.loads((path / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path / META}: not valid JSON ({error})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from model import build_model, load_pretrained, save_pretrained
@@ -26,22 +30,40 @@ def export(checkpoint_dir: str | Path, out_folder: str | Path) -> Path:
     path = _checkpoint(Path(checkpoint_dir))
     meta = read_meta(path)
     out = Path(out_folder)
-    save_pretrained(_load_checkpoint(path, meta), out, metadata={
-        "step": meta["state"]["step"],
-        "tokens_seen": meta["state"]["tokens_seen"],
-        "tokenizer_checksum": meta["tokenizer_checksum"],
-        "checkpoint": str(path),
-    })
-    if (path / "tokenizer.model").is_file():
-        shutil.copy(path / "tokenizer.model", out / "tokenizer.model")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: a file, not a folder to export to")
+    model = _load_checkpoint(path, meta)
+    out.mkdir(parents=True, exist_ok=True)
+    # Written beside the export, then moved in: an interrupted export leaves no half-written file.
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        save_pretrained(model, staging, metadata={
+            "step": meta["state"]["step"],
+            "tokens_seen": meta["state"]["tokens_seen"],
+            "tokenizer_checksum": meta["tokenizer_checksum"],
+            "checkpoint": str(path),
+        })
+        if (path / "tokenizer.model").is_file():
+            shutil.copy(path / "tokenizer.model", staging / "tokenizer.model")
+        for file in sorted(staging.iterdir()):
+            os.replace(file, out / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+# What the readers raise on a truncated or corrupt file: safetensors, torch.load's zip and pickle, JSON.
+DAMAGED = (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, json.JSONDecodeError, UnicodeDecodeError)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The fp32 model of an export folder, a checkpoint, or the latest checkpoint of a folder of them."""
     path = Path(path)
     if (path / "model.safetensors").is_file():
-        return load_pretrained(path, device)
+        try:
+            return load_pretrained(path, device)
+        except DAMAGED as error:
+            raise _damaged(path, error) from None
     path = _checkpoint(path)
     return _load_checkpoint(path, read_meta(path)).to(device)
 
@@ -50,7 +72,10 @@ def trained_tokenizer(path: str | Path) -> str | None:
     """The checksum of the tokenizer that the weights at `path` (as for load_model) were trained with."""
     path = Path(path)
     if (path / "model.safetensors").is_file():
-        return json.loads((path / "config.json").read_text()).get("tokenizer_checksum")
+        try:
+            return json.loads((path / "config.json").read_text()).get("tokenizer_checksum")
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({error})") from None
     return read_meta(_checkpoint(path))["tokenizer_checksum"]
 
 
@@ -66,18 +91,25 @@ def _checkpoint(path: Path) -> Path:
 
 def _load_checkpoint(path: Path, meta: dict) -> nn.Module:
     model = build_model(meta["model"])
-    if meta["zero_stage"] == 3:  # the weights exist only as the optimizer's fp32 partitions
-        # (imported here: deepspeed takes seconds to import, and only ZeRO-3 checkpoints need it)
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    else:  # parameters are fp32 throughout, so the module's state is the master weights
-        state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    try:
+        if meta["zero_stage"] == 3:  # the weights exist only as the optimizer's fp32 partitions
+            # (imported here: deepspeed takes seconds to import, and only ZeRO-3 checkpoints need it)
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        else:  # parameters are fp32 throughout, so the module's state is the master weights
+            state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    except DAMAGED as error:
+        raise _damaged(path, error) from None
     state = {name.removeprefix("model."): tensor for name, tensor in state.items()}   # training/loss.py
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
         raise CheckpointError(f"{path}: weights do not match its model section ({str(error).splitlines()[0]})")
     return model
+
+
+def _damaged(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: cannot load the model ({str(error).strip().splitlines()[0]})")
 
 
 def main(argv: list[str] | None = None) -> int:

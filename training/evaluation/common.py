@@ -8,20 +8,18 @@ Transformer's state, its KV cache, grows with the input: that is the architectur
 from __future__ import annotations
 
 import math
-import pickle
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from data_pipeline.tokenizer import Tokenizer
-from model import ConfigError, build_model
-from training.checkpoint import CheckpointError, complete_checkpoints
+from model import build_model
+from training.checkpoint import complete_checkpoints
 from training.export import load_model, trained_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,14 +60,8 @@ def load_checkpoint(path: str, device: torch.device, dtype: torch.dtype = torch.
     folder = Path(path)
     if not folder.is_dir():
         raise EvalError(f"{path}: no such checkpoint folder")
-    try:
-        model = load_model(folder, device).to(dtype).eval()
-        expected = trained_tokenizer(folder)
-    except (CheckpointError, ConfigError):   # these already say what is wrong
-        raise
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
-        # truncated or corrupt weights, meta.json or config.json: name the checkpoint, not a reader's internals
-        raise EvalError(f"{path}: cannot load the model ({str(error).strip().splitlines()[0]})") from None
+    model = load_model(folder, device).to(dtype).eval()
+    expected = trained_tokenizer(folder)
     tokenizer_file = Path(tokenizer_path) if tokenizer_path else _tokenizer_next_to(folder)
     if tokenizer_file is None and not need_tokenizer:
         return Checkpoint(name or folder.name, str(folder), model, None)
