@@ -23,6 +23,10 @@ fi
 # So it runs in a process group of its own (set -m) with both ignored (the ranks install their own handlers), and
 # this script passes the signals it gets on to that whole group, then waits for the ranks' checkpoint.
 trap '' TERM USR1
+# A signal that comes before the ranks catch it (they take seconds to start) is written here too: they read it
+# when they start catching (training/train.py).
+export MEMMAMBA_STOP_FILE="${TMPDIR:-/tmp}/memmamba-stop.$$"
+trap 'rm -f "$MEMMAMBA_STOP_FILE"' EXIT
 set -m
 "$python" -m deepspeed.launcher.runner ${DEEPSPEED_ARGS:-} "$0" "$@" &
 run=$!
@@ -39,6 +43,7 @@ stop() {
   else
     stopping=1
     echo "launch/train.sh: SIG$1: the ranks checkpoint and stop (Ctrl-C again kills them)" >&2
+    echo "SIG$1" > "$MEMMAMBA_STOP_FILE"
     kill -s USR1 -- -"$run"
     kill -s TERM "$run"
   fi

@@ -490,23 +490,75 @@ def test_stopped_by_sigterm_and_resumed_equals_the_straight_run(started_by, pg19
 
 
 @pytest.mark.slow
-def test_a_signal_during_setup_stops_the_run_after_its_first_step(pg19_shards, tmp_path):
-    """`bash launch/train.sh` starts the ranks with the stop signals ignored, so the ranks catch them from before
-    setup: one sent before the run's first line would otherwise be lost, and the run would go on to the end."""
+@pytest.mark.parametrize("when", ["during setup", "before the ranks catch it"])
+def test_a_signal_during_start_up_stops_the_run_after_its_first_step(pg19_shards, tmp_path, when):
+    """`bash launch/train.sh` starts the ranks with the stop signals ignored. They catch them from before setup,
+    and read a signal that came before that from the script's stop file: either would otherwise be lost, and the
+    run would go on to the end."""
     command, env = as_bash_script(train_command(2, pg19_shards.root, tmp_path, "train.max_steps=40"))
+    if when == "before the ranks catch it":   # ranks that take 5 s to start
+        (tmp_path / "sitecustomize.py").write_text("import os, time\nif 'RANK' in os.environ:\n    time.sleep(5)\n")
+        env["PYTHONPATH"] = str(tmp_path)
     script = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True)
     usr1 = 1 << (signal.SIGUSR1 - 1)
-    while not any(int(re.search(r"SigCgt:\s*(\w+)", process.read_text()).group(1), 16) & usr1
-                  for process in _rank_statuses(script.pid)):   # a rank has its handler: it is in setup
+    while True:
+        ranks = [int(re.search(r"SigCgt:\s*(\w+)", process.read_text()).group(1), 16) & usr1
+                 for process in _rank_statuses(script.pid)]
+        if when == "during setup" and any(ranks) or when == "before the ranks catch it" and len(ranks) == 2:
+            break
         assert script.poll() is None, script.stdout.read()[-3000:]
         time.sleep(0.05)
+    assert when == "during setup" or not any(ranks)
     script.send_signal(signal.SIGTERM)
     output = script.communicate(timeout=300)[0]
     assert script.returncode == 0, output[-3000:]
     assert output.index("launch/train.sh: SIGTERM") < output.index("TensorBoard:"), output[-3000:]
-    # (rank 0 says "stopped by SIGUSR1", or "by a signal to another rank" if the other rank caught it first)
+    # rank 0 says "stopped by SIGUSR1" (caught) or "by SIGTERM" (the stop file), or "by a signal to another
+    # rank" if the other rank caught it first
     assert "at step 1; resume with" in output and checkpoints(tmp_path) == ["step-00000001"], output[-3000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_run_without_a_launcher_checkpoints_and_stops(pg19_shards, tmp_path):
+    process = subprocess.Popen(train_command(1, pg19_shards.root, tmp_path, "train.max_steps=40",
+                                             "optimizer.warmup_steps=4"),
+                               cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = ""
+    for line in process.stdout:
+        output += line
+        if line.startswith("step 2/"):
+            process.send_signal(signal.SIGINT)
+            break
+    output += process.communicate(timeout=300)[0]
+    assert process.returncode == 0 and "Traceback" not in output, output[-3000:]
+    step = int(re.search(r"stopped by SIGINT at step (\d+)", output).group(1))
+    assert checkpoints(tmp_path) == [f"step-{step:08d}"] and step < 40
+    # the learning rate logged is the step's own: 1/5, 2/5, ... of optimizer.lr over the warm-up
+    assert scalars(tmp_path, "train/lr")[2] == pytest.approx(3e-3 * 2 / 5)
+
+
+@pytest.mark.slow
+def test_a_run_resumed_at_or_past_max_steps_trains_nothing(pg19_shards, straight_run, tmp_path):
+    shutil.copytree(straight_run / "checkpoints" / "step-00000008", tmp_path / "checkpoints" / "step-00000008")
+    done = train(1, pg19_shards.root, tmp_path, "train.max_steps=8")
+    assert done.stdout.strip().splitlines()[-1] == (f"{tmp_path / 'checkpoints' / 'step-00000008'} is at "
+                                                   "train.max_steps=8: nothing to train (raise train.max_steps "
+                                                   "to train on)")
+    past = train(1, pg19_shards.root, tmp_path, "train.max_steps=5", check=False)
+    assert past.returncode == 1 and past.stderr.strip().splitlines()[-1].endswith(
+        "is at step 8, past train.max_steps=5: raise train.max_steps to train on")
+    assert checkpoints(tmp_path) == ["step-00000008"] and not (tmp_path / "tensorboard").exists()
+
+
+def test_the_config_may_come_after_the_overrides(tmp_path):
+    result = subprocess.run([sys.executable, "launch/train.sh", "--set", "train.max_steps=2",
+                             str(tmp_path / "absent.json")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr == f"error: {tmp_path / 'absent.json'}: no such config file\n"
+    result = subprocess.run([sys.executable, "launch/train.sh", "configs/tiny_cpu.json", "--set", "x=1", "y"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.endswith(
+        "error: expected one config file and KEY=VALUE overrides, got configs/tiny_cpu.json y\n")
 
 
 def _rank_statuses(script_pid):

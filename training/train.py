@@ -48,6 +48,10 @@ class TrainingError(Exception):
     """Training cannot go on (e.g. the loss keeps being non-finite)."""
 
 
+class RunComplete(Exception):
+    """The checkpoint to resume from is at train.max_steps already."""
+
+
 @dataclass
 class TrainState:
     """Where the run is; saved in every checkpoint's meta.json."""
@@ -112,6 +116,12 @@ def setup(config_path: str, overrides: list[str], stop_signal: list[str]) -> Run
         if universal:
             checkpoint.universal(resume_from)   # a conversion on the CPU: before the model reaches the accelerator
         state = TrainState(**meta["state"])
+        if state.step > cfg.train.max_steps:
+            raise ConfigError(f"{resume_from} is at step {state.step}, past train.max_steps={cfg.train.max_steps}: "
+                              f"raise train.max_steps to train on")
+        if state.step == cfg.train.max_steps:
+            raise RunComplete(f"{resume_from} is at train.max_steps={state.step}: nothing to train "
+                              f"(raise train.max_steps to train on)")
     elif cfg.train.init_from is not None:
         _initialise_from(model, cfg.train.init_from, parameter_shapes, checksum)
     checkpoint.check_no_later(cfg.checkpoint_dir, state.step)
@@ -159,6 +169,7 @@ def fit(run: Run) -> None:
     in_a_row = 0
     while state.step < cfg.train.max_steps:
         started = time.perf_counter()
+        lr = run.engine.get_lr()[0]   # this step's: the schedule moves on in the step
         loss, grad_norm, applied, data_wait, stop = train_step(run)
         seconds = time.perf_counter() - started
         state.step += 1
@@ -175,7 +186,7 @@ def fit(run: Run) -> None:
                                 f"earlier checkpoint (train.max_skipped_steps={cfg.train.max_skipped_steps})")
         last = state.step == cfg.train.max_steps
         if state.step % cfg.logging.every == 0 or last or stop:
-            metrics.log(state.step, cfg.train.max_steps, run.engine.get_lr()[0], grad_norm, state.skipped_steps,
+            metrics.log(state.step, cfg.train.max_steps, lr, grad_norm, state.skipped_steps,
                         state.tokens_seen)
         if state.step % cfg.validation.every == 0 or last:
             metrics.validation(state.step, validate(run))
@@ -252,19 +263,33 @@ def save_checkpoint(run: Run) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launch/train.sh", description="Train MemMamba with DeepSpeed.")
-    parser.add_argument("config", help="a JSON run config, e.g. configs/200m_8k.json")
+    parser.add_argument("config", nargs="?", help="a JSON run config, e.g. configs/200m_8k.json")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config values, e.g. --set train.micro_batch_size=2 data.path=/data/pg19")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
     args = parser.parse_args(argv)
+    # --set takes every word after it, the config too when it comes last: the config is the word without '='.
+    configs = [word for word in [args.config, *args.overrides] if word and "=" not in word]
+    if not configs:
+        parser.error("the following arguments are required: config")
+    if len(configs) > 1:
+        parser.error(f"expected one config file and KEY=VALUE overrides, got {' '.join(configs)}")
+    overrides = [word for word in args.overrides if "=" in word]
     stop_signal = _catch_stop_signals()
     run = None
     try:
-        run = setup(args.config, args.overrides, stop_signal)
+        run = setup(configs[0], overrides, stop_signal)
         fit(run)
     except (ConfigError, DataError, checkpoint.CheckpointError, TrainingError) as error:
         _report(error, stop_signal)
         return 1
+    except RunComplete as complete:
+        if process_rank() == 0:
+            print(complete)
+        return 0
+    except KeyboardInterrupt:   # a second Ctrl-C
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
         if run is not None:
             run.close()
@@ -293,12 +318,21 @@ def _note_model_changes(saved: dict, current: dict) -> None:
 
 def _catch_stop_signals() -> list[str]:
     """The names of the stop signals received from now on. Caught from before setup (which can take minutes:
-    a checkpoint's conversion, compiling), since `bash launch/train.sh` starts the ranks with these signals
-    ignored: one that came before this would be lost. Fit stops after the step in progress, the first one for a
-    signal during setup."""
+    a checkpoint's conversion, compiling); `bash launch/train.sh` starts the ranks with these signals ignored and
+    notes one that came before in MEMMAMBA_STOP_FILE. Fit stops after the step in progress, the first one for a
+    signal during setup. A first Ctrl-C stops the run the same way, a second one at once."""
     received = []
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
+
+    def caught(signum, frame):
+        received.append(signal.Signals(signum).name)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(sig, caught)
+    stop_file = Path(os.environ.get("MEMMAMBA_STOP_FILE", ""))
+    if stop_file.name and stop_file.is_file():
+        received.append(stop_file.read_text().strip())
     return received
 
 
