@@ -28,7 +28,8 @@ class PasskeyConfig:
     key_digits: int = 5
 
     def __post_init__(self):
-        _positive("data.passkey", self, "key_digits")
+        if not 1 <= self.key_digits <= 18:   # keys are drawn as 64-bit integers
+            raise ConfigError(f"data.passkey.key_digits must be between 1 and 18, got {self.key_digits}")
 
 
 @dataclass
