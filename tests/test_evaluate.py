@@ -308,6 +308,27 @@ def test_a_damaged_checkpoint_is_named_in_one_line(checkpoints, tmp_path, capsys
         assert code == 1 and err.startswith(f"error: {expected}") and err.count("\n") == 1
 
 
+def test_generate_names_a_prompt_file_that_is_not_text_and_stops_on_ctrl_c(checkpoints, tmp_path, capsys,
+                                                                             monkeypatch):
+    (tmp_path / "prompt.txt").write_bytes(b"abc\xff")
+    code, _, err = run_cli(generate, ["--checkpoint", checkpoints["mamba"], "--prompt-file", tmp_path / "prompt.txt"],
+                           capsys)
+    assert code == 1 and err == f"error: {tmp_path / 'prompt.txt'}: not UTF-8 text (byte 3)\n"
+
+    model_class = type(load_checkpoint(str(checkpoints["memmamba"]), torch.device("cpu")).model)
+    stream = model_class.stream
+
+    def interrupted_after_three(*args, **kwargs):
+        for count, token in enumerate(stream(*args, **kwargs)):
+            if count == 3:
+                raise KeyboardInterrupt
+            yield token
+    monkeypatch.setattr(model_class, "stream", interrupted_after_three)
+    code, _, err = run_cli(generate, ["--checkpoint", checkpoints["memmamba"], "--prompt", "It was a dark night",
+                                      "--max-new-tokens", 12, "--greedy"], capsys)
+    assert code == 130 and "3 new tokens" in err and err.endswith(", interrupted\n")
+
+
 def test_generate_names_a_device_that_does_not_exist(checkpoints, capsys):
     code, _, err = run_cli(generate, ["--checkpoint", checkpoints["mamba"], "--device", "foo"], capsys)
     assert code == 1 and err == "error: --device foo: not a device (cpu, cuda, cuda:1 ...)\n"

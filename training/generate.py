@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -74,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompt_file == "-":
             text = sys.stdin.read()
         elif args.prompt_file:
-            with open(args.prompt_file, encoding="utf-8") as file:
-                text = file.read()
+            try:
+                text = Path(args.prompt_file).read_text(encoding="utf-8")
+            except UnicodeDecodeError as error:
+                raise EvalError(f"{args.prompt_file}: not UTF-8 text (byte {error.start})") from None
         else:
             text = args.prompt
     except (EvalError, DataError, CheckpointError, ConfigError, ValueError, OSError) as error:
@@ -86,20 +89,24 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.tensor([prompt], device=device)
     stream = TextStream(tokenizer, prompt)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    start, count = time.perf_counter(), 0
-    for token in model.stream(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                              greedy=args.greedy, chunk_len=args.chunk_len, generator=generator,
-                              vocab_size=tokenizer.vocab_size):
-        token = int(token[0])
-        if token == EOS_ID:
-            break
-        count += 1
-        sys.stdout.write(stream.push(token))
-        sys.stdout.flush()
+    start, count, status = time.perf_counter(), 0, 0
+    try:
+        for token in model.stream(ids, args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k or None, greedy=args.greedy, chunk_len=args.chunk_len,
+                                  generator=generator, vocab_size=tokenizer.vocab_size):
+            token = int(token[0])
+            if token == EOS_ID:
+                break
+            count += 1
+            sys.stdout.write(stream.push(token))
+            sys.stdout.flush()
+    except KeyboardInterrupt:   # Ctrl-C: the text so far is the answer
+        status = 130
     seconds = time.perf_counter() - start
     print()
-    print(f"[generate] {len(prompt)} prompt tokens, {count} new tokens in {seconds:.1f} s", file=sys.stderr)
-    return 0
+    print(f"[generate] {len(prompt)} prompt tokens, {count} new tokens in {seconds:.1f} s"
+          + (", interrupted" if status else ""), file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":
