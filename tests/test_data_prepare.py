@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -363,3 +364,15 @@ def test_progress_without_a_terminal_is_plain_log_lines():
     silent = io.StringIO()
     Progress("train", 3, enabled=False, interval=0.0, stream=silent).update(1, 1)
     assert silent.getvalue() == ""
+
+
+def test_preprocess_script_takes_paths_relative_to_the_caller(pg19_mini, tmp_path, output_with_tokenizer,
+                                                              tokenizer_settings):
+    corpus, python = (os.path.relpath(path, tmp_path) for path in (pg19_mini, sys.executable))
+    settings = tokenizer_settings["vocab_size"], tokenizer_settings["sample_bytes"] / 1e6, tokenizer_settings["seed"]
+    arguments = [corpus, "out", "--splits", "validation", "--workers", "1", "--quiet",
+                 *(f"--{name}={value}" for name, value in zip(("vocab-size", "sample-mb", "seed"), settings))]
+    done = subprocess.run(["bash", REPO / "launch/preprocess.sh", *arguments], cwd=tmp_path,
+                          env={**os.environ, "PYTHON": python}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("validation: 3 books") and (output_with_tokenizer / "validation").is_dir()
