@@ -4,7 +4,7 @@ import sys
 
 from data_pipeline.corpus import SPLITS, Corpus
 from data_pipeline.tokenizer import existing_tokenizer, train_tokenizer
-from data_pipeline.writer import shard_split
+from data_pipeline.writer import check_workers, shard_split
 
 
 def tokenizer_for(corpus, output, vocab_size=32000, model_type="bpe", sample_bytes=100_000_000, seed=0,
@@ -32,6 +32,7 @@ def prepare(input, output, splits=SPLITS, vocab_size=32000, model_type="bpe", sa
     log = sys.stderr if progress else None
     corpus = Corpus(input)
     corpus.check_splits(splits)
+    check_workers(corpus, workers)
     tokenizer = tokenizer_for(corpus, output, vocab_size, model_type, sample_bytes, seed, gutenberg, log)
     return [
         shard_split(corpus, split, tokenizer, output, tokens_per_shard, workers, gutenberg, progress, command)

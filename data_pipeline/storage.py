@@ -5,6 +5,7 @@ buckets (gs:// with gcsfs, s3:// with s3fs) go through the same code.
 """
 
 import os
+import tempfile
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -30,10 +31,21 @@ def resolve(url):
 
 
 def check_folder(url):
-    """Refuse an output folder that is a file, before any work is done for it."""
+    """Refuse an output folder that is a file or cannot be made, before any work is done for it."""
     fs, path = resolve(url)
     if fs.exists(path) and not fs.isdir(path):
         raise DataError(f"{display(fs, path)}: is a file, not a folder")
+    if not is_local(fs):  # object stores have no folders to make; access is only known at the first write
+        return
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise DataError(f"{path}: cannot be made, {parent} is a file")
+    try:  # the only sure test of writing a folder there (permissions, read-only mounts, /proc) is to do it
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".check-"))
+    except OSError as error:
+        raise DataError(f"{path}: cannot be made, {parent} is not writable ({error.strerror})") from None
 
 
 def join(path, *parts):

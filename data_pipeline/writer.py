@@ -43,6 +43,12 @@ def default_workers():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def check_workers(corpus, workers):
+    """Refuse a pool that could not read the corpus: memory:// files exist only in this process."""
+    if (workers or default_workers()) > 1 and is_process_local(corpus.fs):
+        raise DataError(f"{corpus.url}: memory:// files are not visible to worker processes; use workers=1")
+
+
 class _HashingFile:
     """A write-only file that also keeps the sha256 and size of what went through it."""
 
@@ -198,8 +204,7 @@ def shard_split(corpus, split, tokenizer, output, tokens_per_shard=50_000_000, w
     """
     started = time.monotonic()
     workers = workers or default_workers()
-    if workers > 1 and is_process_local(corpus.fs):
-        raise DataError(f"{corpus.url}: memory:// files are not visible to worker processes; use workers=1")
+    check_workers(corpus, workers)
     books = corpus.books(split)
     fs, root = resolve(output)
     split_dir = join(root, split)

@@ -226,8 +226,9 @@ def test_memory_urls_for_input_and_output(pg19_mini):
         windows = PackedWindows("memory://prepared", "train", 64, seed=0)
         assert windows[len(windows) + 3].shape == (65,)
         with pytest.raises(DataError, match="memory:// files are not visible to worker processes"):
-            prepare("memory://pg19", "memory://prepared", splits=["train", "validation"], workers=2, vocab_size=512,
+            prepare("memory://pg19", "memory://other", splits=["train", "validation"], workers=2, vocab_size=512,
                     sample_bytes=200_000, progress=False)
+        assert not fs.exists("/other")  # refused before training a tokenizer
     finally:
         fs.rm("/pg19", recursive=True)
         fs.rm("/prepared", recursive=True)
@@ -341,6 +342,8 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, pg19_shards):
     afile = tmp_path / "afile"
     afile.write_text("x")
     for args, message in [(["--output", afile], f"{afile}: is a file, not a folder"),
+                          (["--output", afile / "sub"], f"{afile}/sub: cannot be made, {afile} is a file"),
+                          (["--output", "/proc/nope"], "/proc/nope: cannot be made, /proc is not writable"),
                           (["--output", tmp_path, "--splits", "train"], f"{afile.parent / 'train'}: is a file"),
                           (["--output", tmp_path / "out", "--workers", 0], "--workers must be at least 1, got 0")]:
         (tmp_path / "train").write_text("x")
