@@ -6,6 +6,7 @@ Problems with the data end the command with a one-line message and exit status 1
 import argparse
 import hashlib
 import shlex
+import signal
 import sys
 
 from data_pipeline import __version__, manifest
@@ -92,6 +93,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     command = shlex.join(["python", "-m", "data_pipeline", *argv])
+    # SIGTERM (a scheduler, `kill`) stops a run like Ctrl-C does: worker processes stopped, one line, no traceback.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if args.command == "verify":
             _verify(args.output, args.splits)
@@ -123,4 +126,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted: run the same command again to go on where it stopped", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0

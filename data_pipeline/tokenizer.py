@@ -21,6 +21,7 @@ import sentencepiece as spm
 from data_pipeline import __version__
 from data_pipeline.corpus import read_book
 from data_pipeline.errors import DataError
+from data_pipeline.processes import SPAWN, children_ignore_ctrl_c
 from data_pipeline.storage import display, join, resolve, write_bytes
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, NEWLINE_ID = 0, 1, 2, 3, 4
@@ -139,33 +140,30 @@ def training_sample(corpus, sample_bytes, seed, gutenberg=False):
 def train_tokenizer(corpus, vocab_size=32000, model_type="bpe", sample_bytes=100_000_000, seed=0, gutenberg=False):
     """Train a tokenizer on a seeded sample of the corpus's train split; returns (tokenizer, training record)."""
     lines = training_sample(corpus, sample_bytes, seed, gutenberg)
-    model = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
-            model_writer=model,
-            model_type=model_type,
-            vocab_size=vocab_size,
-            pad_id=PAD_ID,
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            user_defined_symbols=["\n"],
-            # Keep text exactly as it is, so that decode(encode(text)) == text.
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            byte_fallback=True,
-            character_coverage=0.9999,
-            split_digits=True,
-            max_sentence_length=1 << 16,
-            input_sentence_size=0,
-            shuffle_input_sentence=False,
-            num_threads=TRAINER_THREADS,
-            minloglevel=2,
-        )
-    except RuntimeError as error:
-        raise DataError(f"{corpus.url}: tokenizer training failed: {str(error).strip()}") from None
+    options = dict(
+        model_type=model_type,
+        vocab_size=vocab_size,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        user_defined_symbols=["\n"],
+        # Keep text exactly as it is, so that decode(encode(text)) == text.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        byte_fallback=True,
+        character_coverage=0.9999,
+        split_digits=True,
+        max_sentence_length=1 << 16,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        num_threads=TRAINER_THREADS,
+        minloglevel=2,
+    )
+    model, error = _train_in_child(lines, options)
+    if error is not None:
+        raise DataError(f"{corpus.url}: tokenizer training failed: {error}")
     training = {
         "model_type": model_type,
         "vocab_size": vocab_size,
@@ -176,7 +174,40 @@ def train_tokenizer(corpus, vocab_size=32000, model_type="bpe", sample_bytes=100
         "input": corpus.url,
         "sentencepiece": spm.__version__,
     }
-    return Tokenizer.from_bytes(model.getvalue()), training
+    return Tokenizer.from_bytes(model), training
+
+
+def _train_in_child(lines, options):
+    """(model bytes, None) or (None, why training failed), from sentencepiece's trainer run in a child process.
+
+    The trainer holds the thread that calls it until it is done, which can be hours, and a signal handler only
+    runs between Python instructions; in a child, the parent stays free to stop it on Ctrl-C or SIGTERM.
+    """
+    connection, child_end = SPAWN.Pipe()
+    trainer = SPAWN.Process(target=_train, args=(child_end, options), daemon=True)
+    with children_ignore_ctrl_c():
+        trainer.start()
+    try:
+        child_end.close()  # so that recv sees the end of the pipe if the trainer dies
+        connection.send(lines)  # not as an argument of the process: starting it stays quick
+        return connection.recv()
+    except (EOFError, BrokenPipeError):  # it died without an answer: killed, or out of memory
+        trainer.join()
+        return None, f"the training process died (exit status {trainer.exitcode})"
+    finally:
+        if trainer.is_alive():
+            trainer.terminate()
+            trainer.join()
+
+
+def _train(connection, options):
+    lines, model = connection.recv(), io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **options)
+    except RuntimeError as error:
+        connection.send((None, str(error).strip()))
+        return
+    connection.send((model.getvalue(), None))
 
 
 def existing_tokenizer(output, requested):

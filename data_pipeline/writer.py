@@ -17,10 +17,8 @@ import contextlib
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import shlex
-import signal
 import sys
 import tarfile
 import time
@@ -31,6 +29,7 @@ import numpy as np
 from data_pipeline import __version__, manifest
 from data_pipeline.corpus import read_book
 from data_pipeline.errors import DataError
+from data_pipeline.processes import SPAWN, children_ignore_ctrl_c
 from data_pipeline.progress import Progress, SplitReport
 from data_pipeline.storage import commit, display, is_process_local, join, open_partial, resolve
 
@@ -131,9 +130,6 @@ _worker = {}  # set in each pool process by _start_worker
 
 
 def _start_worker(tokenizer, fs, gutenberg):
-    # Ctrl-C reaches the whole process group; only the parent handles it (it stops the pool), so a terminal
-    # shows one message instead of a traceback per worker.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker.update(tokenizer=tokenizer, fs=fs, gutenberg=gutenberg)
 
 
@@ -147,9 +143,9 @@ def _tokenize_all(books, tokenizer, fs, gutenberg, workers):
         for book in books:
             yield _tokenize(book, tokenizer, fs, gutenberg)
         return
-    # spawn, not fork: the parent may hold threads (torch, pytest plugins) that fork would copy mid-state.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_start_worker, initargs=(tokenizer, fs, gutenberg)) as pool:
+    with children_ignore_ctrl_c():
+        pool = SPAWN.Pool(workers, initializer=_start_worker, initargs=(tokenizer, fs, gutenberg))
+    with pool:
         pending = collections.deque()
         for book in books:
             pending.append(pool.apply_async(_tokenize_in_worker, (book,)))

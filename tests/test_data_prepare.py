@@ -1,5 +1,6 @@
 """prepare: tokenizer training, shard writing, manifests, resuming, and the CLI, on pg19-mini."""
 
+import contextlib
 import hashlib
 import io
 import json
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import fsspec
@@ -308,6 +310,12 @@ def test_book_files_that_cannot_be_shard_members_are_refused_before_any_work(pg1
         assert not (tmp_path / "out").exists()
 
 
+def cli_settings(tokenizer_settings):
+    """The command-line options for prepare() tokenizer settings."""
+    return ["--vocab-size", str(tokenizer_settings["vocab_size"]), "--seed", str(tokenizer_settings["seed"]),
+            "--sample-mb", str(tokenizer_settings["sample_bytes"] / 1e6)]
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "data_pipeline", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
@@ -372,10 +380,63 @@ def test_progress_without_a_terminal_is_plain_log_lines():
 def test_preprocess_script_takes_paths_relative_to_the_caller(pg19_mini, tmp_path, output_with_tokenizer,
                                                               tokenizer_settings):
     corpus, python = (os.path.relpath(path, tmp_path) for path in (pg19_mini, sys.executable))
-    settings = tokenizer_settings["vocab_size"], tokenizer_settings["sample_bytes"] / 1e6, tokenizer_settings["seed"]
-    arguments = [corpus, "out", "--splits", "validation", "--workers", "1", "--quiet",
-                 *(f"--{name}={value}" for name, value in zip(("vocab-size", "sample-mb", "seed"), settings))]
+    arguments = [corpus, "out", "--splits", "validation", "--workers", "1", "--quiet", *cli_settings(tokenizer_settings)]
     done = subprocess.run(["bash", REPO / "launch/preprocess.sh", *arguments], cwd=tmp_path,
                           env={**os.environ, "PYTHON": python}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("validation: 3 books") and (output_with_tokenizer / "validation").is_dir()
+
+
+INTERRUPTED = "interrupted: run the same command again to go on where it stopped"
+
+
+def start_cli(*args):
+    """The CLI in a process group of its own, as a terminal runs it (Ctrl-C reaches the whole group)."""
+    return subprocess.Popen([sys.executable, "-m", "data_pipeline", *map(str, args)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def test_sigterm_while_sharding_stops_with_one_line_and_a_rerun_finishes(pg19_mini, pg19_shards,
+                                                                          output_with_tokenizer, tokenizer_settings):
+    arguments = ["prepare", "--input", pg19_mini, "--output", output_with_tokenizer, "--splits", "train",
+                 "--workers", 2, "--tokens-per-shard", 1_000_000, *cli_settings(tokenizer_settings)]
+    run = start_cli(*arguments)
+    while run.poll() is None and not list((output_with_tokenizer / "train").glob(".shard-*.partial")):
+        time.sleep(0.01)  # until the pool is tokenizing and the first shard is being written
+    os.kill(run.pid, signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert (run.returncode, stderr.splitlines()[-1]) == (130, INTERRUPTED), stderr
+    assert "Traceback" not in stderr
+    assert run_cli(*arguments).returncode == 0
+    for shard in manifest_of(pg19_shards.root, "train")["shards"]:
+        name = f"train/{shard['name']}"
+        assert (output_with_tokenizer / name).read_bytes() == (pg19_shards.root / name).read_bytes()
+
+
+def child_commands(pid):
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    commands = []
+    for child in children:
+        with contextlib.suppress(FileNotFoundError):  # it may have ended meanwhile
+            commands.append(Path(f"/proc/{child}/cmdline").read_bytes())
+    return commands
+
+
+def ignores_ctrl_c(pid):
+    ignored = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn"))
+    return bool(int(ignored.split()[1], 16) & 1 << signal.SIGINT - 1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_tokenizer_training_at_once(pg19_mini, tmp_path, signum):
+    # Settings that train for many seconds, so the signal comes while sentencepiece is busy.
+    run = start_cli("tokenizer", "--input", pg19_mini, "--output", tmp_path, "--vocab-size", 30000, "--sample-mb", 20,
+                    "--model-type", "unigram")
+    while run.poll() is None and not (any(b"spawn_main" in command for command in child_commands(run.pid))
+                                      and not ignores_ctrl_c(run.pid)):
+        time.sleep(0.01)  # until the trainer process is started, and the parent handles Ctrl-C again
+    assert run.poll() is None, "trained without a child process the signal could stop"
+    os.killpg(run.pid, signum)
+    _, stderr = run.communicate(timeout=120)
+    assert (run.returncode, stderr.splitlines()[-1]) == (130, INTERRUPTED), stderr
+    assert "Traceback" not in stderr and not (tmp_path / "tokenizer.model").exists()
