@@ -13,6 +13,7 @@ from data_pipeline import __version__, manifest
 from data_pipeline.corpus import SPLITS, Corpus
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import prepare, tokenizer_for
+from data_pipeline.progress import Progress
 from data_pipeline.reader import ShardedBooks
 from data_pipeline.storage import check_folder, display, join, resolve
 from data_pipeline.tokenizer import Tokenizer
@@ -79,13 +80,15 @@ def _verify(output, splits):
             print(f"{split}: no shards (the corpus has no book with text in it): ok")
             continue
         books = ShardedBooks(output, split)  # size, tar structure and npy headers of every shard
-        for path, shard in zip(books.paths, books.manifest["shards"]):
-            digest = hashlib.sha256()
-            with books.fs.open(path, "rb") as file:
-                while block := file.read(1 << 24):
-                    digest.update(block)
-            if digest.hexdigest() != shard["sha256"]:
-                raise DataError(f"{display(books.fs, path)}: sha256 does not match manifest.json (corrupt data)")
+        with Progress(f"verify {split}", len(books.paths), stream=sys.stderr, unit="shard") as bar:
+            for path, shard in zip(books.paths, books.manifest["shards"]):
+                digest = hashlib.sha256()
+                with books.fs.open(path, "rb") as file:
+                    while block := file.read(1 << 24):
+                        digest.update(block)
+                if digest.hexdigest() != shard["sha256"]:
+                    raise DataError(f"{display(books.fs, path)}: sha256 does not match manifest.json (corrupt data)")
+                bar.update(shard["num_tokens"], shard["bytes"])
         print(f"{split}: {len(books.paths)} shards, {len(books)} books, {int(books.num_tokens.sum()):,} tokens: ok")
 
 

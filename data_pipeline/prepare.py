@@ -3,6 +3,7 @@
 import sys
 
 from data_pipeline.corpus import SPLITS, Corpus
+from data_pipeline.progress import log_line
 from data_pipeline.tokenizer import existing_tokenizer, train_tokenizer
 from data_pipeline.writer import check_workers, shard_split
 
@@ -14,12 +15,13 @@ def tokenizer_for(corpus, output, vocab_size=32000, model_type="bpe", sample_byt
                 "gutenberg": gutenberg}
     tokenizer = existing_tokenizer(output, settings)
     if tokenizer is not None:
-        _log(log, f"tokenizer: using {tokenizer.name} ({tokenizer.checksum[:12]}...)")
+        log_line(log, f"tokenizer: using {tokenizer.name} ({tokenizer.checksum[:12]}...)")
         return tokenizer
-    _log(log, f"tokenizer: training a {vocab_size}-piece {model_type} model on {sample_bytes / 1e6:g} MB of train text")
-    tokenizer, training = train_tokenizer(corpus, **settings)
+    log_line(log, f"tokenizer: training a {vocab_size}-piece {model_type} model on {sample_bytes / 1e6:g} MB of train "
+             "text; reading the sample")
+    tokenizer, training = train_tokenizer(corpus, **settings, log=log)
     tokenizer.save(output, training)
-    _log(log, f"tokenizer: saved {output}/tokenizer.model ({tokenizer.checksum[:12]}...)")
+    log_line(log, f"tokenizer: saved {output}/tokenizer.model ({tokenizer.checksum[:12]}...)")
     return tokenizer
 
 
@@ -39,7 +41,3 @@ def prepare(input, output, splits=SPLITS, vocab_size=32000, model_type="bpe", sa
         for split in splits
     ]
 
-
-def _log(stream, message):
-    if stream is not None:
-        print(f"[data_pipeline] {message}", file=stream, flush=True)

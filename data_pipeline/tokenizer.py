@@ -14,11 +14,12 @@ import io
 import itertools
 import json
 import random
+import time
 
 import numpy as np
 import sentencepiece as spm
 
-from data_pipeline import __version__
+from data_pipeline import __version__, progress
 from data_pipeline.corpus import read_book
 from data_pipeline.errors import DataError
 from data_pipeline.processes import SPAWN, children_ignore_ctrl_c
@@ -107,7 +108,7 @@ class Tokenizer:
         write_bytes(fs, join(root, "tokenizer.json"), (json.dumps(info, indent=2) + "\n").encode())
 
 
-def training_sample(corpus, sample_bytes, seed, gutenberg=False):
+def training_sample(corpus, sample_bytes, seed, gutenberg=False, log=None):
     """Lines of text, sample_bytes of UTF-8 in all, from the train split: the same for the same seed.
 
     Books are visited in a seeded random order and each gives one contiguous stretch at a seeded random
@@ -121,25 +122,32 @@ def training_sample(corpus, sample_bytes, seed, gutenberg=False):
     rng.shuffle(books)
     chunk = max(sample_bytes // len(books), SAMPLE_CHUNK)
     lines, total = [], 0
-    for book in books:
-        try:
-            text, _, _ = read_book(corpus.fs, book, gutenberg)
-        except OSError:
-            continue
-        start = rng.randrange(max(1, len(text) - chunk))
-        stretch = text.split("\n") if len(text) <= chunk else text[start : start + chunk].split("\n")[1:-1]
-        for line in stretch:
-            if line:
-                lines.append(line)
-                total += len(line.encode())
-                if total >= sample_bytes:
-                    return lines
+    with progress.Progress("tokenizer: sample", len(books), enabled=log is not None, stream=log) as bar:
+        for book in books:
+            try:
+                text, _, nbytes = read_book(corpus.fs, book, gutenberg)
+            except OSError:
+                continue
+            bar.update(0, nbytes)
+            start = rng.randrange(max(1, len(text) - chunk))
+            stretch = text.split("\n") if len(text) <= chunk else text[start : start + chunk].split("\n")[1:-1]
+            for line in stretch:
+                if line:
+                    lines.append(line)
+                    total += len(line.encode())
+                    if total >= sample_bytes:
+                        return lines
     return lines
 
 
-def train_tokenizer(corpus, vocab_size=32000, model_type="bpe", sample_bytes=100_000_000, seed=0, gutenberg=False):
-    """Train a tokenizer on a seeded sample of the corpus's train split; returns (tokenizer, training record)."""
-    lines = training_sample(corpus, sample_bytes, seed, gutenberg)
+def train_tokenizer(corpus, vocab_size=32000, model_type="bpe", sample_bytes=100_000_000, seed=0, gutenberg=False,
+                    log=None):
+    """Train a tokenizer on a seeded sample of the corpus's train split; returns (tokenizer, training record).
+
+    log: a stream for progress lines (reading the sample, then training), or None.
+    """
+    lines = training_sample(corpus, sample_bytes, seed, gutenberg, log)
+    progress.log_line(log, f"tokenizer: training on {len(lines):,} lines of sample")
     options = dict(
         model_type=model_type,
         vocab_size=vocab_size,
@@ -161,7 +169,7 @@ def train_tokenizer(corpus, vocab_size=32000, model_type="bpe", sample_bytes=100
         num_threads=TRAINER_THREADS,
         minloglevel=2,
     )
-    model, error = _train_in_child(lines, options)
+    model, error = _train_in_child(lines, options, log)
     if error is not None:
         raise DataError(f"{corpus.url}: tokenizer training failed: {error}")
     training = {
@@ -177,7 +185,7 @@ def train_tokenizer(corpus, vocab_size=32000, model_type="bpe", sample_bytes=100
     return Tokenizer.from_bytes(model), training
 
 
-def _train_in_child(lines, options):
+def _train_in_child(lines, options, log):
     """(model bytes, None) or (None, why training failed), from sentencepiece's trainer run in a child process.
 
     The trainer holds the thread that calls it until it is done, which can be hours, and a signal handler only
@@ -190,6 +198,9 @@ def _train_in_child(lines, options):
     try:
         child_end.close()  # so that recv sees the end of the pipe if the trainer dies
         connection.send(lines)  # not as an argument of the process: starting it stays quick
+        started = time.monotonic()
+        while not connection.poll(progress.INTERVAL):
+            progress.log_line(log, f"tokenizer: training, {time.monotonic() - started:.0f} s so far")
         return connection.recv()
     except (EOFError, BrokenPipeError):  # it died without an answer: killed, or out of memory
         trainer.join()

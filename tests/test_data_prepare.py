@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import webdataset
 
-from data_pipeline import DataError
+from data_pipeline import DataError, cli, progress
 from data_pipeline.corpus import Corpus, read_book
 from data_pipeline.evaluation import iter_books
 from data_pipeline.prepare import prepare
 from data_pipeline.progress import Progress
 from data_pipeline.stream import PackedWindows
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from data_pipeline.tokenizer import Tokenizer, train_tokenizer, training_sample
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -365,7 +365,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, pg19_shards):
 
 def test_progress_without_a_terminal_is_plain_log_lines():
     stream = io.StringIO()
-    progress = Progress("train", total_books=3, interval=0.0, stream=stream)
+    progress = Progress("train", total=3, interval=0.0, stream=stream)
     progress.update(tokens=1_500_000, nbytes=6_000_000)
     progress.update(tokens=2_000, nbytes=8_000)
     progress.close()
@@ -440,3 +440,24 @@ def test_a_signal_stops_tokenizer_training_at_once(pg19_mini, tmp_path, signum):
     _, stderr = run.communicate(timeout=120)
     assert (run.returncode, stderr.splitlines()[-1]) == (130, INTERRUPTED), stderr
     assert "Traceback" not in stderr and not (tmp_path / "tokenizer.model").exists()
+
+
+def test_long_phases_log_progress_lines(pg19_mini, pg19_shards, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "INTERVAL", 0.0)  # a line at every step (30 s apart in real runs)
+    stream = io.StringIO()
+    training_sample(Corpus(pg19_mini), 300_000, seed=1, log=stream)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("[data_pipeline] tokenizer: sample: 1/29 books, ") and lines[0].endswith(" MB/s")
+    assert lines[-1].startswith(f"[data_pipeline] tokenizer: sample: {len(lines)}/29 books, ")
+
+    monkeypatch.setattr(progress, "INTERVAL", 0.01)
+    stream = io.StringIO()
+    train_tokenizer(Corpus(pg19_mini), vocab_size=400, sample_bytes=300_000, seed=1, log=stream)
+    lines = [line for line in stream.getvalue().splitlines() if "tokenizer: sample" not in line]
+    assert lines[0].startswith("[data_pipeline] tokenizer: training on ") and lines[0].endswith(" lines of sample")
+    assert lines[1].startswith("[data_pipeline] tokenizer: training, ") and lines[1].endswith(" s so far")
+
+    monkeypatch.setattr(progress, "INTERVAL", 0.0)
+    assert cli.main(["verify", str(pg19_shards.root), "--splits", "train"]) == 0
+    logged = capsys.readouterr().err.splitlines()
+    assert [line.split(", ")[0] for line in logged] == [f"[data_pipeline] verify train: {n}/6 shards" for n in range(1, 7)]
