@@ -68,6 +68,8 @@ def _check_arguments(args):
     for name in ("workers", "tokens_per_shard", "vocab_size"):
         if getattr(args, name, 1) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if getattr(args, "sample_mb", 1) <= 0:
+        raise DataError(f"--sample-mb must be more than 0, got {args.sample_mb:g}")
     check_folder(args.output)
     for split in getattr(args, "splits", []):
         check_folder(join(args.output, split))

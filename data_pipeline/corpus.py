@@ -78,6 +78,12 @@ class Corpus:
             name = path.rsplit("/", 1)[-1]
             if not name.endswith(".txt") or name.startswith("."):
                 continue
+            try:
+                name.encode()
+            except UnicodeEncodeError:  # a name in another encoding, its bytes kept as surrogates by Python
+                shown = name.encode(errors="surrogateescape").decode(errors="backslashreplace")
+                raise DataError(f"{display(self.fs, folder)}/{shown}: the file name is not valid UTF-8; "
+                                "rename the file") from None
             book_id = name.removesuffix(".txt")
             title, year = self.metadata.get(book_id, ("", None))
             book = Book(split, book_id, path, title, year)

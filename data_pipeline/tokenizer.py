@@ -116,11 +116,9 @@ def training_sample(corpus, sample_bytes, seed, gutenberg=False, log=None):
     Unreadable books are passed over here; sharding the train split reports them.
     """
     books = corpus.books("train")
-    if not books:
-        raise DataError(f"{corpus.url}/train: no books to train the tokenizer on")
     rng = random.Random(seed)
     rng.shuffle(books)
-    chunk = max(sample_bytes // len(books), SAMPLE_CHUNK)
+    chunk = max(sample_bytes // max(len(books), 1), SAMPLE_CHUNK)
     lines, total = [], 0
     with progress.Progress("tokenizer: sample", len(books), enabled=log is not None, stream=log) as bar:
         for book in books:
@@ -129,6 +127,8 @@ def training_sample(corpus, sample_bytes, seed, gutenberg=False, log=None):
             except OSError:
                 continue
             bar.update(0, nbytes)
+            if text.isspace():  # a book without text, as sharding sees it
+                continue
             start = rng.randrange(max(1, len(text) - chunk))
             stretch = text.split("\n") if len(text) <= chunk else text[start : start + chunk].split("\n")[1:-1]
             for line in stretch:
@@ -137,6 +137,8 @@ def training_sample(corpus, sample_bytes, seed, gutenberg=False, log=None):
                     total += len(line.encode())
                     if total >= sample_bytes:
                         return lines
+    if not lines:
+        raise DataError(f"{join(corpus.url, 'train')}: no book with text to train the tokenizer on")
     return lines
 
 
@@ -230,7 +232,7 @@ def existing_tokenizer(output, requested):
     model_path, info_path = join(root, "tokenizer.model"), join(root, "tokenizer.json")
     if not fs.exists(info_path):  # the json is written last: without it the model may be from a killed run
         return None
-    info = json.loads(fs.cat_file(info_path))
+    info = _read_info(fs, info_path)
     different = {key: (info["training"].get(key), value) for key, value in requested.items()
                  if info["training"].get(key) != value}
     if different:
@@ -240,3 +242,16 @@ def existing_tokenizer(output, requested):
     if tokenizer.checksum != info["checksum"]:
         raise DataError(f"{display(fs, model_path)}: checksum does not match tokenizer.json")
     return tokenizer
+
+
+def _read_info(fs, path):
+    """tokenizer.json, refused with a one-line error when it is not one the pipeline wrote."""
+    try:
+        info = json.loads(fs.cat_file(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        problem = f"not valid JSON ({error})"
+    else:
+        if isinstance(info, dict) and isinstance(info.get("training"), dict) and isinstance(info.get("checksum"), str):
+            return info
+        problem = "no 'checksum' and 'training' record"
+    raise DataError(f"{display(fs, path)}: {problem}; remove it and tokenizer.model to train a new tokenizer")

@@ -353,7 +353,9 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, pg19_shards):
                           (["--output", afile / "sub"], f"{afile}/sub: cannot be made, {afile} is a file"),
                           (["--output", "/proc/nope"], "/proc/nope: cannot be made, /proc is not writable"),
                           (["--output", tmp_path, "--splits", "train"], f"{afile.parent / 'train'}: is a file"),
-                          (["--output", tmp_path / "out", "--workers", 0], "--workers must be at least 1, got 0")]:
+                          (["--output", tmp_path / "out", "--workers", 0], "--workers must be at least 1, got 0"),
+                          (["--output", tmp_path / "out", "--sample-mb", 0], "--sample-mb must be more than 0, got 0"),
+                          (["--output", tmp_path / "out", "--sample-mb", -1], "--sample-mb must be more than 0, got -1")]:
         (tmp_path / "train").write_text("x")
         refused = run_cli("prepare", "--input", pg19_shards.root, *args)
         assert (refused.returncode, refused.stderr.startswith(f"error: {message}")) == (1, True), refused.stderr
@@ -461,3 +463,21 @@ def test_long_phases_log_progress_lines(pg19_mini, pg19_shards, monkeypatch, cap
     assert cli.main(["verify", str(pg19_shards.root), "--splits", "train"]) == 0
     logged = capsys.readouterr().err.splitlines()
     assert [line.split(", ")[0] for line in logged] == [f"[data_pipeline] verify train: {n}/6 shards" for n in range(1, 7)]
+
+
+@pytest.mark.parametrize("content", [b'{"checksum": "ab', b"{}", b"[]"])
+def test_a_broken_tokenizer_json_is_a_one_line_error(pg19_mini, output_with_tokenizer, tokenizer_settings, content):
+    (output_with_tokenizer / "tokenizer.json").write_bytes(content)
+    with pytest.raises(DataError, match=f"^{output_with_tokenizer}/tokenizer.json: .*; remove it and tokenizer.model"):
+        prepare(pg19_mini, output_with_tokenizer, splits=["validation"], workers=1, progress=False,
+                **tokenizer_settings)
+
+
+def test_a_train_split_without_text_cannot_train_a_tokenizer(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "train").mkdir(parents=True)
+    for book in (None, "\n \n"):  # no books, then only an empty one
+        if book is not None:
+            (corpus / "train" / "1.txt").write_text(book)
+        with pytest.raises(DataError, match=f"^{corpus}/train: no book with text to train the tokenizer on$"):
+            prepare(corpus, tmp_path / "out", splits=["train"], vocab_size=400, workers=1, progress=False)

@@ -57,3 +57,11 @@ def test_memory_corpus_with_crlf_and_bad_bytes():
     assert (text, nbytes) == ("one\ntwo \ufffd\n", 12)
     assert warnings == ["train/7.txt: 1 undecodable bytes replaced with U+FFFD"]
     fs.rm("/text-corpus", recursive=True)
+
+
+def test_a_book_file_name_that_is_not_utf8_is_refused(tmp_path):
+    (tmp_path / "train").mkdir()
+    with open(bytes(tmp_path) + b"/train/caf\xe9.txt", "w") as file:
+        file.write("a book")
+    with pytest.raises(DataError, match=rf"^{tmp_path}/train/caf\\xe9\.txt: the file name is not valid UTF-8"):
+        Corpus(tmp_path).books("train")
