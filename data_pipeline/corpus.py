@@ -41,7 +41,8 @@ def _book_order(book_id):
 
 
 class Corpus:
-    """The books of a PG19-layout corpus. `warnings` collects problems with metadata.csv.
+    """The books of a PG19-layout corpus. `warnings` collects problems with metadata.csv; `metadata` is None
+    without one.
 
     Files whose names start with a dot (macOS's `._46.txt`, editors' backups) are not books.
     """
@@ -55,17 +56,31 @@ class Corpus:
         self.metadata = self._read_metadata()
 
     def _read_metadata(self):
+        """{book_id: (title, year)}, or None when there is no metadata.csv. Rows that cannot be read are warned
+        about and left out (their books get empty titles, and each its own warning when it is sharded)."""
         path = join(self.root, "metadata.csv")
+        where = display(self.fs, path)
         if not self.fs.exists(path):
-            self.warnings.append(f"{display(self.fs, path)}: missing, books get empty titles and no year")
-            return {}
+            self.warnings.append(f"{where}: missing, books get empty titles and no year")
+            return None
         text, _ = decode_utf8(self.fs.cat_file(path))
-        metadata = {}
-        for row in csv.reader(io.StringIO(text)):
-            if len(row) < 3:
-                continue
-            book_id, title, date = row[0].strip(), row[1], row[2].strip()
-            metadata[book_id] = (title, int(date) if date.isdigit() else None)
+        metadata, malformed = {}, []
+        rows = csv.reader(io.StringIO(text.removeprefix("\ufeff")))  # spreadsheets save a byte-order mark
+        try:
+            for row in rows:
+                # A stray quote makes one field of the rest of the file: fewer fields, and newlines in them.
+                if len(row) < 3 or any("\n" in field for field in row):
+                    malformed.append(rows.line_num)
+                    continue
+                book_id, title, date = row[0].strip(), row[1], row[2].strip()
+                metadata[book_id] = (title, int(date) if date.isdigit() else None)
+        except csv.Error as error:
+            malformed.append(f"{rows.line_num} ({error})")
+        if malformed:
+            self.warnings.append(f"{where}: {len(malformed)} malformed rows ignored (fewer than 3 fields or a stray "
+                                 f"quote), the first ending on line {malformed[0]}")
+        if not metadata:
+            self.warnings.append(f"{where}: no usable row, books get empty titles and no year")
         return metadata
 
     def books(self, split):
@@ -85,7 +100,7 @@ class Corpus:
                 raise DataError(f"{display(self.fs, folder)}/{shown}: the file name is not valid UTF-8; "
                                 "rename the file") from None
             book_id = name.removesuffix(".txt")
-            title, year = self.metadata.get(book_id, ("", None))
+            title, year = (self.metadata or {}).get(book_id, ("", None))
             book = Book(split, book_id, path, title, year)
             if len(book.key.encode()) > MAX_KEY_BYTES:
                 raise DataError(f"{display(self.fs, path)}: a book id of over {MAX_KEY_BYTES} bytes does not fit "

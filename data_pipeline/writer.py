@@ -229,7 +229,7 @@ def shard_split(corpus, split, tokenizer, output, tokens_per_shard=50_000_000, w
     with Progress(split, len(todo), enabled=progress) as bar, contextlib.closing(tokenized) as results:
         for position, result in enumerate(results, start=state["next_book"] + 1):
             book = result.book
-            if corpus.metadata and book.book_id not in corpus.metadata:
+            if corpus.metadata is not None and book.book_id not in corpus.metadata:  # a missing file: one warning
                 result.warnings.append(f"{book.name}: no row in metadata.csv")
             warnings += result.warnings
             if result.skipped:

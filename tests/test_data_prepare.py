@@ -481,3 +481,14 @@ def test_a_train_split_without_text_cannot_train_a_tokenizer(tmp_path):
             (corpus / "train" / "1.txt").write_text(book)
         with pytest.raises(DataError, match=f"^{corpus}/train: no book with text to train the tokenizer on$"):
             prepare(corpus, tmp_path / "out", splits=["train"], vocab_size=400, workers=1, progress=False)
+
+
+def test_books_without_a_row_are_warned_about_even_when_no_row_is_usable(pg19_mini, output_with_tokenizer, tmp_path,
+                                                                         tokenizer_settings):
+    corpus = tmp_path / "corpus"
+    (corpus / "validation").mkdir(parents=True)
+    shutil.copy(pg19_mini / "validation/11.txt", corpus / "validation/11.txt")
+    (corpus / "metadata.csv").write_text('11,"Alice,1865,url\n')
+    (report,) = prepare(corpus, output_with_tokenizer, splits=["validation"], workers=1, progress=False,
+                        **tokenizer_settings)
+    assert report.warnings[-1] == "validation/11.txt: no row in metadata.csv"

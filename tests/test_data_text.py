@@ -65,3 +65,19 @@ def test_a_book_file_name_that_is_not_utf8_is_refused(tmp_path):
         file.write("a book")
     with pytest.raises(DataError, match=rf"^{tmp_path}/train/caf\\xe9\.txt: the file name is not valid UTF-8"):
         Corpus(tmp_path).books("train")
+
+
+def test_metadata_with_a_byte_order_mark_and_malformed_rows(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "metadata.csv").write_bytes(b'\xef\xbb\xbf11,Alice,1865,url\n12,"Stray quote,1900,url\n13,B,1901,url\n')
+    corpus = Corpus(tmp_path)
+    assert corpus.metadata == {"11": ("Alice", 1865)}
+    assert corpus.warnings == [f"{tmp_path}/metadata.csv: 1 malformed rows ignored (fewer than 3 fields or a stray "
+                               "quote), the first ending on line 3"]
+    (tmp_path / "metadata.csv").write_text("just one field\n")
+    corpus = Corpus(tmp_path)
+    assert corpus.metadata == {} and corpus.warnings == [
+        f"{tmp_path}/metadata.csv: 1 malformed rows ignored (fewer than 3 fields or a stray quote), the first ending "
+        "on line 1",
+        f"{tmp_path}/metadata.csv: no usable row, books get empty titles and no year",
+    ]
