@@ -222,8 +222,9 @@ def shard_split(corpus, split, tokenizer, output, tokens_per_shard=50_000_000, w
     _remove_partials(fs, split_dir)
     state["input"] = corpus.url
     state["created_by"] = {"command": command or shlex.join(sys.argv), "version": __version__}
-    # Skipped books and warnings are committed to the manifest with the next completed shard, like the books.
-    skipped, warnings, writer = [], list(corpus.warnings), None
+    # Skipped books and warnings are committed to the manifest with the next completed shard, like the books;
+    # the corpus's own warnings with the first, so a resumed run does not add them again.
+    skipped, warnings, writer = [], list(corpus.warnings) if state["next_book"] == 0 else [], None
     todo = books[state["next_book"] :]
     tokenized = _tokenize_all(todo, tokenizer, corpus.fs, gutenberg, workers)
     with Progress(split, len(todo), enabled=progress) as bar, contextlib.closing(tokenized) as results:

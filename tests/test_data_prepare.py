@@ -163,7 +163,13 @@ prepare(sys.argv[1], sys.argv[2], splits=["validation", "test"], tokens_per_shar
 """
 
 
-def test_killed_run_resumes_to_byte_identical_shards(pg19_mini, tmp_path, output_with_tokenizer, tokenizer_settings):
+@pytest.mark.parametrize("metadata", [True, False])  # without it, the corpus has a warning of its own
+def test_killed_run_resumes_to_byte_identical_shards(pg19_mini, tmp_path, output_with_tokenizer, tokenizer_settings,
+                                                     metadata):
+    if not metadata:
+        for split in ("validation", "test"):
+            shutil.copytree(pg19_mini / split, tmp_path / "corpus" / split)
+        pg19_mini = tmp_path / "corpus"
     reference = tmp_path / "reference"
     shutil.copytree(output_with_tokenizer, reference)
     prepare(pg19_mini, reference, splits=["validation", "test"], tokens_per_shard=150_000, workers=1,
