@@ -5,6 +5,7 @@
 """
 
 import csv
+import hashlib
 import io
 from dataclasses import dataclass
 
@@ -116,6 +117,11 @@ class Corpus:
         """List every split now, so a missing folder or a bad file name stops a run before hours of tokenizing."""
         for split in splits:
             self.books(split)
+
+
+def books_digest(books):
+    """sha256 of a list of books (their names, in order): what a tokenizer or a split was made from."""
+    return hashlib.sha256("\n".join(book.name for book in books).encode()).hexdigest()
 
 
 def read_book(fs, book, gutenberg=False):

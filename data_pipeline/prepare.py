@@ -2,8 +2,9 @@
 
 import sys
 
-from data_pipeline.corpus import SPLITS, Corpus
+from data_pipeline.corpus import SPLITS, Corpus, books_digest
 from data_pipeline.progress import log_line
+from data_pipeline.storage import join
 from data_pipeline.tokenizer import existing_tokenizer, train_tokenizer
 from data_pipeline.writer import check_workers, shard_split
 
@@ -13,7 +14,9 @@ def tokenizer_for(corpus, output, vocab_size=32000, model_type="bpe", sample_byt
     """The tokenizer in <output>/tokenizer.model, trained first if it is not there yet."""
     settings = {"model_type": model_type, "vocab_size": vocab_size, "sample_bytes": sample_bytes, "seed": seed,
                 "gutenberg": gutenberg}
-    tokenizer = existing_tokenizer(output, settings)
+    # Sharding only some splits may need no train split, when the tokenizer is already there.
+    has_train = corpus.fs.isdir(join(corpus.root, "train"))
+    tokenizer = existing_tokenizer(output, settings, books_digest(corpus.books("train")) if has_train else None)
     if tokenizer is not None:
         log_line(log, f"tokenizer: using {tokenizer.name} ({tokenizer.checksum[:12]}...)")
         return tokenizer

@@ -20,7 +20,7 @@ import numpy as np
 import sentencepiece as spm
 
 from data_pipeline import __version__, progress
-from data_pipeline.corpus import read_book
+from data_pipeline.corpus import books_digest, read_book
 from data_pipeline.errors import DataError
 from data_pipeline.processes import SPAWN, children_ignore_ctrl_c
 from data_pipeline.storage import display, join, resolve, write_bytes
@@ -182,6 +182,7 @@ def train_tokenizer(corpus, vocab_size=32000, model_type="bpe", sample_bytes=100
         "gutenberg": gutenberg,
         "sample_lines": len(lines),
         "input": corpus.url,
+        "train_books_sha256": books_digest(corpus.books("train")),
         "sentencepiece": spm.__version__,
     }
     return Tokenizer.from_bytes(model), training
@@ -223,14 +224,18 @@ def _train(connection, options):
     connection.send((model.getvalue(), None))
 
 
-def existing_tokenizer(output, requested):
-    """The tokenizer already saved in output, or None; refuses one trained with other settings.
+def existing_tokenizer(output, requested, train_books=None):
+    """The tokenizer already saved in output, or None; refuses one trained with other settings or on other books.
 
-    `requested` holds the training settings that must match (model_type, vocab_size, sample_bytes, seed, ...).
+    `requested` holds the training settings that must match (model_type, vocab_size, sample_bytes, seed, ...);
+    `train_books`, the books_digest of the corpus's train split (None: not checked).
     """
     fs, root = resolve(output)
     model_path, info_path = join(root, "tokenizer.model"), join(root, "tokenizer.json")
-    if not fs.exists(info_path):  # the json is written last: without it the model may be from a killed run
+    if not fs.exists(info_path):  # the json is written last: the model alone is not known to be ours
+        if fs.exists(model_path):
+            raise DataError(f"{display(fs, model_path)}: no tokenizer.json next to it (not made by prepare, or its run "
+                            "stopped while saving it); remove it to train a new one, or use another --output")
         return None
     info = _read_info(fs, info_path)
     different = {key: (info["training"].get(key), value) for key, value in requested.items()
@@ -238,6 +243,11 @@ def existing_tokenizer(output, requested):
     if different:
         detail = ", ".join(f"{key}={old!r} (asked {new!r})" for key, (old, new) in different.items())
         raise DataError(f"{display(fs, model_path)}: trained with {detail}; use another --output or remove it")
+    trained_on = info["training"].get("train_books_sha256")  # absent from older tokenizer.json files
+    if train_books is not None and trained_on is not None and trained_on != train_books:
+        raise DataError(f"{display(fs, model_path)}: trained on other train books ({info['training']['input']}); "
+                        "use another --output, remove tokenizer.model and tokenizer.json to train a new one, or "
+                        "use `shard` to shard with this tokenizer anyway")
     tokenizer = Tokenizer(fs.unstrip_protocol(model_path))
     if tokenizer.checksum != info["checksum"]:
         raise DataError(f"{display(fs, model_path)}: checksum does not match tokenizer.json")

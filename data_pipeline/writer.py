@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from data_pipeline import __version__, manifest
-from data_pipeline.corpus import read_book
+from data_pipeline.corpus import books_digest, read_book
 from data_pipeline.errors import DataError
 from data_pipeline.processes import SPAWN, children_ignore_ctrl_c
 from data_pipeline.progress import Progress, SplitReport
@@ -211,7 +211,7 @@ def shard_split(corpus, split, tokenizer, output, tokens_per_shard=50_000_000, w
         "tokens_per_shard": tokens_per_shard,
         "gutenberg": gutenberg,
         # A re-run goes on from a position in this list, so it must be the same list of books.
-        "books_sha256": hashlib.sha256("\n".join(book.name for book in books).encode()).hexdigest(),
+        "books_sha256": books_digest(books),
     }
     report = SplitReport(split)
     state = _start_or_resume(fs, split_dir, settings, report)

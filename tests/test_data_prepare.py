@@ -25,6 +25,7 @@ from data_pipeline.prepare import prepare
 from data_pipeline.progress import Progress
 from data_pipeline.stream import PackedWindows
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer, training_sample
+from data_pipeline.writer import shard_split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,6 +251,12 @@ def test_file_urls_for_input_and_output(pg19_mini, pg19_shards, output_with_toke
     assert len(list(iter_books(f"file://{output_with_tokenizer}", "validation"))) == 3
 
 
+def shard_with_tokenizer(corpus, output, split, workers=1):
+    """`shard`: a split of any corpus with the tokenizer in output (prepare refuses one trained on other books)."""
+    return shard_split(Corpus(corpus), split, Tokenizer(output / "tokenizer.model"), output, workers=workers,
+                       progress=False)
+
+
 def test_bad_books_are_skipped_and_counted(pg19_mini, output_with_tokenizer, tmp_path, tokenizer_settings):
     corpus = tmp_path / "corpus"
     (corpus / "train").mkdir(parents=True)
@@ -258,8 +265,7 @@ def test_bad_books_are_skipped_and_counted(pg19_mini, output_with_tokenizer, tmp
     (corpus / "train/6.txt").write_bytes(b"\n \n")
     (corpus / "train/7.txt").mkdir()  # not a readable file
     (corpus / "metadata.csv").write_text("46,A Christmas Carol,1843,url\n5,Five,,url\n6,Six,1900,url\n")
-    (report,) = prepare(corpus, output_with_tokenizer, splits=["train"], workers=2, progress=False,
-                        **tokenizer_settings)
+    report = shard_with_tokenizer(corpus, output_with_tokenizer, "train", workers=2)
     assert report.books == 2 and len(report.skipped) == 2
     assert report.skipped[0] == "train/6.txt: empty" and report.skipped[1].startswith("train/7.txt: unreadable")
     assert report.warnings == [
@@ -283,8 +289,8 @@ def test_a_split_without_text_is_reported_empty_and_verifies(pg19_mini, output_w
     (corpus / "validation").mkdir()
     shutil.copy(pg19_mini / "train/46.txt", corpus / "train/46.txt")
     (corpus / "validation/6.txt").write_bytes(b"\n \n")
-    train, validation = prepare(corpus, output_with_tokenizer, splits=["train", "validation"], workers=1,
-                                progress=False, **tokenizer_settings)
+    train, validation = (shard_with_tokenizer(corpus, output_with_tokenizer, split)
+                         for split in ("train", "validation"))
     assert train.shards_written == 1 and validation.shards_written == 0
     assert validation.warnings[-1] == ("validation: no book with text, so no shards: training and evaluation "
                                        "cannot read this split")
@@ -361,7 +367,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, pg19_shards):
                           (["--output", tmp_path, "--splits", "train"], f"{afile.parent / 'train'}: is a file"),
                           (["--output", tmp_path / "out", "--workers", 0], "--workers must be at least 1, got 0"),
                           (["--output", tmp_path / "out", "--sample-mb", 0], "--sample-mb must be more than 0, got 0"),
-                          (["--output", tmp_path / "out", "--sample-mb", -1], "--sample-mb must be more than 0, got -1")]:
+                          (["--output", tmp_path / "out", "--sample-mb", -1], "--sample-mb must be more than 0")]:
         (tmp_path / "train").write_text("x")
         refused = run_cli("prepare", "--input", pg19_shards.root, *args)
         assert (refused.returncode, refused.stderr.startswith(f"error: {message}")) == (1, True), refused.stderr
@@ -388,7 +394,8 @@ def test_progress_without_a_terminal_is_plain_log_lines():
 def test_preprocess_script_takes_paths_relative_to_the_caller(pg19_mini, tmp_path, output_with_tokenizer,
                                                               tokenizer_settings):
     corpus, python = (os.path.relpath(path, tmp_path) for path in (pg19_mini, sys.executable))
-    arguments = [corpus, "out", "--splits", "validation", "--workers", "1", "--quiet", *cli_settings(tokenizer_settings)]
+    arguments = [corpus, "out", "--splits", "validation", "--workers", "1", "--quiet",
+                 *cli_settings(tokenizer_settings)]
     done = subprocess.run(["bash", REPO / "launch/preprocess.sh", *arguments], cwd=tmp_path,
                           env={**os.environ, "PYTHON": python}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -468,7 +475,8 @@ def test_long_phases_log_progress_lines(pg19_mini, pg19_shards, monkeypatch, cap
     monkeypatch.setattr(progress, "INTERVAL", 0.0)
     assert cli.main(["verify", str(pg19_shards.root), "--splits", "train"]) == 0
     logged = capsys.readouterr().err.splitlines()
-    assert [line.split(", ")[0] for line in logged] == [f"[data_pipeline] verify train: {n}/6 shards" for n in range(1, 7)]
+    expected = [f"[data_pipeline] verify train: {n}/6 shards" for n in range(1, 7)]
+    assert [line.split(", ")[0] for line in logged] == expected
 
 
 @pytest.mark.parametrize("content", [b'{"checksum": "ab', b"{}", b"[]"])
@@ -498,3 +506,20 @@ def test_books_without_a_row_are_warned_about_even_when_no_row_is_usable(pg19_mi
     (report,) = prepare(corpus, output_with_tokenizer, splits=["validation"], workers=1, progress=False,
                         **tokenizer_settings)
     assert report.warnings[-1] == "validation/11.txt: no row in metadata.csv"
+
+
+def test_a_tokenizer_not_made_for_this_corpus_is_not_reused(pg19_mini, output_with_tokenizer, tmp_path,
+                                                             tokenizer_settings):
+    corpus = tmp_path / "corpus"
+    (corpus / "train").mkdir(parents=True)
+    shutil.copy(pg19_mini / "train/46.txt", corpus / "train/46.txt")
+    with pytest.raises(DataError, match=f"^{output_with_tokenizer}/tokenizer.model: trained on other train books "
+                                        rf"\({pg19_mini}\); use another --output, remove tokenizer.model and "):
+        prepare(corpus, output_with_tokenizer, splits=["train"], workers=1, progress=False, **tokenizer_settings)
+
+    (output_with_tokenizer / "tokenizer.json").unlink()  # a model of the user's own, or of unknown origin
+    model = (output_with_tokenizer / "tokenizer.model").read_bytes()
+    with pytest.raises(DataError, match=f"^{output_with_tokenizer}/tokenizer.model: no tokenizer.json next to it"):
+        prepare(pg19_mini, output_with_tokenizer, splits=["validation"], workers=1, progress=False,
+                **tokenizer_settings)
+    assert (output_with_tokenizer / "tokenizer.model").read_bytes() == model
