@@ -14,7 +14,6 @@ from data_pipeline.corpus import SPLITS, Corpus
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import prepare, tokenizer_for
 from data_pipeline.progress import Progress
-from data_pipeline.reader import ShardedBooks
 from data_pipeline.storage import check_folder, display, join, resolve
 from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.writer import default_workers, shard_split
@@ -54,7 +53,7 @@ def _parser():
     corpus_args(command), shard_args(command)
     command = commands.add_parser("verify", help="check every shard of prepared splits, sha256 included")
     command.add_argument("output", help="the --output of prepare")
-    command.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="(default: all)")
+    command.add_argument("--splits", nargs="+", choices=SPLITS, help="(default: those in output)")
     return parser
 
 
@@ -75,23 +74,48 @@ def _check_arguments(args):
         check_folder(join(args.output, split))
 
 
-def _verify(output, splits):
+def _verify(output, splits=None):
+    """Check every shard of the splits (default: those in output), sha256 included; returns every problem found."""
     fs, root = resolve(output)
+    if splits is None:
+        splits = [split for split in SPLITS if fs.isdir(join(root, split))]
+        if not splits:
+            raise DataError(f"{display(fs, root)}: no prepared split in it (train/, validation/, test/)")
+    model = join(root, "tokenizer.model")
+    checksum = Tokenizer(fs.unstrip_protocol(model)).checksum if fs.exists(model) else None  # as `shard` uses
+    problems = []
     for split in splits:
-        if not manifest.load(fs, join(root, split))["shards"]:
-            print(f"{split}: no shards (the corpus has no book with text in it): ok")
-            continue
-        books = ShardedBooks(output, split)  # size, tar structure and npy headers of every shard
-        with Progress(f"verify {split}", len(books.paths), stream=sys.stderr, unit="shard") as bar:
-            for path, shard in zip(books.paths, books.manifest["shards"]):
+        try:
+            problems += _verify_split(fs, join(root, split), split, checksum)
+        except DataError as error:  # the split as a whole: no manifest, another tokenizer
+            problems.append(str(error))
+    return problems
+
+
+def _verify_split(fs, split_dir, split, checksum):
+    info = manifest.load(fs, split_dir)
+    manifest.require_tokenizer(fs, split_dir, info, checksum)
+    if not info["shards"]:
+        print(f"{split}: no shards (the corpus has no book with text in it): ok")
+        return []
+    problems = []
+    with Progress(f"verify {split}", len(info["shards"]), stream=sys.stderr, unit="shard") as bar:
+        for shard in info["shards"]:
+            path = join(split_dir, shard["name"])
+            try:
+                manifest.check_shard(fs, path, shard, info["dtype"])  # size, tar structure and npy headers
                 digest = hashlib.sha256()
-                with books.fs.open(path, "rb") as file:
+                with fs.open(path, "rb") as file:
                     while block := file.read(1 << 24):
                         digest.update(block)
                 if digest.hexdigest() != shard["sha256"]:
-                    raise DataError(f"{display(books.fs, path)}: sha256 does not match manifest.json (corrupt data)")
-                bar.update(shard["num_tokens"], shard["bytes"])
-        print(f"{split}: {len(books.paths)} shards, {len(books)} books, {int(books.num_tokens.sum()):,} tokens: ok")
+                    raise DataError(f"{display(fs, path)}: sha256 does not match manifest.json (corrupt data)")
+            except DataError as error:
+                problems.append(str(error))
+            bar.update(shard["num_tokens"], shard["bytes"])
+    if not problems:
+        print(f"{split}: {len(info['shards'])} shards, {info['num_books']} books, {info['num_tokens']:,} tokens: ok")
+    return problems
 
 
 def main(argv=None):
@@ -102,8 +126,10 @@ def main(argv=None):
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if args.command == "verify":
-            _verify(args.output, args.splits)
-            return 0
+            problems = _verify(args.output, args.splits)
+            for problem in problems:
+                print(f"error: {problem}", file=sys.stderr)
+            return 1 if problems else 0
         _check_arguments(args)
         tokenizer_settings = {}
         if args.command in ("prepare", "tokenizer"):

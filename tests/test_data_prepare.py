@@ -523,3 +523,38 @@ def test_a_tokenizer_not_made_for_this_corpus_is_not_reused(pg19_mini, output_wi
         prepare(pg19_mini, output_with_tokenizer, splits=["validation"], workers=1, progress=False,
                 **tokenizer_settings)
     assert (output_with_tokenizer / "tokenizer.model").read_bytes() == model
+
+
+def test_verify_checks_the_splits_there_are_against_the_tokenizer_and_lists_every_problem(
+        pg19_mini, pg19_shards, output_with_tokenizer, tokenizer_settings, tmp_path):
+    out = output_with_tokenizer
+    assert run_cli("verify", out).stderr == f"error: {out}: no prepared split in it (train/, validation/, test/)\n"
+    prepare(pg19_mini, out, splits=["test"], workers=1, progress=False, tokens_per_shard=1_000_000,
+            **tokenizer_settings)
+    verified = run_cli("verify", out)
+    assert (verified.returncode, verified.stdout) == (0, "test: 1 shards, 3 books, 950,735 tokens: ok\n")
+
+    other, training = train_tokenizer(Corpus(pg19_mini), vocab_size=400, sample_bytes=300_000)
+    other.save(tmp_path / "other", training)
+    shutil.copy(tmp_path / "other" / "tokenizer.model", out / "tokenizer.model")
+    verified = run_cli("verify", out)
+    assert verified.returncode == 1
+    assert verified.stderr == (f"error: {out}/test/manifest.json: shards were made with tokenizer "
+                               f"{pg19_shards.checksum[:12]}..., not {other.checksum[:12]}...\n")
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pg19_shards.root, copy)
+    first, last = copy / "train/shard-000000.tar", copy / "train/shard-000005.tar"
+    data = bytearray(first.read_bytes())
+    data[-20000] ^= 0xFF
+    first.write_bytes(bytes(data))
+    last.write_bytes(last.read_bytes()[:1000])
+    (copy / "validation/manifest.json").unlink()
+    verified = run_cli("verify", copy)
+    assert verified.returncode == 1 and verified.stdout == "test: 1 shards, 3 books, 950,735 tokens: ok\n"
+    assert verified.stderr.splitlines() == [
+        f"error: {first}: sha256 does not match manifest.json (corrupt data)",
+        f"error: {last}: 1000 bytes, manifest.json says {manifest_of(copy, 'train')['shards'][5]['bytes']} "
+        "(truncated or overwritten)",
+        f"error: {copy}/validation/manifest.json: missing (run `python -m data_pipeline prepare` first)",
+    ]
