@@ -14,7 +14,7 @@ from data_pipeline.corpus import SPLITS, Corpus
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import prepare, tokenizer_for
 from data_pipeline.progress import Progress
-from data_pipeline.storage import check_folder, display, join, resolve
+from data_pipeline.storage import check_folder, display, join, output_lock, resolve
 from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.writer import default_workers, shard_split
 
@@ -140,17 +140,19 @@ def main(argv=None):
                                    workers=args.workers, gutenberg=args.gutenberg, progress=not args.quiet,
                                    command=command, **tokenizer_settings))
         elif args.command == "tokenizer":
-            tokenizer_for(Corpus(args.input), args.output, gutenberg=args.gutenberg, log=sys.stderr,
-                          **tokenizer_settings)
+            corpus = Corpus(args.input)
+            with output_lock(args.output):
+                tokenizer_for(corpus, args.output, gutenberg=args.gutenberg, log=sys.stderr, **tokenizer_settings)
         else:
             corpus = Corpus(args.input)
             corpus.check_splits(args.splits)
             tokenizer = Tokenizer(join(args.output, "tokenizer.model"))
-            _print_reports([
-                shard_split(corpus, split, tokenizer, args.output, args.tokens_per_shard, args.workers,
-                            args.gutenberg, not args.quiet, command)
-                for split in args.splits
-            ])
+            with output_lock(args.output):
+                _print_reports([
+                    shard_split(corpus, split, tokenizer, args.output, args.tokens_per_shard, args.workers,
+                                args.gutenberg, not args.quiet, command)
+                    for split in args.splits
+                ])
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

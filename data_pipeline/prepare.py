@@ -4,7 +4,7 @@ import sys
 
 from data_pipeline.corpus import SPLITS, Corpus, books_digest
 from data_pipeline.progress import log_line
-from data_pipeline.storage import join
+from data_pipeline.storage import join, output_lock
 from data_pipeline.tokenizer import existing_tokenizer, train_tokenizer
 from data_pipeline.writer import check_workers, shard_split
 
@@ -38,9 +38,10 @@ def prepare(input, output, splits=SPLITS, vocab_size=32000, model_type="bpe", sa
     corpus = Corpus(input)
     corpus.check_splits(splits)
     check_workers(corpus, workers)
-    tokenizer = tokenizer_for(corpus, output, vocab_size, model_type, sample_bytes, seed, gutenberg, log)
-    return [
-        shard_split(corpus, split, tokenizer, output, tokens_per_shard, workers, gutenberg, progress, command)
-        for split in splits
-    ]
+    with output_lock(output):
+        tokenizer = tokenizer_for(corpus, output, vocab_size, model_type, sample_bytes, seed, gutenberg, log)
+        return [
+            shard_split(corpus, split, tokenizer, output, tokens_per_shard, workers, gutenberg, progress, command)
+            for split in splits
+        ]
 

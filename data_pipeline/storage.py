@@ -4,6 +4,8 @@ Every module resolves its inputs and outputs here, so a local folder, file://, m
 buckets (gs:// with gcsfs, s3:// with s3fs) go through the same code.
 """
 
+import contextlib
+import fcntl
 import os
 import tempfile
 
@@ -46,6 +48,26 @@ def check_folder(url):
         os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".check-"))
     except OSError as error:
         raise DataError(f"{path}: cannot be made, {parent} is not writable ({error.strerror})") from None
+
+
+@contextlib.contextmanager
+def output_lock(url):
+    """Hold <output>/.lock while a run writes into a local output, and refuse a second run into it meanwhile.
+
+    Two runs would delete each other's partial files. The lock is the kernel's (flock), so it goes with the process
+    however that ends; the empty file stays. Object stores have no such lock: there, one run at a time is up to you.
+    """
+    fs, path = resolve(url)
+    if not is_local(fs):
+        yield
+        return
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{path}: another run is writing into it (it holds {path}/.lock)") from None
+        yield
 
 
 def join(path, *parts):

@@ -1,6 +1,7 @@
 """prepare: tokenizer training, shard writing, manifests, resuming, and the CLI, on pg19-mini."""
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -45,7 +46,7 @@ def manifest_of(root, split):
 def test_layout_and_tokenizer(pg19_shards):
     root = pg19_shards.root
     names = sorted(p.name for p in root.iterdir())
-    assert names == ["test", "tokenizer.json", "tokenizer.model", "train", "validation"]
+    assert names == [".lock", "test", "tokenizer.json", "tokenizer.model", "train", "validation"]
     info = json.loads((root / "tokenizer.json").read_text())
     tokenizer = Tokenizer(pg19_shards.tokenizer_path)
     assert info["checksum"] == tokenizer.checksum == hashlib.sha256(pg19_shards.tokenizer_path.read_bytes()).hexdigest()
@@ -558,3 +559,16 @@ def test_verify_checks_the_splits_there_are_against_the_tokenizer_and_lists_ever
         "(truncated or overwritten)",
         f"error: {copy}/validation/manifest.json: missing (run `python -m data_pipeline prepare` first)",
     ]
+
+
+def test_a_second_run_into_the_same_output_is_refused(pg19_mini, output_with_tokenizer, tokenizer_settings):
+    with open(output_with_tokenizer / ".lock", "a") as lock:  # as a run in progress holds it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for command in ("prepare", "shard"):
+            refused = run_cli(command, "--input", pg19_mini, "--output", output_with_tokenizer, "--splits", "test",
+                              *cli_settings(tokenizer_settings) * (command == "prepare"))
+            assert (refused.returncode, refused.stderr) == (
+                1, f"error: {output_with_tokenizer}: another run is writing into it (it holds {output_with_tokenizer}"
+                   "/.lock)\n")
+    assert not (output_with_tokenizer / "test").exists()
+    prepare(pg19_mini, output_with_tokenizer, splits=["test"], workers=1, progress=False, **tokenizer_settings)
