@@ -37,15 +37,22 @@ class Book:
 
 
 def _book_order(book_id):
-    # PG19 ids are Gutenberg numbers: sort them as numbers, anything else after them as text.
-    return (0, int(book_id), "") if book_id.isdigit() else (1, 0, book_id)
+    # PG19 ids are Gutenberg numbers: sort them as numbers, anything else after them as text. The id itself breaks
+    # ties ("07" and "7"), so the order never depends on how a filesystem lists a folder.
+    return (0, int(book_id), book_id) if book_id.isdigit() else (1, 0, book_id)
+
+
+def _shown(name):
+    """A file name as messages show it: bytes that are not UTF-8 as \\xNN escapes."""
+    return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
 
 
 class Corpus:
     """The books of a PG19-layout corpus. `warnings` collects problems with metadata.csv; `metadata` is None
     without one.
 
-    Files whose names start with a dot (macOS's `._46.txt`, editors' backups) are not books.
+    Files whose names start with a dot (macOS's `._46.txt`, editors' backups) are not books, silently; other
+    files not ending in .txt (`904.TXT`, `notes.md`) are not books either, with a warning in `ignored`.
     """
 
     def __init__(self, url):
@@ -55,6 +62,7 @@ class Corpus:
             raise DataError(f"{self.url}: no such directory")
         self.warnings = []
         self.metadata = self._read_metadata()
+        self.ignored = {}  # split -> a warning per file in its folder that is not a book, set by books(split)
 
     def _read_metadata(self):
         """{book_id: (title, year)}, or None when there is no metadata.csv. Rows that cannot be read are warned
@@ -89,17 +97,17 @@ class Corpus:
         folder = join(self.root, split)
         if not self.fs.isdir(folder):
             raise DataError(f"{display(self.fs, folder)}: no such directory (expected train/, validation/, test/)")
-        books, by_key = [], {}
+        books, by_key, ignored = [], {}, []
         for path in self.fs.ls(folder, detail=False):
             name = path.rsplit("/", 1)[-1]
-            if not name.endswith(".txt") or name.startswith("."):
+            if name.startswith("."):
                 continue
-            try:
-                name.encode()
-            except UnicodeEncodeError:  # a name in another encoding, its bytes kept as surrogates by Python
-                shown = name.encode(errors="surrogateescape").decode(errors="backslashreplace")
-                raise DataError(f"{display(self.fs, folder)}/{shown}: the file name is not valid UTF-8; "
-                                "rename the file") from None
+            if not name.endswith(".txt"):
+                ignored.append(f"{split}/{_shown(name)}: not a .txt file, so not a book; ignored")
+                continue
+            if _shown(name) != name:  # a name in another encoding, its bytes kept as surrogates by Python
+                raise DataError(f"{display(self.fs, folder)}/{_shown(name)}: the file name is not valid UTF-8; "
+                                "rename the file")
             book_id = name.removesuffix(".txt")
             title, year = (self.metadata or {}).get(book_id, ("", None))
             book = Book(split, book_id, path, title, year)
@@ -111,6 +119,7 @@ class Corpus:
                                 f"{book.key!r} in a shard; rename one")
             by_key[book.key] = book
             books.append(book)
+        self.ignored[split] = ignored
         return sorted(books, key=lambda book: _book_order(book.book_id))
 
     def check_splits(self, splits):

@@ -158,7 +158,7 @@ def train_tokenizer(corpus, vocab_size=32000, model_type="bpe", sample_bytes=100
         bos_id=BOS_ID,
         eos_id=EOS_ID,
         user_defined_symbols=["\n"],
-        # Keep text exactly as it is, so that decode(encode(text)) == text.
+        # Keep text exactly as it is, so that decode(encode(text)) == text (but for U+2581, which decodes as a space).
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         add_dummy_prefix=False,

@@ -139,7 +139,7 @@ def _tokenize_in_worker(book):
 
 def _tokenize_all(books, tokenizer, fs, gutenberg, workers):
     """Tokenized books, in the order of `books`."""
-    if workers == 1:
+    if workers <= 1:
         for book in books:
             yield _tokenize(book, tokenizer, fs, gutenberg)
         return
@@ -223,9 +223,12 @@ def shard_split(corpus, split, tokenizer, output, tokens_per_shard=50_000_000, w
     state["input"] = corpus.url
     state["created_by"] = {"command": command or shlex.join(sys.argv), "version": __version__}
     # Skipped books and warnings are committed to the manifest with the next completed shard, like the books;
-    # the corpus's own warnings with the first, so a resumed run does not add them again.
-    skipped, warnings, writer = [], list(corpus.warnings) if state["next_book"] == 0 else [], None
+    # the corpus's own warnings (and the split's files that are not books) with the first, so a resumed run does not
+    # add them again.
+    skipped, writer = [], None
+    warnings = corpus.warnings + corpus.ignored[split] if state["next_book"] == 0 else []
     todo = books[state["next_book"] :]
+    workers = min(workers, len(todo))  # a process per book at most
     tokenized = _tokenize_all(todo, tokenizer, corpus.fs, gutenberg, workers)
     with Progress(split, len(todo), enabled=progress) as bar, contextlib.closing(tokenized) as results:
         for position, result in enumerate(results, start=state["next_book"] + 1):

@@ -26,6 +26,7 @@ from data_pipeline.prepare import prepare
 from data_pipeline.progress import Progress
 from data_pipeline.stream import PackedWindows
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer, training_sample
+from data_pipeline import writer
 from data_pipeline.writer import shard_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +82,7 @@ def test_round_trip_reproduces_normalised_text(pg19_mini, pg19_shards):
             assert tokenizer.decode(tokens) == text
             if split == "validation":  # encoding line by line gives sentencepiece's ids for the whole text
                 assert tokenizer._sp.encode(text) == tokens.tolist()
+    assert tokenizer.decode(tokenizer.encode("a\u2581b")) == "a b"  # the one exception, documented
 
 
 def test_manifest_counts_match_a_plain_tarfile_read(pg19_shards):
@@ -265,11 +267,13 @@ def test_bad_books_are_skipped_and_counted(pg19_mini, output_with_tokenizer, tmp
     (corpus / "train/5.txt").write_bytes(b"Windows line\r\nends, and a bad byte: \xff.\r\n")
     (corpus / "train/6.txt").write_bytes(b"\n \n")
     (corpus / "train/7.txt").mkdir()  # not a readable file
+    (corpus / "train/904.TXT").write_text("not a book")
     (corpus / "metadata.csv").write_text("46,A Christmas Carol,1843,url\n5,Five,,url\n6,Six,1900,url\n")
     report = shard_with_tokenizer(corpus, output_with_tokenizer, "train", workers=2)
     assert report.books == 2 and len(report.skipped) == 2
     assert report.skipped[0] == "train/6.txt: empty" and report.skipped[1].startswith("train/7.txt: unreadable")
     assert report.warnings == [
+        "train/904.TXT: not a .txt file, so not a book; ignored",
         "train/5.txt: 1 undecodable bytes replaced with U+FFFD",
         "train/7.txt: no row in metadata.csv",
     ]
@@ -572,3 +576,16 @@ def test_a_second_run_into_the_same_output_is_refused(pg19_mini, output_with_tok
                    "/.lock)\n")
     assert not (output_with_tokenizer / "test").exists()
     prepare(pg19_mini, output_with_tokenizer, splits=["test"], workers=1, progress=False, **tokenizer_settings)
+
+
+def test_no_more_worker_processes_than_books(pg19_mini, output_with_tokenizer, monkeypatch):
+    pools, spawn = [], writer.SPAWN
+
+    class RecordingSpawn:
+        def Pool(self, processes, **options):
+            pools.append(processes)
+            return spawn.Pool(processes, **options)
+
+    monkeypatch.setattr(writer, "SPAWN", RecordingSpawn())
+    report = shard_with_tokenizer(pg19_mini, output_with_tokenizer, "validation", workers=8)
+    assert report.books == 3 and pools == [3]

@@ -81,3 +81,15 @@ def test_metadata_with_a_byte_order_mark_and_malformed_rows(tmp_path):
         "on line 1",
         f"{tmp_path}/metadata.csv: no usable row, books get empty titles and no year",
     ]
+
+
+@pytest.mark.parametrize("names", [["07.txt", "7.txt"], ["7.txt", "07.txt"]])
+def test_book_order_is_total_and_files_that_are_not_books_are_listed(names):
+    fs = fsspec.filesystem("memory")
+    for name in [*names, "904.TXT", "notes.md", ".hidden.txt"]:  # memory:// lists files in the order written
+        fs.pipe(f"/order-corpus/train/{name}", b"text")
+    corpus = Corpus("memory://order-corpus")
+    assert [book.book_id for book in corpus.books("train")] == ["07", "7"]
+    assert corpus.ignored == {"train": ["train/904.TXT: not a .txt file, so not a book; ignored",
+                                        "train/notes.md: not a .txt file, so not a book; ignored"]}
+    fs.rm("/order-corpus", recursive=True)
