@@ -99,7 +99,7 @@ def _verify_split(fs, split_dir, split, checksum):
         print(f"{split}: no shards (the corpus has no book with text in it): ok")
         return []
     problems = []
-    with Progress(f"verify {split}", len(info["shards"]), stream=sys.stderr, unit="shard") as bar:
+    with Progress(f"verify {split}", len(info["shards"]), unit="shard") as bar:
         for shard in info["shards"]:
             path = join(split_dir, shard["name"])
             try:
