@@ -7,6 +7,7 @@ Modules, one concept each:
     tokenizer   the sentencepiece tokenizer: training, encoding, fixed special ids
     manifest    manifest.json of a split, and checking shards against it
     writer      tokenizing books in a process pool and writing tar shards, resumably
+    processes   child processes (pool, tokenizer trainer) that leave Ctrl-C to the parent
     prepare     the whole preprocessing run (tokenizer, then every split)
     reader      checked random access to the books of a prepared split
     stream      packed, shuffled, exactly resumable training windows and their loader (needs torch)

@@ -6,14 +6,15 @@ Problems with the data end the command with a one-line message and exit status 1
 import argparse
 import hashlib
 import shlex
+import signal
 import sys
 
 from data_pipeline import __version__, manifest
 from data_pipeline.corpus import SPLITS, Corpus
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import prepare, tokenizer_for
-from data_pipeline.reader import ShardedBooks
-from data_pipeline.storage import check_folder, display, join, resolve
+from data_pipeline.progress import Progress
+from data_pipeline.storage import check_folder, display, join, output_lock, resolve
 from data_pipeline.tokenizer import Tokenizer
 from data_pipeline.writer import default_workers, shard_split
 
@@ -52,7 +53,7 @@ def _parser():
     corpus_args(command), shard_args(command)
     command = commands.add_parser("verify", help="check every shard of prepared splits, sha256 included")
     command.add_argument("output", help="the --output of prepare")
-    command.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="(default: all)")
+    command.add_argument("--splits", nargs="+", choices=SPLITS, help="(default: those in output)")
     return parser
 
 
@@ -66,36 +67,69 @@ def _check_arguments(args):
     for name in ("workers", "tokens_per_shard", "vocab_size"):
         if getattr(args, name, 1) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if getattr(args, "sample_mb", 1) <= 0:
+        raise DataError(f"--sample-mb must be more than 0, got {args.sample_mb:g}")
     check_folder(args.output)
     for split in getattr(args, "splits", []):
         check_folder(join(args.output, split))
 
 
-def _verify(output, splits):
+def _verify(output, splits=None):
+    """Check every shard of the splits (default: those in output), sha256 included; returns every problem found."""
     fs, root = resolve(output)
+    if splits is None:
+        splits = [split for split in SPLITS if fs.isdir(join(root, split))]
+        if not splits:
+            raise DataError(f"{display(fs, root)}: no prepared split in it (train/, validation/, test/)")
+    model = join(root, "tokenizer.model")
+    checksum = Tokenizer(fs.unstrip_protocol(model)).checksum if fs.exists(model) else None  # as `shard` uses
+    problems = []
     for split in splits:
-        if not manifest.load(fs, join(root, split))["shards"]:
-            print(f"{split}: no shards (the corpus has no book with text in it): ok")
-            continue
-        books = ShardedBooks(output, split)  # size, tar structure and npy headers of every shard
-        for path, shard in zip(books.paths, books.manifest["shards"]):
-            digest = hashlib.sha256()
-            with books.fs.open(path, "rb") as file:
-                while block := file.read(1 << 24):
-                    digest.update(block)
-            if digest.hexdigest() != shard["sha256"]:
-                raise DataError(f"{display(books.fs, path)}: sha256 does not match manifest.json (corrupt data)")
-        print(f"{split}: {len(books.paths)} shards, {len(books)} books, {int(books.num_tokens.sum()):,} tokens: ok")
+        try:
+            problems += _verify_split(fs, join(root, split), split, checksum)
+        except DataError as error:  # the split as a whole: no manifest, another tokenizer
+            problems.append(str(error))
+    return problems
+
+
+def _verify_split(fs, split_dir, split, checksum):
+    info = manifest.load(fs, split_dir)
+    manifest.require_tokenizer(fs, split_dir, info, checksum)
+    if not info["shards"]:
+        print(f"{split}: no shards (the corpus has no book with text in it): ok")
+        return []
+    problems = []
+    with Progress(f"verify {split}", len(info["shards"]), unit="shard") as bar:
+        for shard in info["shards"]:
+            path = join(split_dir, shard["name"])
+            try:
+                manifest.check_shard(fs, path, shard, info["dtype"])  # size, tar structure and npy headers
+                digest = hashlib.sha256()
+                with fs.open(path, "rb") as file:
+                    while block := file.read(1 << 24):
+                        digest.update(block)
+                if digest.hexdigest() != shard["sha256"]:
+                    raise DataError(f"{display(fs, path)}: sha256 does not match manifest.json (corrupt data)")
+            except DataError as error:
+                problems.append(str(error))
+            bar.update(shard["num_tokens"], shard["bytes"])
+    if not problems:
+        print(f"{split}: {len(info['shards'])} shards, {info['num_books']} books, {info['num_tokens']:,} tokens: ok")
+    return problems
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     command = shlex.join(["python", "-m", "data_pipeline", *argv])
+    # SIGTERM (a scheduler, `kill`) stops a run like Ctrl-C does: worker processes stopped, one line, no traceback.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if args.command == "verify":
-            _verify(args.output, args.splits)
-            return 0
+            problems = _verify(args.output, args.splits)
+            for problem in problems:
+                print(f"error: {problem}", file=sys.stderr)
+            return 1 if problems else 0
         _check_arguments(args)
         tokenizer_settings = {}
         if args.command in ("prepare", "tokenizer"):
@@ -106,21 +140,25 @@ def main(argv=None):
                                    workers=args.workers, gutenberg=args.gutenberg, progress=not args.quiet,
                                    command=command, **tokenizer_settings))
         elif args.command == "tokenizer":
-            tokenizer_for(Corpus(args.input), args.output, gutenberg=args.gutenberg, log=sys.stderr,
-                          **tokenizer_settings)
+            corpus = Corpus(args.input)
+            with output_lock(args.output):
+                tokenizer_for(corpus, args.output, gutenberg=args.gutenberg, log=sys.stderr, **tokenizer_settings)
         else:
             corpus = Corpus(args.input)
             corpus.check_splits(args.splits)
             tokenizer = Tokenizer(join(args.output, "tokenizer.model"))
-            _print_reports([
-                shard_split(corpus, split, tokenizer, args.output, args.tokens_per_shard, args.workers,
-                            args.gutenberg, not args.quiet, command)
-                for split in args.splits
-            ])
+            with output_lock(args.output):
+                _print_reports([
+                    shard_split(corpus, split, tokenizer, args.output, args.tokens_per_shard, args.workers,
+                                args.gutenberg, not args.quiet, command)
+                    for split in args.splits
+                ])
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to go on where it stopped", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0

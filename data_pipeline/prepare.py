@@ -2,9 +2,11 @@
 
 import sys
 
-from data_pipeline.corpus import SPLITS, Corpus
+from data_pipeline.corpus import SPLITS, Corpus, books_digest
+from data_pipeline.progress import log_line
+from data_pipeline.storage import join, output_lock
 from data_pipeline.tokenizer import existing_tokenizer, train_tokenizer
-from data_pipeline.writer import shard_split
+from data_pipeline.writer import check_workers, shard_split
 
 
 def tokenizer_for(corpus, output, vocab_size=32000, model_type="bpe", sample_bytes=100_000_000, seed=0,
@@ -12,14 +14,17 @@ def tokenizer_for(corpus, output, vocab_size=32000, model_type="bpe", sample_byt
     """The tokenizer in <output>/tokenizer.model, trained first if it is not there yet."""
     settings = {"model_type": model_type, "vocab_size": vocab_size, "sample_bytes": sample_bytes, "seed": seed,
                 "gutenberg": gutenberg}
-    tokenizer = existing_tokenizer(output, settings)
+    # Sharding only some splits may need no train split, when the tokenizer is already there.
+    has_train = corpus.fs.isdir(join(corpus.root, "train"))
+    tokenizer = existing_tokenizer(output, settings, books_digest(corpus.books("train")) if has_train else None)
     if tokenizer is not None:
-        _log(log, f"tokenizer: using {tokenizer.name} ({tokenizer.checksum[:12]}...)")
+        log_line(log, f"tokenizer: using {tokenizer.name} ({tokenizer.checksum[:12]}...)")
         return tokenizer
-    _log(log, f"tokenizer: training a {vocab_size}-piece {model_type} model on {sample_bytes / 1e6:g} MB of train text")
-    tokenizer, training = train_tokenizer(corpus, **settings)
+    log_line(log, f"tokenizer: training a {vocab_size}-piece {model_type} model on {sample_bytes / 1e6:g} MB of train "
+             "text; reading the sample")
+    tokenizer, training = train_tokenizer(corpus, **settings, log=log)
     tokenizer.save(output, training)
-    _log(log, f"tokenizer: saved {output}/tokenizer.model ({tokenizer.checksum[:12]}...)")
+    log_line(log, f"tokenizer: saved {output}/tokenizer.model ({tokenizer.checksum[:12]}...)")
     return tokenizer
 
 
@@ -32,13 +37,11 @@ def prepare(input, output, splits=SPLITS, vocab_size=32000, model_type="bpe", sa
     log = sys.stderr if progress else None
     corpus = Corpus(input)
     corpus.check_splits(splits)
-    tokenizer = tokenizer_for(corpus, output, vocab_size, model_type, sample_bytes, seed, gutenberg, log)
-    return [
-        shard_split(corpus, split, tokenizer, output, tokens_per_shard, workers, gutenberg, progress, command)
-        for split in splits
-    ]
+    check_workers(corpus, workers)
+    with output_lock(output):
+        tokenizer = tokenizer_for(corpus, output, vocab_size, model_type, sample_bytes, seed, gutenberg, log)
+        return [
+            shard_split(corpus, split, tokenizer, output, tokens_per_shard, workers, gutenberg, progress, command)
+            for split in splits
+        ]
 
-
-def _log(stream, message):
-    if stream is not None:
-        print(f"[data_pipeline] {message}", file=stream, flush=True)

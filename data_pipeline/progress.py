@@ -1,10 +1,19 @@
-"""Progress while a split is tokenized, and the report at the end of a run."""
+"""Progress of the long phases (the tokenizer's sample and training, tokenizing, verifying) and the final report."""
 
 import sys
 import time
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
+
+# Seconds between progress lines when stderr is not a terminal (a log file).
+INTERVAL = 30.0
+
+
+def log_line(stream, message):
+    """A progress line, or nothing when stream is None (--quiet)."""
+    if stream is not None:
+        print(f"[data_pipeline] {message}", file=stream, flush=True)
 
 
 def _count(n):
@@ -15,19 +24,21 @@ def _count(n):
 
 
 class Progress:
-    """A tqdm bar (books, tokens, MB/s) on a terminal; otherwise a plain log line every `interval` seconds."""
+    """A tqdm bar (items, tokens, MB/s) on a terminal; otherwise a plain log line every `interval` seconds."""
 
-    def __init__(self, label, total_books, enabled=True, interval=30.0, stream=sys.stderr):
-        self.label, self.total, self.enabled, self.interval, self.stream = label, total_books, enabled, interval, stream
-        self.books = self.tokens = self.bytes = 0
+    def __init__(self, label, total, enabled=True, interval=None, stream=None, unit="book"):
+        self.label, self.total, self.enabled, self.unit = label, total, enabled, unit
+        self.interval = INTERVAL if interval is None else interval
+        self.stream = sys.stderr if stream is None else stream
+        self.done = self.tokens = self.bytes = 0
         self.start = self.last_line = time.monotonic()
-        terminal = enabled and getattr(stream, "isatty", lambda: False)()
+        terminal = enabled and getattr(self.stream, "isatty", lambda: False)()
         self.bar = None
         if terminal:
-            self.bar = tqdm(total=total_books, desc=label, unit="book", file=stream, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=label, unit=unit, file=self.stream, dynamic_ncols=True)
 
     def update(self, tokens, nbytes):
-        self.books += 1
+        self.done += 1
         self.tokens += tokens
         self.bytes += nbytes
         now = time.monotonic()
@@ -36,11 +47,11 @@ class Progress:
             self.bar.update(1)
         elif self.enabled and now - self.last_line >= self.interval:
             self.last_line = now
-            print(f"[data_pipeline] {self.label}: {self.books}/{self.total} books, {self._rates(now)}",
-                  file=self.stream, flush=True)
+            log_line(self.stream, f"{self.label}: {self.done}/{self.total} {self.unit}s, {self._rates(now)}")
 
     def _rates(self, now):
-        return f"{_count(self.tokens)} tokens, {self.bytes / 1e6 / max(now - self.start, 1e-9):.1f} MB/s"
+        tokens = f"{_count(self.tokens)} tokens, " if self.tokens else ""  # none counted while sampling
+        return f"{tokens}{self.bytes / 1e6 / max(now - self.start, 1e-9):.1f} MB/s"
 
     def close(self):
         if self.bar is not None:

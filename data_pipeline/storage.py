@@ -4,7 +4,10 @@ Every module resolves its inputs and outputs here, so a local folder, file://, m
 buckets (gs:// with gcsfs, s3:// with s3fs) go through the same code.
 """
 
+import contextlib
+import fcntl
 import os
+import tempfile
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -30,10 +33,41 @@ def resolve(url):
 
 
 def check_folder(url):
-    """Refuse an output folder that is a file, before any work is done for it."""
+    """Refuse an output folder that is a file or cannot be made, before any work is done for it."""
     fs, path = resolve(url)
     if fs.exists(path) and not fs.isdir(path):
         raise DataError(f"{display(fs, path)}: is a file, not a folder")
+    if not is_local(fs):  # object stores have no folders to make; access is only known at the first write
+        return
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise DataError(f"{path}: cannot be made, {parent} is a file")
+    try:  # the only sure test of writing a folder there (permissions, read-only mounts, /proc) is to do it
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".check-"))
+    except OSError as error:
+        raise DataError(f"{path}: cannot be made, {parent} is not writable ({error.strerror})") from None
+
+
+@contextlib.contextmanager
+def output_lock(url):
+    """Hold <output>/.lock while a run writes into a local output, and refuse a second run into it meanwhile.
+
+    Two runs would delete each other's partial files. The lock is the kernel's (flock), so it goes with the process
+    however that ends; the empty file stays. Object stores have no such lock: there, one run at a time is up to you.
+    """
+    fs, path = resolve(url)
+    if not is_local(fs):
+        yield
+        return
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{path}: another run is writing into it (it holds {path}/.lock)") from None
+        yield
 
 
 def join(path, *parts):

@@ -1,7 +1,8 @@
 """Bytes of a book file -> the normalised text the tokenizer sees.
 
-Normalisation is deliberately small so that decode(encode(text)) gives back exactly this text:
-UTF-8 decoding, one kind of line ending, and (only for raw Gutenberg downloads) dropping the licence.
+Normalisation is deliberately small so that decode(encode(text)) gives back exactly this text (but for U+2581,
+sentencepiece's sign for a space, which decodes as a space): UTF-8 decoding, one kind of line ending, and (only for
+raw Gutenberg downloads) dropping the licence.
 """
 
 import re

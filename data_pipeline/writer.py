@@ -17,10 +17,8 @@ import contextlib
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import shlex
-import signal
 import sys
 import tarfile
 import time
@@ -29,8 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from data_pipeline import __version__, manifest
-from data_pipeline.corpus import read_book
+from data_pipeline.corpus import books_digest, read_book
 from data_pipeline.errors import DataError
+from data_pipeline.processes import SPAWN, children_ignore_ctrl_c
 from data_pipeline.progress import Progress, SplitReport
 from data_pipeline.storage import commit, display, is_process_local, join, open_partial, resolve
 
@@ -41,6 +40,12 @@ READ_AHEAD_PER_WORKER = 8
 
 def default_workers():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_workers(corpus, workers):
+    """Refuse a pool that could not read the corpus: memory:// files exist only in this process."""
+    if (workers or default_workers()) > 1 and is_process_local(corpus.fs):
+        raise DataError(f"{corpus.url}: memory:// files are not visible to worker processes; use workers=1")
 
 
 class _HashingFile:
@@ -125,9 +130,6 @@ _worker = {}  # set in each pool process by _start_worker
 
 
 def _start_worker(tokenizer, fs, gutenberg):
-    # Ctrl-C reaches the whole process group; only the parent handles it (it stops the pool), so a terminal
-    # shows one message instead of a traceback per worker.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker.update(tokenizer=tokenizer, fs=fs, gutenberg=gutenberg)
 
 
@@ -137,13 +139,13 @@ def _tokenize_in_worker(book):
 
 def _tokenize_all(books, tokenizer, fs, gutenberg, workers):
     """Tokenized books, in the order of `books`."""
-    if workers == 1:
+    if workers <= 1:
         for book in books:
             yield _tokenize(book, tokenizer, fs, gutenberg)
         return
-    # spawn, not fork: the parent may hold threads (torch, pytest plugins) that fork would copy mid-state.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_start_worker, initargs=(tokenizer, fs, gutenberg)) as pool:
+    with children_ignore_ctrl_c():
+        pool = SPAWN.Pool(workers, initializer=_start_worker, initargs=(tokenizer, fs, gutenberg))
+    with pool:
         pending = collections.deque()
         for book in books:
             pending.append(pool.apply_async(_tokenize_in_worker, (book,)))
@@ -198,8 +200,7 @@ def shard_split(corpus, split, tokenizer, output, tokens_per_shard=50_000_000, w
     """
     started = time.monotonic()
     workers = workers or default_workers()
-    if workers > 1 and is_process_local(corpus.fs):
-        raise DataError(f"{corpus.url}: memory:// files are not visible to worker processes; use workers=1")
+    check_workers(corpus, workers)
     books = corpus.books(split)
     fs, root = resolve(output)
     split_dir = join(root, split)
@@ -210,7 +211,7 @@ def shard_split(corpus, split, tokenizer, output, tokens_per_shard=50_000_000, w
         "tokens_per_shard": tokens_per_shard,
         "gutenberg": gutenberg,
         # A re-run goes on from a position in this list, so it must be the same list of books.
-        "books_sha256": hashlib.sha256("\n".join(book.name for book in books).encode()).hexdigest(),
+        "books_sha256": books_digest(books),
     }
     report = SplitReport(split)
     state = _start_or_resume(fs, split_dir, settings, report)
@@ -221,14 +222,18 @@ def shard_split(corpus, split, tokenizer, output, tokens_per_shard=50_000_000, w
     _remove_partials(fs, split_dir)
     state["input"] = corpus.url
     state["created_by"] = {"command": command or shlex.join(sys.argv), "version": __version__}
-    # Skipped books and warnings are committed to the manifest with the next completed shard, like the books.
-    skipped, warnings, writer = [], list(corpus.warnings), None
+    # Skipped books and warnings are committed to the manifest with the next completed shard, like the books;
+    # the corpus's own warnings (and the split's files that are not books) with the first, so a resumed run does not
+    # add them again.
+    skipped, writer = [], None
+    warnings = corpus.warnings + corpus.ignored[split] if state["next_book"] == 0 else []
     todo = books[state["next_book"] :]
+    workers = min(workers, len(todo))  # a process per book at most
     tokenized = _tokenize_all(todo, tokenizer, corpus.fs, gutenberg, workers)
     with Progress(split, len(todo), enabled=progress) as bar, contextlib.closing(tokenized) as results:
         for position, result in enumerate(results, start=state["next_book"] + 1):
             book = result.book
-            if corpus.metadata and book.book_id not in corpus.metadata:
+            if corpus.metadata is not None and book.book_id not in corpus.metadata:  # a missing file: one warning
                 result.warnings.append(f"{book.name}: no row in metadata.csv")
             warnings += result.warnings
             if result.skipped:

@@ -7,13 +7,19 @@
 #
 # INPUT and OUTPUT may be fsspec URLs, e.g. the full PG19:
 #   launch/preprocess.sh gs://deepmind-gutenberg gs://my-bucket/pg19   (needs gcsfs)
+# Relative paths (INPUT, OUTPUT, $PYTHON) are the caller's: the script runs where it is called from, with the
+# repository on PYTHONPATH. Python: $PYTHON, else the repository's .venv (made by `make`), else python3.
 # Safe to re-run: finished work is kept, a killed run goes on where it stopped.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo=$(cd "$(dirname "$0")/.." && pwd)
 if [[ $# -eq 0 || $1 == --* ]]; then  # options given after these replace them
-  set -- ../shared/data/pg19-mini data/pg19-mini --vocab-size 1024 --sample-mb 2 --tokens-per-shard 1000000 "$@"
+  set -- "$repo/../shared/data/pg19-mini" "$repo/data/pg19-mini" --vocab-size 1024 --sample-mb 2 \
+    --tokens-per-shard 1000000 "$@"
 elif [[ $# -eq 1 || $2 == --* ]]; then
   echo "usage: launch/preprocess.sh [INPUT OUTPUT] [prepare options]" >&2
   exit 2
 fi
-exec "${PYTHON:-.venv/bin/python}" -m data_pipeline prepare --input "$1" --output "$2" "${@:3}"
+venv="$repo/.venv/bin/python"
+[[ -x "$venv" ]] || venv=python3
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-$venv}" -m data_pipeline prepare --input "$1" --output "$2" "${@:3}"

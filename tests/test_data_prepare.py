@@ -1,13 +1,17 @@
 """prepare: tokenizer training, shard writing, manifests, resuming, and the CLI, on pg19-mini."""
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import fsspec
@@ -15,13 +19,15 @@ import numpy as np
 import pytest
 import webdataset
 
-from data_pipeline import DataError
+from data_pipeline import DataError, cli, progress
 from data_pipeline.corpus import Corpus, read_book
 from data_pipeline.evaluation import iter_books
 from data_pipeline.prepare import prepare
 from data_pipeline.progress import Progress
 from data_pipeline.stream import PackedWindows
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from data_pipeline.tokenizer import Tokenizer, train_tokenizer, training_sample
+from data_pipeline import writer
+from data_pipeline.writer import shard_split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +47,7 @@ def manifest_of(root, split):
 def test_layout_and_tokenizer(pg19_shards):
     root = pg19_shards.root
     names = sorted(p.name for p in root.iterdir())
-    assert names == ["test", "tokenizer.json", "tokenizer.model", "train", "validation"]
+    assert names == [".lock", "test", "tokenizer.json", "tokenizer.model", "train", "validation"]
     info = json.loads((root / "tokenizer.json").read_text())
     tokenizer = Tokenizer(pg19_shards.tokenizer_path)
     assert info["checksum"] == tokenizer.checksum == hashlib.sha256(pg19_shards.tokenizer_path.read_bytes()).hexdigest()
@@ -76,6 +82,7 @@ def test_round_trip_reproduces_normalised_text(pg19_mini, pg19_shards):
             assert tokenizer.decode(tokens) == text
             if split == "validation":  # encoding line by line gives sentencepiece's ids for the whole text
                 assert tokenizer._sp.encode(text) == tokens.tolist()
+    assert tokenizer.decode(tokenizer.encode("a\u2581b")) == "a b"  # the one exception, documented
 
 
 def test_manifest_counts_match_a_plain_tarfile_read(pg19_shards):
@@ -160,7 +167,13 @@ prepare(sys.argv[1], sys.argv[2], splits=["validation", "test"], tokens_per_shar
 """
 
 
-def test_killed_run_resumes_to_byte_identical_shards(pg19_mini, tmp_path, output_with_tokenizer, tokenizer_settings):
+@pytest.mark.parametrize("metadata", [True, False])  # without it, the corpus has a warning of its own
+def test_killed_run_resumes_to_byte_identical_shards(pg19_mini, tmp_path, output_with_tokenizer, tokenizer_settings,
+                                                     metadata):
+    if not metadata:
+        for split in ("validation", "test"):
+            shutil.copytree(pg19_mini / split, tmp_path / "corpus" / split)
+        pg19_mini = tmp_path / "corpus"
     reference = tmp_path / "reference"
     shutil.copytree(output_with_tokenizer, reference)
     prepare(pg19_mini, reference, splits=["validation", "test"], tokens_per_shard=150_000, workers=1,
@@ -225,8 +238,9 @@ def test_memory_urls_for_input_and_output(pg19_mini):
         windows = PackedWindows("memory://prepared", "train", 64, seed=0)
         assert windows[len(windows) + 3].shape == (65,)
         with pytest.raises(DataError, match="memory:// files are not visible to worker processes"):
-            prepare("memory://pg19", "memory://prepared", splits=["train", "validation"], workers=2, vocab_size=512,
+            prepare("memory://pg19", "memory://other", splits=["train", "validation"], workers=2, vocab_size=512,
                     sample_bytes=200_000, progress=False)
+        assert not fs.exists("/other")  # refused before training a tokenizer
     finally:
         fs.rm("/pg19", recursive=True)
         fs.rm("/prepared", recursive=True)
@@ -240,6 +254,12 @@ def test_file_urls_for_input_and_output(pg19_mini, pg19_shards, output_with_toke
     assert len(list(iter_books(f"file://{output_with_tokenizer}", "validation"))) == 3
 
 
+def shard_with_tokenizer(corpus, output, split, workers=1):
+    """`shard`: a split of any corpus with the tokenizer in output (prepare refuses one trained on other books)."""
+    return shard_split(Corpus(corpus), split, Tokenizer(output / "tokenizer.model"), output, workers=workers,
+                       progress=False)
+
+
 def test_bad_books_are_skipped_and_counted(pg19_mini, output_with_tokenizer, tmp_path, tokenizer_settings):
     corpus = tmp_path / "corpus"
     (corpus / "train").mkdir(parents=True)
@@ -247,12 +267,13 @@ def test_bad_books_are_skipped_and_counted(pg19_mini, output_with_tokenizer, tmp
     (corpus / "train/5.txt").write_bytes(b"Windows line\r\nends, and a bad byte: \xff.\r\n")
     (corpus / "train/6.txt").write_bytes(b"\n \n")
     (corpus / "train/7.txt").mkdir()  # not a readable file
+    (corpus / "train/904.TXT").write_text("not a book")
     (corpus / "metadata.csv").write_text("46,A Christmas Carol,1843,url\n5,Five,,url\n6,Six,1900,url\n")
-    (report,) = prepare(corpus, output_with_tokenizer, splits=["train"], workers=2, progress=False,
-                        **tokenizer_settings)
+    report = shard_with_tokenizer(corpus, output_with_tokenizer, "train", workers=2)
     assert report.books == 2 and len(report.skipped) == 2
     assert report.skipped[0] == "train/6.txt: empty" and report.skipped[1].startswith("train/7.txt: unreadable")
     assert report.warnings == [
+        "train/904.TXT: not a .txt file, so not a book; ignored",
         "train/5.txt: 1 undecodable bytes replaced with U+FFFD",
         "train/7.txt: no row in metadata.csv",
     ]
@@ -273,8 +294,8 @@ def test_a_split_without_text_is_reported_empty_and_verifies(pg19_mini, output_w
     (corpus / "validation").mkdir()
     shutil.copy(pg19_mini / "train/46.txt", corpus / "train/46.txt")
     (corpus / "validation/6.txt").write_bytes(b"\n \n")
-    train, validation = prepare(corpus, output_with_tokenizer, splits=["train", "validation"], workers=1,
-                                progress=False, **tokenizer_settings)
+    train, validation = (shard_with_tokenizer(corpus, output_with_tokenizer, split)
+                         for split in ("train", "validation"))
     assert train.shards_written == 1 and validation.shards_written == 0
     assert validation.warnings[-1] == ("validation: no book with text, so no shards: training and evaluation "
                                        "cannot read this split")
@@ -304,6 +325,12 @@ def test_book_files_that_cannot_be_shard_members_are_refused_before_any_work(pg1
         assert refused.stderr == (f"error: {corpus}/validation/{long_id}.txt: a book id of over 95 bytes does not "
                                   "fit a tar member name; rename the file\n")
         assert not (tmp_path / "out").exists()
+
+
+def cli_settings(tokenizer_settings):
+    """The command-line options for prepare() tokenizer settings."""
+    return ["--vocab-size", str(tokenizer_settings["vocab_size"]), "--seed", str(tokenizer_settings["seed"]),
+            "--sample-mb", str(tokenizer_settings["sample_bytes"] / 1e6)]
 
 
 def run_cli(*args):
@@ -340,8 +367,12 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, pg19_shards):
     afile = tmp_path / "afile"
     afile.write_text("x")
     for args, message in [(["--output", afile], f"{afile}: is a file, not a folder"),
+                          (["--output", afile / "sub"], f"{afile}/sub: cannot be made, {afile} is a file"),
+                          (["--output", "/proc/nope"], "/proc/nope: cannot be made, /proc is not writable"),
                           (["--output", tmp_path, "--splits", "train"], f"{afile.parent / 'train'}: is a file"),
-                          (["--output", tmp_path / "out", "--workers", 0], "--workers must be at least 1, got 0")]:
+                          (["--output", tmp_path / "out", "--workers", 0], "--workers must be at least 1, got 0"),
+                          (["--output", tmp_path / "out", "--sample-mb", 0], "--sample-mb must be more than 0, got 0"),
+                          (["--output", tmp_path / "out", "--sample-mb", -1], "--sample-mb must be more than 0")]:
         (tmp_path / "train").write_text("x")
         refused = run_cli("prepare", "--input", pg19_shards.root, *args)
         assert (refused.returncode, refused.stderr.startswith(f"error: {message}")) == (1, True), refused.stderr
@@ -353,7 +384,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, pg19_shards):
 
 def test_progress_without_a_terminal_is_plain_log_lines():
     stream = io.StringIO()
-    progress = Progress("train", total_books=3, interval=0.0, stream=stream)
+    progress = Progress("train", total=3, interval=0.0, stream=stream)
     progress.update(tokens=1_500_000, nbytes=6_000_000)
     progress.update(tokens=2_000, nbytes=8_000)
     progress.close()
@@ -363,3 +394,198 @@ def test_progress_without_a_terminal_is_plain_log_lines():
     silent = io.StringIO()
     Progress("train", 3, enabled=False, interval=0.0, stream=silent).update(1, 1)
     assert silent.getvalue() == ""
+
+
+def test_preprocess_script_takes_paths_relative_to_the_caller(pg19_mini, tmp_path, output_with_tokenizer,
+                                                              tokenizer_settings):
+    corpus, python = (os.path.relpath(path, tmp_path) for path in (pg19_mini, sys.executable))
+    arguments = [corpus, "out", "--splits", "validation", "--workers", "1", "--quiet",
+                 *cli_settings(tokenizer_settings)]
+    done = subprocess.run(["bash", REPO / "launch/preprocess.sh", *arguments], cwd=tmp_path,
+                          env={**os.environ, "PYTHON": python}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("validation: 3 books") and (output_with_tokenizer / "validation").is_dir()
+
+
+INTERRUPTED = "interrupted: run the same command again to go on where it stopped"
+
+
+def start_cli(*args):
+    """The CLI in a process group of its own, as a terminal runs it (Ctrl-C reaches the whole group)."""
+    return subprocess.Popen([sys.executable, "-m", "data_pipeline", *map(str, args)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def test_sigterm_while_sharding_stops_with_one_line_and_a_rerun_finishes(pg19_mini, pg19_shards,
+                                                                          output_with_tokenizer, tokenizer_settings):
+    arguments = ["prepare", "--input", pg19_mini, "--output", output_with_tokenizer, "--splits", "train",
+                 "--workers", 2, "--tokens-per-shard", 1_000_000, *cli_settings(tokenizer_settings)]
+    run = start_cli(*arguments)
+    while run.poll() is None and not list((output_with_tokenizer / "train").glob(".shard-*.partial")):
+        time.sleep(0.01)  # until the pool is tokenizing and the first shard is being written
+    os.kill(run.pid, signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert (run.returncode, stderr.splitlines()[-1]) == (130, INTERRUPTED), stderr
+    assert "Traceback" not in stderr
+    assert run_cli(*arguments).returncode == 0
+    for shard in manifest_of(pg19_shards.root, "train")["shards"]:
+        name = f"train/{shard['name']}"
+        assert (output_with_tokenizer / name).read_bytes() == (pg19_shards.root / name).read_bytes()
+
+
+def child_commands(pid):
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    commands = []
+    for child in children:
+        with contextlib.suppress(FileNotFoundError):  # it may have ended meanwhile
+            commands.append(Path(f"/proc/{child}/cmdline").read_bytes())
+    return commands
+
+
+def ignores_ctrl_c(pid):
+    ignored = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn"))
+    return bool(int(ignored.split()[1], 16) & 1 << signal.SIGINT - 1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_tokenizer_training_at_once(pg19_mini, tmp_path, signum):
+    # Settings that train for many seconds, so the signal comes while sentencepiece is busy.
+    run = start_cli("tokenizer", "--input", pg19_mini, "--output", tmp_path, "--vocab-size", 30000, "--sample-mb", 20,
+                    "--model-type", "unigram")
+    while run.poll() is None and not (any(b"spawn_main" in command for command in child_commands(run.pid))
+                                      and not ignores_ctrl_c(run.pid)):
+        time.sleep(0.01)  # until the trainer process is started, and the parent handles Ctrl-C again
+    assert run.poll() is None, "trained without a child process the signal could stop"
+    os.killpg(run.pid, signum)
+    _, stderr = run.communicate(timeout=120)
+    assert (run.returncode, stderr.splitlines()[-1]) == (130, INTERRUPTED), stderr
+    assert "Traceback" not in stderr and not (tmp_path / "tokenizer.model").exists()
+
+
+def test_long_phases_log_progress_lines(pg19_mini, pg19_shards, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "INTERVAL", 0.0)  # a line at every step (30 s apart in real runs)
+    stream = io.StringIO()
+    training_sample(Corpus(pg19_mini), 300_000, seed=1, log=stream)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("[data_pipeline] tokenizer: sample: 1/29 books, ") and lines[0].endswith(" MB/s")
+    assert lines[-1].startswith(f"[data_pipeline] tokenizer: sample: {len(lines)}/29 books, ")
+
+    monkeypatch.setattr(progress, "INTERVAL", 0.01)
+    stream = io.StringIO()
+    train_tokenizer(Corpus(pg19_mini), vocab_size=400, sample_bytes=300_000, seed=1, log=stream)
+    lines = [line for line in stream.getvalue().splitlines() if "tokenizer: sample" not in line]
+    assert lines[0].startswith("[data_pipeline] tokenizer: training on ") and lines[0].endswith(" lines of sample")
+    assert lines[1].startswith("[data_pipeline] tokenizer: training, ") and lines[1].endswith(" s so far")
+
+    monkeypatch.setattr(progress, "INTERVAL", 0.0)
+    assert cli.main(["verify", str(pg19_shards.root), "--splits", "train"]) == 0
+    logged = capsys.readouterr().err.splitlines()
+    expected = [f"[data_pipeline] verify train: {n}/6 shards" for n in range(1, 7)]
+    assert [line.split(", ")[0] for line in logged] == expected
+
+
+@pytest.mark.parametrize("content", [b'{"checksum": "ab', b"{}", b"[]"])
+def test_a_broken_tokenizer_json_is_a_one_line_error(pg19_mini, output_with_tokenizer, tokenizer_settings, content):
+    (output_with_tokenizer / "tokenizer.json").write_bytes(content)
+    with pytest.raises(DataError, match=f"^{output_with_tokenizer}/tokenizer.json: .*; remove it and tokenizer.model"):
+        prepare(pg19_mini, output_with_tokenizer, splits=["validation"], workers=1, progress=False,
+                **tokenizer_settings)
+
+
+def test_a_train_split_without_text_cannot_train_a_tokenizer(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "train").mkdir(parents=True)
+    for book in (None, "\n \n"):  # no books, then only an empty one
+        if book is not None:
+            (corpus / "train" / "1.txt").write_text(book)
+        with pytest.raises(DataError, match=f"^{corpus}/train: no book with text to train the tokenizer on$"):
+            prepare(corpus, tmp_path / "out", splits=["train"], vocab_size=400, workers=1, progress=False)
+
+
+def test_books_without_a_row_are_warned_about_even_when_no_row_is_usable(pg19_mini, output_with_tokenizer, tmp_path,
+                                                                         tokenizer_settings):
+    corpus = tmp_path / "corpus"
+    (corpus / "validation").mkdir(parents=True)
+    shutil.copy(pg19_mini / "validation/11.txt", corpus / "validation/11.txt")
+    (corpus / "metadata.csv").write_text('11,"Alice,1865,url\n')
+    (report,) = prepare(corpus, output_with_tokenizer, splits=["validation"], workers=1, progress=False,
+                        **tokenizer_settings)
+    assert report.warnings[-1] == "validation/11.txt: no row in metadata.csv"
+
+
+def test_a_tokenizer_not_made_for_this_corpus_is_not_reused(pg19_mini, output_with_tokenizer, tmp_path,
+                                                             tokenizer_settings):
+    corpus = tmp_path / "corpus"
+    (corpus / "train").mkdir(parents=True)
+    shutil.copy(pg19_mini / "train/46.txt", corpus / "train/46.txt")
+    with pytest.raises(DataError, match=f"^{output_with_tokenizer}/tokenizer.model: trained on other train books "
+                                        rf"\({pg19_mini}\); use another --output, remove tokenizer.model and "):
+        prepare(corpus, output_with_tokenizer, splits=["train"], workers=1, progress=False, **tokenizer_settings)
+
+    (output_with_tokenizer / "tokenizer.json").unlink()  # a model of the user's own, or of unknown origin
+    model = (output_with_tokenizer / "tokenizer.model").read_bytes()
+    with pytest.raises(DataError, match=f"^{output_with_tokenizer}/tokenizer.model: no tokenizer.json next to it"):
+        prepare(pg19_mini, output_with_tokenizer, splits=["validation"], workers=1, progress=False,
+                **tokenizer_settings)
+    assert (output_with_tokenizer / "tokenizer.model").read_bytes() == model
+
+
+def test_verify_checks_the_splits_there_are_against_the_tokenizer_and_lists_every_problem(
+        pg19_mini, pg19_shards, output_with_tokenizer, tokenizer_settings, tmp_path):
+    out = output_with_tokenizer
+    assert run_cli("verify", out).stderr == f"error: {out}: no prepared split in it (train/, validation/, test/)\n"
+    prepare(pg19_mini, out, splits=["test"], workers=1, progress=False, tokens_per_shard=1_000_000,
+            **tokenizer_settings)
+    verified = run_cli("verify", out)
+    assert (verified.returncode, verified.stdout) == (0, "test: 1 shards, 3 books, 950,735 tokens: ok\n")
+
+    other, training = train_tokenizer(Corpus(pg19_mini), vocab_size=400, sample_bytes=300_000)
+    other.save(tmp_path / "other", training)
+    shutil.copy(tmp_path / "other" / "tokenizer.model", out / "tokenizer.model")
+    verified = run_cli("verify", out)
+    assert verified.returncode == 1
+    assert verified.stderr == (f"error: {out}/test/manifest.json: shards were made with tokenizer "
+                               f"{pg19_shards.checksum[:12]}..., not {other.checksum[:12]}...\n")
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pg19_shards.root, copy)
+    first, last = copy / "train/shard-000000.tar", copy / "train/shard-000005.tar"
+    data = bytearray(first.read_bytes())
+    data[-20000] ^= 0xFF
+    first.write_bytes(bytes(data))
+    last.write_bytes(last.read_bytes()[:1000])
+    (copy / "validation/manifest.json").unlink()
+    verified = run_cli("verify", copy)
+    assert verified.returncode == 1 and verified.stdout == "test: 1 shards, 3 books, 950,735 tokens: ok\n"
+    assert verified.stderr.splitlines() == [
+        f"error: {first}: sha256 does not match manifest.json (corrupt data)",
+        f"error: {last}: 1000 bytes, manifest.json says {manifest_of(copy, 'train')['shards'][5]['bytes']} "
+        "(truncated or overwritten)",
+        f"error: {copy}/validation/manifest.json: missing (run `python -m data_pipeline prepare` first)",
+    ]
+
+
+def test_a_second_run_into_the_same_output_is_refused(pg19_mini, output_with_tokenizer, tokenizer_settings):
+    with open(output_with_tokenizer / ".lock", "a") as lock:  # as a run in progress holds it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for command in ("prepare", "shard"):
+            refused = run_cli(command, "--input", pg19_mini, "--output", output_with_tokenizer, "--splits", "test",
+                              *cli_settings(tokenizer_settings) * (command == "prepare"))
+            assert (refused.returncode, refused.stderr) == (
+                1, f"error: {output_with_tokenizer}: another run is writing into it (it holds {output_with_tokenizer}"
+                   "/.lock)\n")
+    assert not (output_with_tokenizer / "test").exists()
+    prepare(pg19_mini, output_with_tokenizer, splits=["test"], workers=1, progress=False, **tokenizer_settings)
+
+
+def test_no_more_worker_processes_than_books(pg19_mini, output_with_tokenizer, monkeypatch):
+    pools, spawn = [], writer.SPAWN
+
+    class RecordingSpawn:
+        def Pool(self, processes, **options):
+            pools.append(processes)
+            return spawn.Pool(processes, **options)
+
+    monkeypatch.setattr(writer, "SPAWN", RecordingSpawn())
+    report = shard_with_tokenizer(pg19_mini, output_with_tokenizer, "validation", workers=8)
+    assert report.books == 3 and pools == [3]

@@ -57,3 +57,39 @@ def test_memory_corpus_with_crlf_and_bad_bytes():
     assert (text, nbytes) == ("one\ntwo \ufffd\n", 12)
     assert warnings == ["train/7.txt: 1 undecodable bytes replaced with U+FFFD"]
     fs.rm("/text-corpus", recursive=True)
+
+
+def test_a_book_file_name_that_is_not_utf8_is_refused(tmp_path):
+    (tmp_path / "train").mkdir()
+    with open(bytes(tmp_path) + b"/train/caf\xe9.txt", "w") as file:
+        file.write("a book")
+    with pytest.raises(DataError, match=rf"^{tmp_path}/train/caf\\xe9\.txt: the file name is not valid UTF-8"):
+        Corpus(tmp_path).books("train")
+
+
+def test_metadata_with_a_byte_order_mark_and_malformed_rows(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "metadata.csv").write_bytes(b'\xef\xbb\xbf11,Alice,1865,url\n12,"Stray quote,1900,url\n13,B,1901,url\n')
+    corpus = Corpus(tmp_path)
+    assert corpus.metadata == {"11": ("Alice", 1865)}
+    assert corpus.warnings == [f"{tmp_path}/metadata.csv: 1 malformed rows ignored (fewer than 3 fields or a stray "
+                               "quote), the first ending on line 3"]
+    (tmp_path / "metadata.csv").write_text("just one field\n")
+    corpus = Corpus(tmp_path)
+    assert corpus.metadata == {} and corpus.warnings == [
+        f"{tmp_path}/metadata.csv: 1 malformed rows ignored (fewer than 3 fields or a stray quote), the first ending "
+        "on line 1",
+        f"{tmp_path}/metadata.csv: no usable row, books get empty titles and no year",
+    ]
+
+
+@pytest.mark.parametrize("names", [["07.txt", "7.txt"], ["7.txt", "07.txt"]])
+def test_book_order_is_total_and_files_that_are_not_books_are_listed(names):
+    fs = fsspec.filesystem("memory")
+    for name in [*names, "904.TXT", "notes.md", ".hidden.txt"]:  # memory:// lists files in the order written
+        fs.pipe(f"/order-corpus/train/{name}", b"text")
+    corpus = Corpus("memory://order-corpus")
+    assert [book.book_id for book in corpus.books("train")] == ["07", "7"]
+    assert corpus.ignored == {"train": ["train/904.TXT: not a .txt file, so not a book; ignored",
+                                        "train/notes.md: not a .txt file, so not a book; ignored"]}
+    fs.rm("/order-corpus", recursive=True)
