@@ -286,6 +286,16 @@ def test_problems_end_with_one_line_and_status_1(pg19_shards, checkpoints, capsy
     assert code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
+def write_training_checkpoint(model, step_folder):
+    """What training/checkpoint.py writes, as far as loading the weights reads it (of an unknown tokenizer)."""
+    step_folder.mkdir(parents=True)
+    torch.save({"module": {f"model.{k}": v for k, v in model.state_dict().items()}},
+               step_folder / "mp_rank_00_model_states.pt")
+    (step_folder / "meta.json").write_text(json.dumps({
+        "format": FORMAT, "model": model_config_to_dict(model.config), "zero_stage": 1,
+        "tokenizer_checksum": "0" * 64}))
+
+
 @pytest.mark.parametrize("damage", ["model.safetensors", "config.json", "mp_rank_00_model_states.pt", "meta.json"])
 def test_a_damaged_checkpoint_is_named_in_one_line(checkpoints, tmp_path, capsys, damage):
     folder = tmp_path / "copy"
@@ -293,13 +303,8 @@ def test_a_damaged_checkpoint_is_named_in_one_line(checkpoints, tmp_path, capsys
         shutil.copytree(checkpoints["mamba"], folder)
         path = folder / damage
     else:
-        model = load_checkpoint(str(checkpoints["mamba"]), torch.device("cpu")).model
         folder = folder / "step-00000001"
-        folder.mkdir(parents=True)
-        torch.save({"module": {f"model.{k}": v for k, v in model.state_dict().items()}},
-                   folder / "mp_rank_00_model_states.pt")
-        (folder / "meta.json").write_text(json.dumps({"format": FORMAT, "model": model_config_to_dict(model.config),
-                                                      "zero_stage": 1, "tokenizer_checksum": "0" * 64}))
+        write_training_checkpoint(load_checkpoint(str(checkpoints["mamba"]), torch.device("cpu")).model, folder)
         path = folder / damage
     path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])   # truncated
     expected = f"{path}: not valid JSON (" if damage == "meta.json" else f"{folder}: cannot load the model ("
@@ -387,14 +392,10 @@ def test_a_checkpoint_with_another_tokenizer_is_refused(checkpoints, tmp_path, p
         shutil.copytree(checkpoints["mamba"], folder)
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, "tokenizer_checksum": "0" * 64}))
-    else:   # what training/checkpoint.py writes, as far as loading the weights reads it
+    else:
         model = load_checkpoint(str(checkpoints["mamba"]), torch.device("cpu")).model
         step = folder / "step-00000001"
-        step.mkdir(parents=True)
-        torch.save({"module": {f"model.{k}": v for k, v in model.state_dict().items()}},
-                   step / "mp_rank_00_model_states.pt")
-        (step / "meta.json").write_text(json.dumps({"format": FORMAT, "model": model_config_to_dict(model.config),
-                                                    "zero_stage": 1, "tokenizer_checksum": "0" * 64}))
+        write_training_checkpoint(model, step)
         shutil.copy(pg19_shards.tokenizer_path, step / "tokenizer.model")
         assert load_model(folder).config == model.config
     with pytest.raises(EvalError, match="not the tokenizer"):
