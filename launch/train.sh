@@ -26,6 +26,7 @@ trap '' TERM USR1
 # A signal that comes before the ranks catch it (they take seconds to start) is written here too: they read it
 # when they start catching (training/train.py).
 export MEMMAMBA_STOP_FILE="${TMPDIR:-/tmp}/memmamba-stop.$$"
+rm -f "$MEMMAMBA_STOP_FILE"   # one a killed script of the same process id left behind
 trap 'rm -f "$MEMMAMBA_STOP_FILE"' EXIT
 set -m
 "$python" -m deepspeed.launcher.runner ${DEEPSPEED_ARGS:-} "$0" "$@" &
