@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+from pathlib import Path
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -39,15 +40,27 @@ def check_folder(url):
         raise DataError(f"{display(fs, path)}: is a file, not a folder")
     if not is_local(fs):  # object stores have no folders to make; access is only known at the first write
         return
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise DataError(f"{path}: cannot be made, {parent} is a file")
-    try:  # the only sure test of writing a folder there (permissions, read-only mounts, /proc) is to do it
+    problem = local_folder_problem(path)
+    if problem:
+        raise DataError(f"{path}: cannot be made, {problem}")
+
+
+def local_folder_problem(path):
+    """Why a folder at a local path could not be made or written to, or None. Leaves nothing behind.
+
+    The only sure test (permissions, read-only mounts, /proc, where root passes every permission check) is to make
+    a folder in the nearest existing parent, and remove it.
+    """
+    parent = Path(path)
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file"
+    try:
         os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".check-"))
     except OSError as error:
-        raise DataError(f"{path}: cannot be made, {parent} is not writable ({error.strerror})") from None
+        return f"{parent} is not writable ({error.strerror})"
+    return None
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import DataError
+from data_pipeline.storage import local_folder_problem
 from data_pipeline.tokenizer import Tokenizer
 from model import build_model, compile_layers
 from model.config import model_config_to_dict
@@ -430,15 +430,9 @@ def _check_deepspeed_config(ds_config: dict) -> None:
 
 def _check_output_dir(folder: Path) -> None:
     """That the run's folder can be made and written, without making it: a failed check leaves nothing behind."""
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"output_dir {folder}: {existing} is a file, not a folder")
-    try:   # by making a folder there: permissions alone do not say (root passes them, on /proc too)
-        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
-    except OSError as error:
-        raise ConfigError(f"output_dir {folder}: {existing} is not writable ({error.strerror})") from None
+    problem = local_folder_problem(folder)
+    if problem:
+        raise ConfigError(f"output_dir {folder}: {problem}")
 
 
 def _peak_flops(cfg: RunConfig, device: torch.device) -> float:

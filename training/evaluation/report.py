@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.storage import local_folder_problem
 from training.evaluation.common import EvalError
 
 EXTENSIONS = ("json", "md", "png")
@@ -49,11 +50,9 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def check_out(out: Path, task: str) -> None:
     """Refuse, before any work, a results folder that `write` could not fill."""
-    existing = next(path for path in (out, *out.parents) if path.exists())   # '.' or '/' at the latest
-    if not existing.is_dir():
-        raise EvalError(f"--out {out}: cannot be a results folder ({existing} is a file)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise EvalError(f"--out {out}: cannot be a results folder ({existing} is not writable)")
+    problem = local_folder_problem(out)
+    if problem:
+        raise EvalError(f"--out {out}: cannot be a results folder ({problem})")
     for path in (out / f"{task}.{extension}" for extension in EXTENSIONS):
         if path.is_dir() or path.exists() and not os.access(path, os.W_OK):
             raise EvalError(f"--out {out}: cannot write {path}")
