@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, get_type_hints
 
 from model import ConfigError, model_config_from_dict
 from model.config import describe_type, matches_type
+from training.tasks import MAX_KEY_DIGITS
 
 
 @dataclass
@@ -28,8 +29,9 @@ class PasskeyConfig:
     key_digits: int = 5
 
     def __post_init__(self):
-        if not 1 <= self.key_digits <= 18:   # keys are drawn as 64-bit integers
-            raise ConfigError(f"data.passkey.key_digits must be between 1 and 18, got {self.key_digits}")
+        if not 1 <= self.key_digits <= MAX_KEY_DIGITS:
+            raise ConfigError(f"data.passkey.key_digits must be between 1 and {MAX_KEY_DIGITS}, "
+                              f"got {self.key_digits}")
 
 
 @dataclass

@@ -28,6 +28,8 @@ from data_pipeline.stream import checked_position
 from data_pipeline.tokenizer import NEWLINE_ID, Tokenizer
 from model import ConfigError
 
+MAX_KEY_DIGITS = 18   # keys are drawn as 64-bit integers
+
 PASSKEY_PREFIX = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
                   "I will quiz you about the pass key.\n")
 PASSKEY_NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
@@ -92,8 +94,8 @@ class PasskeyTask:
     """Passkey prompts of an exact token length with filler from books."""
 
     def __init__(self, tokenizer: Tokenizer, filler: BookFiller, key_digits: int = 5):
-        if not 1 <= key_digits <= 18:   # keys are drawn as 64-bit integers
-            raise ValueError(f"key_digits must be between 1 and 18, got {key_digits}")
+        if not 1 <= key_digits <= MAX_KEY_DIGITS:
+            raise ValueError(f"key_digits must be between 1 and {MAX_KEY_DIGITS}, got {key_digits}")
         self.tokenizer, self.filler, self.key_digits = tokenizer, filler, key_digits
         self.prefix = np.array(tokenizer.encode(PASSKEY_PREFIX), dtype=np.int64)
         self.query = np.array(tokenizer.encode(PASSKEY_QUERY), dtype=np.int64)

@@ -16,7 +16,7 @@ import torch
 from data_pipeline.reader import ShardedBooks
 from training.evaluation.common import EvalError, Progress, greedy, parse_lengths
 from training.evaluation.report import Outcome, length_label, table
-from training.tasks import BookFiller, PasskeyTask
+from training.tasks import MAX_KEY_DIGITS, BookFiller, PasskeyTask
 
 NAME = "passkey"
 HELP = "passkey retrieval by length and depth (Table 2)"
@@ -68,8 +68,8 @@ def prepare(checkpoints, args):
         raise EvalError(f"--depths must lie in [0, 1], got {args.depths}")
     if args.samples < 1 or args.batch_size < 1:
         raise EvalError("--samples and --batch-size must be positive")
-    if not 1 <= args.key_digits <= 18:   # keys are drawn as 64-bit integers
-        raise EvalError(f"--key-digits must be between 1 and 18, got {args.key_digits}")
+    if not 1 <= args.key_digits <= MAX_KEY_DIGITS:
+        raise EvalError(f"--key-digits must be between 1 and {MAX_KEY_DIGITS}, got {args.key_digits}")
     tasks = {}
     for checkpoint in checkpoints:
         books = ShardedBooks(args.data, args.split, checkpoint.tokenizer.checksum)
