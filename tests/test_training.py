@@ -497,9 +497,8 @@ def test_a_signal_during_start_up_stops_the_run_after_its_first_step(pg19_shards
     and read a signal that came before that from the script's stop file: either would otherwise be lost, and the
     run would go on to the end."""
     command, env = as_bash_script(train_command(2, pg19_shards.root, tmp_path, "train.max_steps=40"))
-    if when == "before the ranks catch it":   # ranks that take 5 s to start
-        (tmp_path / "sitecustomize.py").write_text("import os, time\nif 'RANK' in os.environ:\n    time.sleep(5)\n")
-        env["PYTHONPATH"] = str(tmp_path)
+    if when == "before the ranks catch it":
+        env["PYTHONPATH"] = late_start(tmp_path / "late_start", "'RANK' in os.environ")
     script = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True)
     usr1 = 1 << (signal.SIGUSR1 - 1)
@@ -560,6 +559,14 @@ def test_the_config_may_come_after_the_overrides(tmp_path):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.endswith(
         "error: expected one config file and KEY=VALUE overrides, got configs/tiny_cpu.json y\n")
+
+
+def late_start(folder, condition):
+    """A PYTHONPATH on which the processes that meet `condition` (a Python expression on os.environ) start 5 s
+    late: a sitecustomize.py, which Python runs before anything else."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(f"import os, time\nif {condition}:\n    time.sleep(5)\n")
+    return str(folder)
 
 
 def _rank_statuses(script_pid):
@@ -879,11 +886,7 @@ def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, str
     # first rank gets there last (the launcher kills every rank once one exits with an error).
     ranks = 2 if problem in ("missing key", "output is a file") else 1
     if ranks == 2:
-        late_start = tmp_path / "late_start"
-        late_start.mkdir()
-        (late_start / "sitecustomize.py").write_text("import os, time\nif os.environ.get('RANK') == '0':\n"
-                                                     "    time.sleep(5)\n")
-        monkeypatch.setenv("PYTHONPATH", str(late_start))
+        monkeypatch.setenv("PYTHONPATH", late_start(tmp_path / "late_start", "os.environ.get('RANK') == '0'"))
     result = train(ranks, pg19_shards.root, tmp_path / "run", *overrides, check=False, config=config)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
