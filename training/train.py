@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = setup(configs[0], overrides, stop_signal)
         fit(run)
+        # Ranks leave together: a rank that tears gloo down while another still uses it can abort at exit.
+        dist.barrier()
     except (ConfigError, DataError, checkpoint.CheckpointError, TrainingError) as error:
         _report(error, stop_signal)
         return 1
