@@ -22,6 +22,7 @@ class GenerationMixin:
         (chunk start, chunk end) giving the positions whose logits to keep, returns those
         concatenated instead of only the last.
         """
+        check_token_ids(input_ids, "input_ids", 2)
         if input_ids.shape[1] == 0:
             raise ValueError("prefill needs a prompt of at least one token (e.g. the end-of-sequence id, which "
                              "starts a new document)")
@@ -69,3 +70,16 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, -1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def check_token_ids(ids, name: str, dims: int) -> None:
+    """ids must be a tensor of token ids, [batch, tokens] (dims 2) or [batch] (dims 1).
+
+    Shape and dtype only, which needs no device sync: a model's forward runs this on every call.
+    """
+    if not isinstance(ids, Tensor) or ids.dtype not in (torch.long, torch.int32):   # what nn.Embedding takes
+        found = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
+        raise TypeError(f"{name} must be a tensor of token ids (torch.long or torch.int32), got {found}")
+    if ids.dim() != dims:
+        raise ValueError(f"{name} must have shape {'[batch, tokens]' if dims == 2 else '[batch]'}, "
+                         f"got shape {list(ids.shape)}")
