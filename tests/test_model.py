@@ -431,3 +431,34 @@ def test_step_without_a_state_starts_a_sequence():
     torch.testing.assert_close(torch.stack([first, second], 1), full, rtol=1e-5, atol=1e-5)
     assert state.position == 2
 
+
+def test_top_k_zero_samples_from_the_whole_vocabulary():
+    """As training/generate.py's --top-k 0: no top-k cut, not an error."""
+    from model.generation import sample
+    logits = torch.randn(4, 50)
+    draws = [sample(logits, top_k=k, generator=torch.Generator().manual_seed(0)) for k in (0, None)]
+    assert torch.equal(draws[0], draws[1])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.5), r"temperature must be 0 \(greedy\) or positive, got -0.5"),
+    (dict(temperature=float("nan")), "temperature must be 0"),
+    (dict(top_k=-1), "top_k must be None or 0 .* or a positive number of ids, got -1"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be 0 or more, got -1"),
+    (dict(vocab_size=0), r"vocab_size must be None \(the model's whole vocabulary\) or positive, got 0"),
+    (dict(chunk_len=0), "chunk_len must be a positive number of tokens, got 0"),
+], ids=["negative-temperature", "nan-temperature", "negative-top-k", "negative-max-new-tokens", "vocab-size-0",
+        "chunk-len-0"])
+def test_bad_generation_arguments_are_refused_with_the_reason(kwargs, message):
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        make_model().generate(tokens(T=5), **kwargs)
+
+
+def test_a_prompt_outside_the_vocabulary_is_refused_before_the_embedding():
+    """On a GPU the embedding's out-of-range index is a device-side assert, which ends the process's use of the GPU."""
+    ids = tokens(T=5)
+    ids[1, 2] = 97
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 97\) \(the model's vocab_size\), got ids from "
+                                         r"\d+ to 97"):
+        make_model().generate(ids, 3)
