@@ -55,6 +55,7 @@ class MemMambaConfig:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key} must be a positive integer, got {getattr(self, key)}")
+        _check_positive_numbers(self, ["norm_eps"])
         if self.dt_rank != "auto" and self.dt_rank <= 0:
             raise ConfigError(f"model.dt_rank must be 'auto' or a positive integer, got {self.dt_rank}")
         for key in ("tau1", "tau2"):
@@ -97,6 +98,7 @@ class TransformerConfig:
         for key in ("d_model", "n_layer", "n_head", "vocab_size", "mlp_ratio"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key} must be a positive integer, got {getattr(self, key)}")
+        _check_positive_numbers(self, ["rope_base", "norm_eps"])
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
             raise ConfigError(f"model.d_model ({self.d_model}) must split into model.n_head "
                               f"({self.n_head}) heads of even width")
@@ -123,16 +125,18 @@ ARCHS = {"memmamba": MemMambaConfig, "transformer": TransformerConfig}
 
 def model_config_from_dict(section: dict[str, Any]) -> MemMambaConfig | TransformerConfig:
     """Build a config from a JSON `model` section: {"arch": ..., "size": ..., **overrides}."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"the model section must be a JSON object, got {section!r}")
     section = dict(section)
     arch = section.pop("arch", "memmamba")
-    if arch not in ARCHS:
+    if not isinstance(arch, str) or arch not in ARCHS:   # (a list would not even hash)
         raise ConfigError(f"model.arch must be one of {sorted(ARCHS)}, got {arch!r}")
     cls = ARCHS[arch]
     fields = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if "size" in section:
         size = section.pop("size")
-        if size not in SIZES[arch]:
+        if not isinstance(size, str) or size not in SIZES[arch]:
             raise ConfigError(f"model.size must be one of {sorted(SIZES[arch])} for arch "
                               f"{arch!r}, got {size!r}")
         values.update(SIZES[arch][size])
@@ -146,6 +150,15 @@ def model_config_from_dict(section: dict[str, Any]) -> MemMambaConfig | Transfor
 
 def model_config_to_dict(config: MemMambaConfig | TransformerConfig) -> dict[str, Any]:
     return {"arch": config.arch, **dataclasses.asdict(config)}
+
+
+def _check_positive_numbers(config, keys: list[str]) -> None:
+    for key in keys:
+        value = getattr(config, key)
+        # NaN fails the comparison too. At 0 or below, norm_eps (under a square root) and rope_base (raised to a
+        # negative power) give inf or NaN outputs, not an error.
+        if not value > 0:
+            raise ConfigError(f"model.{key} must be a positive number, got {value}")
 
 
 def _check_types(config) -> None:

@@ -1,8 +1,9 @@
 """Prefill and sampling shared by every language model here.
 
 A model provides `forward(input_ids, state) -> (logits, state)`, `step(token, state) ->
-(logits, state)` and `allocate_state(batch_size)`. Long prompts are prefilled chunk by
-chunk, so memory does not grow with the prompt beyond one chunk (and the model's own state).
+(logits, state)`, `allocate_state(batch_size)` and `config.vocab_size`. Long prompts are
+prefilled chunk by chunk, so memory does not grow with the prompt beyond one chunk (and the
+model's own state).
 """
 from __future__ import annotations
 
@@ -22,9 +23,20 @@ class GenerationMixin:
         (chunk start, chunk end) giving the positions whose logits to keep, returns those
         concatenated instead of only the last.
         """
+        check_token_ids(input_ids, "input_ids", 2)
         if input_ids.shape[1] == 0:
             raise ValueError("prefill needs a prompt of at least one token (e.g. the end-of-sequence id, which "
                              "starts a new document)")
+        if chunk_len < 1:
+            raise ValueError(f"chunk_len must be a positive number of tokens, got {chunk_len}")
+        # Out of range, the embedding fails with an index error on the CPU and a device-side assert (which ends
+        # the process's use of the GPU) on CUDA. One sync per prompt is nothing here; forward, which training
+        # runs, leaves this to the embedding.
+        vocab_size = self.config.vocab_size
+        low, high = input_ids.aminmax()
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {vocab_size}) (the model's vocab_size), got ids from "
+                             f"{low.item()} to {high.item()}")
         if state is None:
             state = self.allocate_state(input_ids.shape[0], input_ids.device)
         kept = []
@@ -44,6 +56,10 @@ class GenerationMixin:
 
         `vocab_size`: draw only ids below it, those of a tokenizer smaller than the model's vocabulary.
         """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+        if vocab_size is not None and vocab_size < 1:
+            raise ValueError(f"vocab_size must be None (the model's whole vocabulary) or positive, got {vocab_size}")
         logits, state = self.prefill(input_ids, chunk_len=chunk_len)
         for i in range(max_new_tokens):
             token = sample(logits[:, :vocab_size], temperature, top_k, greedy, generator)
@@ -60,12 +76,29 @@ class GenerationMixin:
 
 def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
            greedy: bool = False, generator: torch.Generator | None = None) -> Tensor:
-    """logits [B, V] -> token ids [B]."""
+    """logits [B, V] -> token ids [B]. Temperature 0 is greedy; top_k None or 0 keeps the whole vocabulary."""
+    if not temperature >= 0:   # NaN too
+        raise ValueError(f"temperature must be 0 (greedy) or positive, got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be None or 0 (the whole vocabulary) or a positive number of ids, got {top_k}")
     if greedy or temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k is not None:
+    if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, -1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def check_token_ids(ids, name: str, dims: int) -> None:
+    """ids must be a tensor of token ids, [batch, tokens] (dims 2) or [batch] (dims 1).
+
+    Shape and dtype only, which needs no device sync: a model's forward runs this on every call.
+    """
+    if not isinstance(ids, Tensor) or ids.dtype not in (torch.long, torch.int32):   # what nn.Embedding takes
+        found = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
+        raise TypeError(f"{name} must be a tensor of token ids (torch.long or torch.int32), got {found}")
+    if ids.dim() != dims:
+        raise ValueError(f"{name} must have shape {'[batch, tokens]' if dims == 2 else '[batch]'}, "
+                         f"got shape {list(ids.shape)}")

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import MemMambaConfig
-from model.generation import GenerationMixin
+from model.generation import GenerationMixin, check_token_ids
 from model.lm_head import LMHead
 from model.mixer import Mamba
 from model.notes import MemoryAttention, NoteBlock, PoolView
@@ -161,6 +161,11 @@ class MemMambaLM(GenerationMixin, nn.Module):
 
         Without the state (a training forward over whole sequences) the kernels fuse more.
         """
+        check_token_ids(input_ids, "input_ids", 2)
+        if input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids has no tokens (shape {list(input_ids.shape)}); a forward needs at least one")
+        if state is not None and sp is None:
+            self._check_state(state, input_ids.shape[0])
         if sp is not None:
             position = sp.start_position(input_ids.shape[1])
         else:
@@ -181,8 +186,12 @@ class MemMambaLM(GenerationMixin, nn.Module):
             views = self._recent_views(views, view)
         return self.norm_f(x), ModelState(layer_states, position + input_ids.shape[1]) if final_state else None
 
-    def step(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-        """token [B] -> (logits [B, V], state). Constant time and memory per token."""
+    def step(self, token: Tensor, state: ModelState | None) -> tuple[Tensor, ModelState]:
+        """token [B] -> (logits [B, V], state). Constant time and memory per token; `state` None starts a sequence."""
+        check_token_ids(token, "token", 1)
+        if state is None:
+            state = self.allocate_state(token.shape[0], token.device)
+        self._check_state(state, token.shape[0])
         x = self.embedding(token)
         views: tuple[PoolView, ...] = ()
         layer_states = []
@@ -191,6 +200,33 @@ class MemMambaLM(GenerationMixin, nn.Module):
             layer_states.append(new_state)
             views = self._recent_views(views, view)
         return self.lm_head(self.norm_f(x)), ModelState(layer_states, state.position + 1)
+
+    def _check_state(self, state: ModelState, batch_size: int) -> None:
+        """Refuse, with the reason, a state that another model, config or batch made: it would fail deep inside a
+        layer, or not at all (given a state of fewer layers, the model would run only that many of its own). Shapes
+        only, which needs no device sync, and of the first layer only: every layer's state has the same shapes."""
+        if not isinstance(state, ModelState):
+            raise TypeError(f"state must be the ModelState a MemMambaLM returns (or its allocate_state makes), "
+                            f"got {type(state).__name__}")
+        if len(state.layers) != len(self.layers):
+            raise ValueError(f"the state has {len(state.layers)} layers and the model {len(self.layers)}: it comes "
+                             f"from another model")
+        first, c = state.layers[0], self.config
+        rows = first.mixer.ssm.shape[0]
+        if rows != batch_size:
+            raise ValueError(f"the state holds {rows} sequences and the input {batch_size} (state.select picks "
+                             f"some of a state's sequences)")
+        if (first.notes is not None) != c.notes:
+            raise ValueError(f"the state is that of a model with notes {'off' if first.notes is None else 'on'} "
+                             f"and this model has them {'on' if c.notes else 'off'}")
+        shapes = {"conv [B, d_inner, d_conv - 1]": (first.mixer.conv.shape, (rows, c.d_inner, c.d_conv - 1)),
+                  "ssm [B, d_inner, d_state]": (first.mixer.ssm.shape, (rows, c.d_inner, c.d_state))}
+        if c.notes:
+            shapes["notes [B, pool_size, summary_dim]"] = (first.notes.notes.shape, (rows, c.pool_size, c.summary_dim))
+        for name, (shape, want) in shapes.items():
+            if tuple(shape) != want:
+                raise ValueError(f"the state has {name} of shape {list(shape)} where this model's config makes "
+                                 f"{list(want)}: it comes from a model with another config")
 
     def _recent_views(self, views: tuple[PoolView, ...], view: PoolView | None) -> tuple[PoolView, ...]:
         """The pool views a later layer may read: the last cross_layer_span - 1 (it adds its own).

@@ -22,6 +22,9 @@ from model.transformer import TransformerLM
 def build_model(config: MemMambaConfig | TransformerConfig | dict[str, Any]) -> nn.Module:
     if isinstance(config, dict):
         config = model_config_from_dict(config)
+    if not isinstance(config, (MemMambaConfig, TransformerConfig)):
+        raise TypeError("build_model takes a MemMambaConfig, a TransformerConfig or a dict such as "
+                        f"{{'arch': 'memmamba', 'size': 'tiny'}}, got {config!r}")
     return MemMambaLM(config) if isinstance(config, MemMambaConfig) else TransformerLM(config)
 
 

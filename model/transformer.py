@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import TransformerConfig
-from model.generation import GenerationMixin
+from model.generation import GenerationMixin, check_token_ids
 from model.lm_head import LMHead
 from model.memmamba import RMSNorm
 
@@ -113,7 +113,11 @@ class TransformerLM(GenerationMixin, nn.Module):
     def hidden_states(self, input_ids: Tensor, state: KVCache | None = None, final_state: bool = True
                       ) -> tuple[Tensor, KVCache | None]:
         """The final normed hidden states and, if `final_state`, the KV cache after them."""
+        check_token_ids(input_ids, "input_ids", 2)
+        if input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids has no tokens (shape {list(input_ids.shape)}); a forward needs at least one")
         state = state or KVCache([], 0)
+        self._check_cache(state, input_ids.shape[0])
         positions = torch.arange(state.position, state.position + input_ids.shape[1], device=input_ids.device)
         x = self.embedding(input_ids)
         caches = []
@@ -126,6 +130,28 @@ class TransformerLM(GenerationMixin, nn.Module):
             caches.append(kv)
         return self.norm_f(x), KVCache(caches, state.position + input_ids.shape[1]) if final_state else None
 
-    def step(self, token: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
+    def step(self, token: Tensor, state: KVCache | None) -> tuple[Tensor, KVCache]:
+        """token [B] -> (logits [B, V], cache); `state` None starts a sequence."""
+        check_token_ids(token, "token", 1)
         logits, state = self(token[:, None], state)
         return logits[:, 0], state
+
+    def _check_cache(self, cache: KVCache, batch_size: int) -> None:
+        """Refuse, with the reason, a cache that another model, config or batch made: a longer one would be read in
+        part, as if it were this model's. Shapes only (no device sync), of the first layer: all have the same."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"state must be the KVCache a TransformerLM returns (or its allocate_state makes), "
+                            f"got {type(cache).__name__}")
+        if not cache.layers:   # allocate_state's: nothing cached yet
+            return
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(f"the state has {len(cache.layers)} layers and the model {len(self.layers)}: it comes "
+                             f"from another model")
+        k = cache.layers[0][0]
+        if k.shape[0] != batch_size:
+            raise ValueError(f"the state holds {k.shape[0]} sequences and the input {batch_size} (state.select picks "
+                             f"some of a state's sequences)")
+        heads = (self.config.n_head, self.config.d_model // self.config.n_head)
+        if tuple(k.shape[2:]) != heads:
+            raise ValueError(f"the state caches keys of {k.shape[2]} heads of width {k.shape[3]} where this model's "
+                             f"config makes {heads[0]} of width {heads[1]}: it comes from a model with another config")

@@ -1,7 +1,7 @@
 """Bad model configs raise one clear ConfigError that names the key."""
 import pytest
 
-from model import ConfigError, MemMambaConfig, model_config_from_dict
+from model import ConfigError, MemMambaConfig, build_model, model_config_from_dict
 
 
 @pytest.mark.parametrize("section, message", [
@@ -20,6 +20,12 @@ from model import ConfigError, MemMambaConfig, model_config_from_dict
     ({"size": "7b"}, "model.size must be one of ['130m', '200m', 'tiny']"),
     ({"arch": "rwkv"}, "model.arch must be one of ['memmamba', 'transformer']"),
     ({"arch": "transformer", "pool_size": 4}, "unknown key model.pool_size for arch 'transformer'"),
+    ({"size": ["tiny"]}, "model.size must be one of ['130m', '200m', 'tiny'] for arch 'memmamba', got ['tiny']"),
+    ({"arch": ["memmamba"]}, "model.arch must be one of ['memmamba', 'transformer'], got ['memmamba']"),
+    ({"norm_eps": 0}, "model.norm_eps must be a positive number, got 0"),
+    ({"norm_eps": float("nan")}, "model.norm_eps must be a positive number, got nan"),
+    ({"arch": "transformer", "norm_eps": -1e-5}, "model.norm_eps must be a positive number, got -1e-05"),
+    ({"arch": "transformer", "rope_base": 0}, "model.rope_base must be a positive number, got 0"),
 ])
 def test_bad_model_config(section, message):
     with pytest.raises(ConfigError) as error:
@@ -37,3 +43,14 @@ def test_size_preset_with_overrides():
 def test_cross_layer_every_p_layers_counted_from_one():
     config = MemMambaConfig(n_layer=8, cross_layer_every=4)
     assert [i for i in range(8) if config.has_cross_layer(i)] == [3, 7]
+
+
+@pytest.mark.parametrize("config", ["tiny", None, MemMambaConfig])
+def test_build_model_names_what_it_takes(config):
+    with pytest.raises(TypeError, match="build_model takes a MemMambaConfig, a TransformerConfig or a dict"):
+        build_model(config)
+
+
+def test_a_model_section_that_is_not_an_object_is_refused():
+    with pytest.raises(ConfigError, match="the model section must be a JSON object, got 'tiny'"):
+        model_config_from_dict("tiny")

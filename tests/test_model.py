@@ -374,3 +374,91 @@ def test_chunked_prefill_equals_one_pass():
     assert state.position == 40
     with pytest.raises(ValueError, match="at least one token"):
         model.prefill(ids[:, :0])
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m, ids: m(ids[:, :0]), ValueError, r"input_ids has no tokens \(shape \[3, 0\]\)"),
+    (lambda m, ids: m(ids[0]), ValueError, r"input_ids must have shape \[batch, tokens\], got shape \[41\]"),
+    (lambda m, ids: m(ids.float()), TypeError, r"input_ids must be a tensor of token ids \(torch.long or torch"),
+    (lambda m, ids: m.step(ids[:, :1], None), ValueError, r"token must have shape \[batch\], got shape \[3, 1\]"),
+    (lambda m, ids: m.step(ids[:, 0].float(), None), TypeError, "token must be a tensor of token ids"),
+    (lambda m, ids: m.generate(ids[0], 2), ValueError, r"input_ids must have shape \[batch, tokens\]"),
+], ids=["empty", "1d", "float", "step-2d", "step-float", "generate-1d"])
+def test_malformed_token_ids_are_refused_with_the_reason(call, error, message):
+    with pytest.raises(error, match=message), torch.no_grad():
+        call(make_model(), tokens())
+
+
+def test_int32_ids_give_what_long_ids_give():
+    model = make_model()
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids.int())[0], model(ids)[0], rtol=0, atol=0)
+        state = model.allocate_state(ids.shape[0])
+        torch.testing.assert_close(model.step(ids[:, 0].int(), state)[0], model.step(ids[:, 0], state)[0],
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make_state, message", [
+    (lambda: make_model()(tokens(batch=2, T=5))[1], "the state holds 2 sequences and the input 3"),
+    # a state of fewer layers used to run the model's first layers only, without an error
+    (lambda: make_model(n_layer=2)(tokens(T=5))[1], "the state has 2 layers and the model 4"),
+    (lambda: make_model(n_layer=6)(tokens(T=5))[1], "the state has 6 layers and the model 4"),
+    (lambda: make_model(pool_size=5)(tokens(T=5))[1],
+     r"notes \[B, pool_size, summary_dim\] of shape \[3, 5, 8\] where this model's config makes \[3, 3, 8\]"),
+    (lambda: make_model(d_model=16)(tokens(T=5))[1], r"conv \[B, d_inner, d_conv - 1\] of shape \[3, 32, 3\]"),
+    (lambda: make_model(notes=False)(tokens(T=5))[1], "a model with notes off and this model has them on"),
+    (lambda: make_model().allocate_state(1), "the state holds 1 sequences and the input 3"),
+    (lambda: (None, 5)[1], "state must be the ModelState a MemMambaLM returns"),
+], ids=["batch", "fewer-layers", "more-layers", "pool-size", "d-model", "notes-off", "allocated-batch", "not-a-state"])
+@pytest.mark.parametrize("form", ["forward", "step"])
+def test_a_state_from_another_batch_model_or_config_is_refused(make_state, message, form):
+    model = make_model()
+    ids = tokens(T=5)
+    with torch.no_grad():
+        state = make_state()
+        with pytest.raises((ValueError, TypeError), match=message):
+            model(ids, state) if form == "forward" else model.step(ids[:, 0], state)
+
+
+def test_step_without_a_state_starts_a_sequence():
+    model = make_model()
+    ids = tokens()
+    with torch.no_grad():
+        full, _ = model(ids[:, :2])
+        first, state = model.step(ids[:, 0], None)
+        second, state = model.step(ids[:, 1], state)
+    torch.testing.assert_close(torch.stack([first, second], 1), full, rtol=1e-5, atol=1e-5)
+    assert state.position == 2
+
+
+def test_top_k_zero_samples_from_the_whole_vocabulary():
+    """As training/generate.py's --top-k 0: no top-k cut, not an error."""
+    from model.generation import sample
+    logits = torch.randn(4, 50)
+    draws = [sample(logits, top_k=k, generator=torch.Generator().manual_seed(0)) for k in (0, None)]
+    assert torch.equal(draws[0], draws[1])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.5), r"temperature must be 0 \(greedy\) or positive, got -0.5"),
+    (dict(temperature=float("nan")), "temperature must be 0"),
+    (dict(top_k=-1), "top_k must be None or 0 .* or a positive number of ids, got -1"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be 0 or more, got -1"),
+    (dict(vocab_size=0), r"vocab_size must be None \(the model's whole vocabulary\) or positive, got 0"),
+    (dict(chunk_len=0), "chunk_len must be a positive number of tokens, got 0"),
+], ids=["negative-temperature", "nan-temperature", "negative-top-k", "negative-max-new-tokens", "vocab-size-0",
+        "chunk-len-0"])
+def test_bad_generation_arguments_are_refused_with_the_reason(kwargs, message):
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        make_model().generate(tokens(T=5), **kwargs)
+
+
+def test_a_prompt_outside_the_vocabulary_is_refused_before_the_embedding():
+    """On a GPU the embedding's out-of-range index is a device-side assert, which ends the process's use of the GPU."""
+    ids = tokens(T=5)
+    ids[1, 2] = 97
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 97\) \(the model's vocab_size\), got ids from "
+                                         r"\d+ to 97"):
+        make_model().generate(ids, 3)

@@ -1,4 +1,5 @@
 """The Transformer baseline: one pass == its equations; chunked prefill with the KV cache == step by step."""
+import pytest
 import torch
 
 from model import TransformerConfig, TransformerLM
@@ -46,3 +47,25 @@ def test_one_pass_equals_the_reference_written_from_the_equations():
         logits, _ = model(ids)
         reference = transformer_lm_reference(model, ids)
     torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m, ids, cache: m(ids[:, :0]), ValueError, r"input_ids has no tokens \(shape \[2, 0\]\)"),
+    (lambda m, ids, cache: m(ids[0]), ValueError, r"input_ids must have shape \[batch, tokens\], got shape \[30\]"),
+    (lambda m, ids, cache: m(ids.float()), TypeError, r"input_ids must be a tensor of token ids"),
+    (lambda m, ids, cache: m.step(ids[:, :1], cache), ValueError, r"token must have shape \[batch\]"),
+    (lambda m, ids, cache: m(ids[:1], cache), ValueError, "the state holds 2 sequences and the input 1"),
+    # a cache of more layers used to be read in part, as if it were this model's
+    (lambda m, ids, cache: TransformerLM(TransformerConfig(d_model=32, n_layer=1, n_head=4, vocab_size=50))(ids, cache),
+     ValueError, "the state has 2 layers and the model 1"),
+    (lambda m, ids, cache: TransformerLM(TransformerConfig(d_model=32, n_layer=2, n_head=2, vocab_size=50))(ids, cache),
+     ValueError, "keys of 4 heads of width 8 where this model's config makes 2 of width 16"),
+    (lambda m, ids, cache: m(ids, (cache.layers, cache.position)), TypeError, "state must be the KVCache"),
+], ids=["empty", "1d", "float", "step-2d", "batch", "more-layers", "heads", "not-a-cache"])
+def test_malformed_inputs_and_foreign_caches_are_refused_with_the_reason(call, error, message):
+    model = make()
+    ids = torch.randint(0, 50, (2, 30))
+    with torch.no_grad():
+        _, cache = model(ids[:, :4])
+        with pytest.raises(error, match=message):
+            call(model, ids, cache)
