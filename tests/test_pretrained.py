@@ -1,5 +1,6 @@
 """Weights in and out: mamba_ssm checkpoints, and our own exported folders."""
 import json
+import re
 
 import pytest
 import torch
@@ -102,4 +103,19 @@ def test_save_and_load_round_trip(tmp_path, section):
 
 def test_load_names_the_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json: missing"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda info: info["model"].update(d_model=32), "embedding.weight has shape [1024, 64], its config.json makes "
+                                                    "[1024, 32]"),
+    (lambda info: info.pop("model"), 'config.json: no "model" section'),
+    (lambda info: info.update(model=[1]), 'config.json: no "model" section'),
+])
+def test_load_names_a_config_json_that_disagrees_with_its_weights(tmp_path, edit, message):
+    save_pretrained(build_model({"arch": "memmamba", "size": "tiny"}), tmp_path)
+    info = json.loads((tmp_path / "config.json").read_text())
+    edit(info)
+    (tmp_path / "config.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=re.escape(message)):
         load_pretrained(tmp_path)
