@@ -46,8 +46,16 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> n
             raise FileNotFoundError(f"{folder / name}: missing; an exported model folder holds "
                                     "config.json and model.safetensors")
     info = json.loads((folder / "config.json").read_text())
+    if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
+        raise ValueError(f"{folder / 'config.json'}: no \"model\" section (the model's settings)")
     model = build_model(info["model"])
     tensors = load_file(str(folder / "model.safetensors"), device=str(device))
+    # Named here: load_state_dict's own error says only which tensors, not that config.json disagrees.
+    ours = model.state_dict()
+    for name, tensor in tensors.items():
+        if name in ours and tensor.shape != ours[name].shape:
+            raise ValueError(f"{folder / 'model.safetensors'}: {name} has shape {list(tensor.shape)}, its "
+                             f"config.json makes {list(ours[name].shape)}")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not (model.config.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:

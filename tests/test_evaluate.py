@@ -339,6 +339,12 @@ def test_generate_names_a_device_that_does_not_exist(checkpoints, capsys):
     assert code == 1 and err == "error: --device foo: not a device (cpu, cuda, cuda:1 ...)\n"
 
 
+@pytest.mark.parametrize("temperature", ["nan", "inf", "-1"])
+def test_generate_refuses_a_temperature_it_cannot_sample_with(checkpoints, capsys, temperature):
+    code, _, err = run_cli(generate, ["--checkpoint", checkpoints["mamba"], "--temperature", temperature], capsys)
+    assert code == 1 and err.startswith("error: ") and "--temperature (finite)" in err and err.count("\n") == 1
+
+
 def test_ctrl_c_ends_an_evaluation_with_one_line_and_status_130(pg19_shards, checkpoints, tmp_path, capsys,
                                                                 monkeypatch):
     def interrupted(*args):

@@ -1,5 +1,6 @@
 """Weights in and out: mamba_ssm checkpoints, and our own exported folders."""
 import json
+import re
 
 import pytest
 import torch
@@ -103,3 +104,56 @@ def test_save_and_load_round_trip(tmp_path, section):
 def test_load_names_the_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json: missing"):
         load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda info: info["model"].update(d_model=32), "embedding.weight has shape [1024, 64], its config.json makes "
+                                                    "[1024, 32]"),
+    (lambda info: info.pop("model"), 'config.json: no "model" section'),
+    (lambda info: info.update(model=[1]), 'config.json: no "model" section'),
+])
+def test_load_names_a_config_json_that_disagrees_with_its_weights(tmp_path, edit, message):
+    save_pretrained(build_model({"arch": "memmamba", "size": "tiny"}), tmp_path)
+    info = json.loads((tmp_path / "config.json").read_text())
+    edit(info)
+    (tmp_path / "config.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_pretrained(tmp_path)
+
+
+def test_an_untied_checkpoint_imports_with_its_own_head_and_is_refused_as_tied():
+    sd = random_mamba_ssm_state_dict()
+    sd["lm_head.weight"] = torch.randn_like(sd["lm_head.weight"])
+    model = MemMambaLM(config_from_mamba_ssm({**HF_CONFIG, "tie_embeddings": False}))
+    assert load_mamba_ssm_state_dict(model, sd) == []
+    ids = torch.randint(0, 104, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], mamba_lm_reference(sd, ids, 3), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="lm_head.weight differs from backbone.embedding.weight"):
+        load_mamba_ssm_state_dict(MemMambaLM(config_from_mamba_ssm(HF_CONFIG)), sd)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({**HF_CONFIG, "rms_norm": False}, "rms_norm=false"),
+    ({**HF_CONFIG, "d_intermediate": 96}, "d_intermediate=96"),
+    ({**HF_CONFIG, "attn_layer_idx": [1]}, r"attn_layer_idx=\[1\]"),
+    ({**HF_CONFIG, "ssm_cfg": {"d_state": 8, "bias": True}}, "ssm_cfg.bias=true"),
+    ({**HF_CONFIG, "ssm_cfg": {"layer": "Mamba2"}}, "only Mamba-1 checkpoints"),
+    ({"hidden_size": 48, "num_hidden_layers": 3, "vocab_size": 104, "state_size": 8}, "no 'd_model'"),   # transformers'
+])
+def test_import_refuses_a_config_outside_the_mamba1_layout_in_one_line(config, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_mamba_ssm(config)
+
+
+def test_import_cli_names_a_file_it_cannot_read_or_write(tmp_path, capsys):
+    torch.save(random_mamba_ssm_state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(HF_CONFIG))
+    weights, config = tmp_path / "pytorch_model.bin", tmp_path / "config.json"
+    for given, message in [((weights, weights, tmp_path / "out"), f"{weights}: not a JSON file ("),
+                           ((config, config, tmp_path / "out"), f"{config}: not a PyTorch state dict"),
+                           ((weights, config, weights / "out"), f"{weights / 'out'}: ")]:
+        code = import_main([arg for pair in zip(["--weights", "--config", "--out"], map(str, given)) for arg in pair])
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -27,9 +27,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import ConfigError, build_model, load_pretrained
+from model import ConfigError, build_model, load_pretrained, save_pretrained
 from training import data
-from training.checkpoint import CheckpointError, needs_universal
+from training.checkpoint import FORMAT, CheckpointError, needs_universal
 from training.config import apply_override, batch_layout, config_from_dict, load_config
 from training.distributed import free_port
 from training.export import load_model
@@ -770,6 +770,53 @@ def test_an_export_onto_a_file_or_from_a_damaged_checkpoint_stops_with_one_line(
     assert export.main([str(damaged), str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.startswith(f"error: {damaged}: cannot load the model (")
     assert not (tmp_path / "out").exists()
+
+
+def fake_run(root, section=None):
+    """A run folder with one checkpoint, as far as export reads it (the weights of a tiny model), without training."""
+    step = root / "checkpoints" / "step-00000001"
+    step.mkdir(parents=True)
+    model = build_model({"arch": "memmamba", "size": "tiny", "notes": False})
+    torch.save({"module": {f"model.{k}": v for k, v in model.state_dict().items()}},
+               step / "mp_rank_00_model_states.pt")
+    (step / "meta.json").write_text(json.dumps({
+        "format": FORMAT, "model": section or {"arch": "memmamba", "size": "tiny", "notes": False}, "zero_stage": 1,
+        "tokenizer_checksum": "0" * 64, "state": {"step": 1, "tokens_seen": 64}}))
+    return step
+
+
+@pytest.mark.parametrize("source, out, message", [
+    ("{step}", "{checkpoints}", "{checkpoints}: inside training checkpoints ({checkpoints})"),
+    ("{checkpoints}", "{step}/export", "{step}/export: inside training checkpoints ({step})"),
+    ("{checkpoints}", "{checkpoints}/export", "{checkpoints}/export: inside training checkpoints ({checkpoints})"),
+    ("{checkpoints}", "/proc/export", "/proc/export: cannot be made (/proc is not writable"),
+    ("{checkpoints}", "{tmp}/a_file/export", "{tmp}/a_file/export: cannot be made ({tmp}/a_file is a file)"),
+    ("{run}", "{tmp}/out", "{run}: a training run; its checkpoints are in {checkpoints}"),
+    ("{tmp}/nowhere", "{tmp}/out", "{tmp}/nowhere: no such folder"),
+    ("{tmp}/exported", "{tmp}/out", "{tmp}/exported: already an exported model; copy the folder instead"),
+])
+def test_an_export_into_checkpoints_or_from_a_wrong_folder_stops_with_one_line(tmp_path, capsys, source, out,
+                                                                                message):
+    from training import export
+
+    step = fake_run(tmp_path / "run")
+    save_pretrained(build_model({"arch": "memmamba", "size": "tiny"}), tmp_path / "exported")
+    (tmp_path / "a_file").write_text("")
+    names = dict(step=step, checkpoints=step.parent, run=tmp_path / "run", tmp=tmp_path)
+    assert export.main([source.format(**names), out.format(**names)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message.format(**names)}") and err.count("\n") == 1
+    assert sorted(p.name for p in step.parent.iterdir()) == ["step-00000001"]
+    assert sorted(p.name for p in step.iterdir()) == ["meta.json", "mp_rank_00_model_states.pt"]
+
+
+def test_a_checkpoint_whose_weights_disagree_with_its_model_section_names_the_tensor(tmp_path, capsys):
+    from training import export
+
+    step = fake_run(tmp_path, {"arch": "memmamba", "size": "tiny", "notes": False, "d_state": 4})
+    assert export.main([str(step), str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {step}: weights do not match its model section (size "
+                                              "mismatch for layers.0.mixer.A_log")
 
 
 @pytest.mark.slow

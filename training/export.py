@@ -22,16 +22,28 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from data_pipeline.storage import local_folder_problem
 from model import build_model, load_pretrained, save_pretrained
 from training.checkpoint import META, CheckpointError, complete_checkpoints, read_meta
 
 
 def export(checkpoint_dir: str | Path, out_folder: str | Path) -> Path:
+    if (Path(checkpoint_dir) / "model.safetensors").is_file() and not (Path(checkpoint_dir) / META).is_file():
+        raise CheckpointError(f"{checkpoint_dir}: already an exported model; copy the folder instead")
     path = _checkpoint(Path(checkpoint_dir))
     meta = read_meta(path)
     out = Path(out_folder)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: a file, not a folder to export to")
+    # In a checkpoint, the export would go when training prunes old checkpoints; in a folder of checkpoints,
+    # load_model would take it for that folder's latest checkpoint from then on.
+    where = out.resolve()
+    for folder in (where, *where.parents):
+        if (folder / META).is_file() or complete_checkpoints(folder):
+            raise CheckpointError(f"{out}: inside training checkpoints ({folder}); export to a folder of its own")
+    problem = local_folder_problem(out)
+    if problem:
+        raise CheckpointError(f"{out}: cannot be made ({problem})")
     model = _load_checkpoint(path, meta)
     out.mkdir(parents=True, exist_ok=True)
     # Written beside the export, then moved in: an interrupted export leaves no half-written file.
@@ -84,6 +96,10 @@ def _checkpoint(path: Path) -> Path:
         return path
     found = complete_checkpoints(path)
     if not found:
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such folder")
+        if complete_checkpoints(path / "checkpoints"):   # a run's output_dir
+            raise CheckpointError(f"{path}: a training run; its checkpoints are in {path / 'checkpoints'}")
         raise CheckpointError(f"{path}: neither an exported model (model.safetensors), a checkpoint ({META}) "
                               "nor a folder of checkpoints")
     return found[-1]
@@ -103,8 +119,9 @@ def _load_checkpoint(path: Path, meta: dict) -> nn.Module:
     state = {name.removeprefix("model."): tensor for name, tensor in state.items()}   # training/loss.py
     try:
         model.load_state_dict(state)
-    except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not match its model section ({str(error).splitlines()[0]})")
+    except RuntimeError as error:   # the first line is "Error(s) in loading state_dict ...:", the next says which
+        detail = str(error).splitlines()[1].strip()
+        raise CheckpointError(f"{path}: weights do not match its model section ({detail})") from None
     return model
 
 

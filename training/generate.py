@@ -11,6 +11,7 @@ at --max-new-tokens or at the end-of-sequence token.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -68,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.max_new_tokens < 1 or args.chunk_len < 1 or args.temperature < 0 or args.top_k < 0:
-            raise EvalError("--max-new-tokens and --chunk-len must be positive, --temperature and --top-k >= 0")
+        # `not 0 <= t < inf` also refuses nan, which would stop the sampling with a traceback
+        if args.max_new_tokens < 1 or args.chunk_len < 1 or not 0 <= args.temperature < math.inf or args.top_k < 0:
+            raise EvalError("--max-new-tokens and --chunk-len must be positive, --temperature (finite) and --top-k "
+                            ">= 0")
         device = pick_device(args.device)
         checkpoint = load_checkpoint(args.checkpoint, device, DTYPES[args.dtype], args.tokenizer)
         if args.prompt_file == "-":
