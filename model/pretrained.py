@@ -7,6 +7,7 @@ tokenizer's checksum). `load_pretrained(folder)` gives back the model.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,11 @@ def save_pretrained(model: nn.Module, folder: str | Path, metadata: dict[str, An
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                if not (model.config.tie_embeddings and k == "lm_head.weight")}
     save_file(tensors, str(folder / "model.safetensors"))
+    # safetensors writes its file owner-only (0600); an export is for others to load too, so it gets what any
+    # new file gets under the umask, as config.json does.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder / "model.safetensors", 0o666 & ~umask)
     info = {"model": model_config_to_dict(model.config), **(metadata or {})}
     (folder / "config.json").write_text(json.dumps(info, indent=2) + "\n")
 

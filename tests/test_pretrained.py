@@ -1,6 +1,8 @@
 """Weights in and out: mamba_ssm checkpoints, and our own exported folders."""
 import json
+import os
 import re
+import stat
 
 import pytest
 import torch
@@ -99,6 +101,16 @@ def test_save_and_load_round_trip(tmp_path, section):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids)[0], model(ids)[0], rtol=0, atol=0)
     assert loaded.lm_head.weight.data_ptr() == loaded.embedding.weight.data_ptr()
+
+
+def test_saved_files_are_readable_as_the_umask_allows(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        save_pretrained(build_model({"arch": "memmamba", "size": "tiny"}), tmp_path)
+    finally:
+        os.umask(previous)
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
 
 
 def test_load_names_the_missing_file(tmp_path):
