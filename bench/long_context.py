@@ -49,7 +49,7 @@ def _sp_rank(rank: int, world: int, rendezvous: str, section: dict, T: int, queu
     window = torch.randint(0, model.config.vocab_size, (1, T + 1), generator=torch.Generator().manual_seed(0))
     sp = SequenceParallel()
     base_mb = _rss_mb()
-    for i in range(2):
+    for _ in range(2):
         dist.barrier()
         start = time.perf_counter()
         lm_loss(model, window, sp=sp).backward()

@@ -1,7 +1,7 @@
 """Prefill and sampling shared by every language model here.
 
 A model provides `forward(input_ids, state) -> (logits, state)`, `step(token, state) ->
-(logits, state)`, `allocate_state(batch_size)` and `config.vocab_size`. Long prompts are
+(logits, state)`, `allocate_state(batch_size, device)` and `config.vocab_size`. Long prompts are
 prefilled chunk by chunk, so memory does not grow with the prompt beyond one chunk (and the
 model's own state).
 """

@@ -1,5 +1,8 @@
 """Slow, obviously-correct references that the fast paths are tested against."""
+import math
+
 import torch
+import torch.nn.functional as F
 
 
 def selective_scan_sequential(x, dt, A, B, C, D=None, dt_softplus=False, h0=None):
@@ -22,7 +25,6 @@ def rms_norm(x, weight, eps=1e-5):
 
 def mamba_mixer_reference(u, w):
     """Mamba-1 mixer from raw weights (mamba_ssm names), one token at a time. u [B, T, D]."""
-    import torch.nn.functional as F
     x, z = (u @ w["in_proj.weight"].T).chunk(2, -1)                 # [B, T, E]
     K = w["conv1d.weight"].shape[-1]
     padded = F.pad(x, (0, 0, K - 1, 0))
@@ -129,8 +131,6 @@ def _attention(u, notes, w, heads):
 def transformer_lm_reference(model, input_ids):
     """Logits of the Transformer baseline (model/transformer.py) from its equations: rotary positions as complex
     rotations, and each token's causal attention as an explicit softmax over the tokens up to it."""
-    import math
-    import torch.nn.functional as F
     config = model.config
     H = config.n_head
     x = model.embedding.weight[input_ids]

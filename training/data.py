@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_pipeline.evaluation import validation_windows
 from data_pipeline.errors import DataError
 from data_pipeline.stream import PackedWindows, train_loader
-from training.config import ConfigError, RunConfig
+from training.config import RunConfig
 from training.tasks import PasskeyWindows
 
 Batch = tuple[Tensor, "Tensor | None"]

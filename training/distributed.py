@@ -22,7 +22,6 @@ from model import ConfigError
 class Placement:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
 
@@ -43,7 +42,7 @@ def init_distributed() -> Placement:
             local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_size))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    return Placement(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return Placement(dist.get_rank(), dist.get_world_size(), device)
 
 
 def process_rank() -> int:

@@ -24,6 +24,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from training import flops
+
 
 class Metrics:
     def __init__(self, enabled: bool, tensorboard_dir: Path, every: int, progress_bar: bool, start_step: int,
@@ -70,7 +72,7 @@ class Metrics:
             "perf/memory_gib": _peak_memory(self.device) / 2 ** 30, "perf/data_wait_s": self.data_wait / steps,
         }
         if self.peak_flops:
-            scalars["perf/mfu"] = 100 * tps * self.flops_per_token / self.peak_flops
+            scalars["perf/mfu"] = 100 * flops.mfu(tps, self.flops_per_token, self.peak_flops)
         self._reset()
         if not self.enabled:
             return

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import DataError
-from data_pipeline.storage import local_folder_problem
+from data_pipeline.storage import join, local_folder_problem
 from data_pipeline.tokenizer import Tokenizer
 from model import build_model, compile_layers
 from model.config import model_config_to_dict
@@ -361,7 +361,7 @@ def _sequence_parallel(size: int) -> SequenceParallel | None:
 
 
 def _tokenizer_path(cfg: RunConfig) -> str:
-    return cfg.data.path.rstrip("/") + "/tokenizer.model"
+    return join(cfg.data.path, "tokenizer.model")
 
 
 def _tokenizer(cfg: RunConfig) -> Tokenizer:
