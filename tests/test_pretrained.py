@@ -7,7 +7,7 @@ import stat
 import pytest
 import torch
 
-from model import ConfigError, MemMambaConfig, MemMambaLM, build_model, load_pretrained, save_pretrained
+from model import ConfigError, MemMambaLM, build_model, load_pretrained, save_pretrained
 from model.mamba_import import config_from_mamba_ssm, load_mamba_ssm_state_dict, main as import_main
 from tests.reference import mamba_lm_reference
 
