@@ -411,9 +411,11 @@ INTERRUPTED = "interrupted: run the same command again to go on where it stopped
 
 
 def start_cli(*args):
-    """The CLI in a process group of its own, as a terminal runs it (Ctrl-C reaches the whole group)."""
+    """The CLI in a process group of its own, as a terminal runs it (Ctrl-C reaches the whole group), with Ctrl-C's
+    default action even where the tests run in the background, whose processes inherit it ignored."""
     return subprocess.Popen([sys.executable, "-m", "data_pipeline", *map(str, args)], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_sigterm_while_sharding_stops_with_one_line_and_a_rerun_finishes(pg19_mini, pg19_shards,
