@@ -637,24 +637,28 @@ def test_slurm_job_checkpoints_when_stopped_and_resumes(stop, pg19_shards, strai
 @pytest.mark.slow
 @pytest.mark.parametrize("run, zero", [("straight_run", []), ("zero2_run", [CLUSTER_DEEPSPEED]),
                                        ("zero3_run", [ZERO3])], ids=["zero1", "zero2", "zero3"])
-def test_resume_on_one_rank_continues_the_data_order(run, zero, request, pg19_shards, straight_run, tmp_path):
-    """A checkpoint of two ranks resumed on one, with ZeRO stage 1, 2 or 3: the same samples in the same steps and
-    the whole optimizer state, so it follows the two-rank run; only the order of the gradient sums differs."""
+def test_resume_on_one_rank_and_back_on_two_continues_the_data_order(run, zero, request, pg19_shards, straight_run,
+                                                                     tmp_path):
+    """A checkpoint of two ranks resumed on one, and that one's on two again, with ZeRO stage 1, 2 or 3: the same
+    samples in the same steps and the whole optimizer state, so they follow the two-rank run; only the order of the
+    gradient sums differs."""
     saved = request.getfixturevalue(run)
     first = checkpoints(saved)[0]
     shutil.copytree(saved / "checkpoints" / first, tmp_path / "checkpoints" / first)
-    result = train(1, pg19_shards.root, tmp_path, "train.max_steps=12", *zero)
+    result = train(1, pg19_shards.root, tmp_path, "train.max_steps=10", *zero)
     assert "resumed from" in result.stdout and "accumulation 4 x 1 data-parallel ranks" in result.stdout
-    one_rank, two_ranks = scalars(tmp_path, "train/loss"), scalars(straight_run, "train/loss")
-    assert sorted(one_rank) == list(range(int(first.split("-")[1]) + 1, 13))
-    for step in one_rank:
-        assert one_rank[step] == pytest.approx(two_ranks[step], rel=1e-4)
+    result = train(2, pg19_shards.root, tmp_path, "train.max_steps=12", *zero)
+    assert "step-00000010" in result.stdout and "accumulation 2 x 2 data-parallel ranks" in result.stdout
+    rescaled, two_ranks = scalars(tmp_path, "train/loss"), scalars(straight_run, "train/loss")
+    assert sorted(rescaled) == list(range(int(first.split("-")[1]) + 1, 13))
+    for step in rescaled:
+        assert rescaled[step] == pytest.approx(two_ranks[step], rel=1e-4)
     resumed = load_model(tmp_path / "checkpoints" / "step-00000012").state_dict()
     straight = load_model(straight_run / "checkpoints" / "step-00000012").state_dict()
     for name in straight:   # two steps with a wrong AdamW step count move weights by 1e-4
         assert torch.allclose(resumed[name], straight[name], rtol=0, atol=2e-6), name
     meta = json.loads((tmp_path / "checkpoints" / "step-00000012" / "meta.json").read_text())
-    assert meta["state"]["consumed_samples"] == 12 * 8 and meta["world_size"] == 1
+    assert meta["state"]["consumed_samples"] == 12 * 8 and meta["world_size"] == 2
 
 
 @pytest.mark.slow
