@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +31,33 @@ def build_model(config: MemMambaConfig | TransformerConfig | dict[str, Any]) -> 
     return MemMambaLM(config) if isinstance(config, MemMambaConfig) else TransformerLM(config)
 
 
-def save_pretrained(model: nn.Module, folder: str | Path, metadata: dict[str, Any] | None = None) -> None:
+def save_pretrained(model: nn.Module, folder: str | Path, metadata: dict[str, Any] | None = None,
+                    files: tuple[str | Path, ...] = ()) -> None:
+    """Write `model.safetensors` and `config.json` (plus copies of `files`) into `folder`.
+
+    Each file is written beside the folder's others and then moved in whole: an interrupted save leaves no
+    half-written file, and the files a save replaces stay readable until then."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    # Tied weights are stored once; safetensors refuses shared storage.
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-               if not (model.config.tie_embeddings and k == "lm_head.weight")}
-    save_file(tensors, str(folder / "model.safetensors"))
-    # safetensors writes its file owner-only (0600); an export is for others to load too, so it gets what any
-    # new file gets under the umask, as config.json does.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder / "model.safetensors", 0o666 & ~umask)
-    info = {"model": model_config_to_dict(model.config), **(metadata or {})}
-    (folder / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+    staging = Path(tempfile.mkdtemp(prefix=".save-", dir=folder))
+    try:
+        # Tied weights are stored once; safetensors refuses shared storage.
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+                   if not (model.config.tie_embeddings and k == "lm_head.weight")}
+        save_file(tensors, str(staging / "model.safetensors"))
+        # safetensors writes its file owner-only (0600); an export is for others to load too, so it gets what any
+        # new file gets under the umask, as config.json does.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging / "model.safetensors", 0o666 & ~umask)
+        info = {"model": model_config_to_dict(model.config), **(metadata or {})}
+        (staging / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+        for file in files:
+            shutil.copy(file, staging / Path(file).name)
+        for file in sorted(staging.iterdir()):
+            os.replace(file, folder / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -3,11 +3,12 @@ import json
 import os
 import re
 import stat
+from pathlib import Path
 
 import pytest
 import torch
 
-from model import ConfigError, MemMambaLM, build_model, load_pretrained, save_pretrained
+from model import ConfigError, MemMambaLM, build_model, load_pretrained, pretrained, save_pretrained
 from model.mamba_import import config_from_mamba_ssm, load_mamba_ssm_state_dict, main as import_main
 from tests.reference import mamba_lm_reference
 
@@ -111,6 +112,25 @@ def test_saved_files_are_readable_as_the_umask_allows(tmp_path):
         os.umask(previous)
     for name in ("model.safetensors", "config.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
+
+
+def test_an_interrupted_save_leaves_the_previous_files_whole(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    first, second = build_model({"arch": "memmamba", "size": "tiny"}), build_model({"arch": "memmamba", "size": "tiny"})
+    tokenizer, out = tmp_path / "tokenizer.model", tmp_path / "export"
+    tokenizer.write_bytes(b"pieces")
+    save_pretrained(first, out, files=[tokenizer])
+
+    def interrupted(tensors, path):   # stopped halfway through writing the weights
+        Path(path).write_bytes(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pretrained, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(second, out, files=[tokenizer])
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    ids = torch.randint(0, 1024, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(out)(ids)[0], first(ids)[0], rtol=0, atol=0)
 
 
 def test_load_names_the_missing_file(tmp_path):

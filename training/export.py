@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -45,22 +42,13 @@ def export(checkpoint_dir: str | Path, out_folder: str | Path) -> Path:
     if problem:
         raise CheckpointError(f"{out}: cannot be made ({problem})")
     model = _load_checkpoint(path, meta)
-    out.mkdir(parents=True, exist_ok=True)
-    # Written beside the export, then moved in: an interrupted export leaves no half-written file.
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
-    try:
-        save_pretrained(model, staging, metadata={
-            "step": meta["state"]["step"],
-            "tokens_seen": meta["state"]["tokens_seen"],
-            "tokenizer_checksum": meta["tokenizer_checksum"],
-            "checkpoint": str(path),
-        })
-        if (path / "tokenizer.model").is_file():
-            shutil.copy(path / "tokenizer.model", staging / "tokenizer.model")
-        for file in sorted(staging.iterdir()):
-            os.replace(file, out / file.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = path / "tokenizer.model"
+    save_pretrained(model, out, metadata={
+        "step": meta["state"]["step"],
+        "tokens_seen": meta["state"]["tokens_seen"],
+        "tokenizer_checksum": meta["tokenizer_checksum"],
+        "checkpoint": str(path),
+    }, files=(tokenizer,) if tokenizer.is_file() else ())
     return out
 
 
