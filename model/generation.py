@@ -83,7 +83,9 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
         raise ValueError(f"top_k must be None or 0 (the whole vocabulary) or a positive number of ids, got {top_k}")
     if greedy or temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    # Measured from the largest, the scaled logits are <= 0: a tiny temperature gives -inf, never inf - inf = NaN.
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

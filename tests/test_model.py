@@ -362,6 +362,16 @@ def test_top_k_sampling_stays_in_the_top_k():
     assert torch.equal(sample(logits, top_k=1, generator=g), logits.argmax(-1))
 
 
+def test_sampling_draws_from_softmax_of_logits_over_temperature_down_to_tiny_temperatures():
+    from model.generation import sample
+    logits = torch.randn(4, 50) * 10
+    for temperature in (0.7, 2.0):
+        expected = torch.multinomial(torch.softmax(logits / temperature, -1), 1,
+                                     generator=torch.Generator().manual_seed(0))[:, 0]
+        assert torch.equal(sample(logits, temperature, generator=torch.Generator().manual_seed(0)), expected)
+    assert torch.equal(sample(logits, temperature=1e-40), logits.argmax(-1))   # logits / 1e-40 overflow
+
+
 def test_chunked_prefill_equals_one_pass():
     model = make_model()
     ids = tokens(T=40)
