@@ -662,6 +662,20 @@ def test_resume_on_one_rank_and_back_on_two_continues_the_data_order(run, zero, 
 
 
 @pytest.mark.slow
+def test_the_transformer_baseline_trains_exports_and_resumes_bit_for_bit(pg19_shards, tmp_path):
+    """The paper's comparison model through the same loop (configs/transformer_200m_8k.json, at the tiny size)."""
+    from training import export
+
+    baseline = 'model={"arch": "transformer", "size": "tiny"}'
+    straight = tmp_path / "straight"
+    result = train(1, pg19_shards.root, straight, "train.max_steps=3", "checkpoint.every=2", baseline)
+    assert "transformer with 0.26M parameters" in result.stdout
+    assert_resumes_bit_for_bit(straight, tmp_path / "resumed", 1, pg19_shards.root, baseline)
+    export.export(straight / "checkpoints", tmp_path / "export")
+    assert type(load_pretrained(tmp_path / "export")).__name__ == "TransformerLM"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("run, zero", [("zero2_run", [CLUSTER_DEEPSPEED]), ("zero3_run", [ZERO3])],
                          ids=["zero2", "zero3"])
 def test_zero_stages_2_and_3_resume_bit_for_bit(run, zero, request, pg19_shards, tmp_path):
