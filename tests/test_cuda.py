@@ -54,7 +54,7 @@ def test_mamba_ssm_kernel_equals_torch_scan(with_h0, mixer_options):
 
 
 def _backend_pair(notes: bool):
-    from model import MemMambaConfig, MemMambaLM, compile_layers
+    from model import MemMambaConfig, MemMambaLM
     models = []
     for backend in ("torch", "cuda"):
         torch.manual_seed(0)
@@ -110,7 +110,7 @@ def test_compiled_layers_agree_on_the_kernel_path(chunk_len):
     """train.compile as it runs on a GPU: each layer one graph (a graph break fails), Triton kernels generated
     around the scan and conv kernels."""
     import torch._dynamo
-    from model import MemMambaConfig, MemMambaLM
+    from model import MemMambaConfig, MemMambaLM, compile_layers
     torch._dynamo.reset()
     window = torch.randint(0, 1024, (2, 513), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
     models = []

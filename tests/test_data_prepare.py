@@ -104,7 +104,7 @@ def test_manifest_counts_match_a_plain_tarfile_read(pg19_shards):
                 assert meta == {k: sample[k] for k in ("book_id", "title", "year", "num_tokens")}
                 assert sample["offset"] == member.offset_data + member.size - array.nbytes
         assert manifest["num_tokens"] == sum(s["num_tokens"] for s in manifest["shards"])
-        assert manifest["num_books"] == 29 if split == "train" else 3
+        assert manifest["num_books"] == (29 if split == "train" else 3)
 
 
 def test_webdataset_reads_shards_as_they_are(pg19_shards):
@@ -260,7 +260,7 @@ def shard_with_tokenizer(corpus, output, split, workers=1):
                        progress=False)
 
 
-def test_bad_books_are_skipped_and_counted(pg19_mini, output_with_tokenizer, tmp_path, tokenizer_settings):
+def test_bad_books_are_skipped_and_counted(pg19_mini, output_with_tokenizer, tmp_path):
     corpus = tmp_path / "corpus"
     (corpus / "train").mkdir(parents=True)
     shutil.copy(pg19_mini / "train/46.txt", corpus / "train/46.txt")
@@ -287,8 +287,7 @@ def test_bad_books_are_skipped_and_counted(pg19_mini, output_with_tokenizer, tmp
     )
 
 
-def test_a_split_without_text_is_reported_empty_and_verifies(pg19_mini, output_with_tokenizer, tmp_path,
-                                                              tokenizer_settings):
+def test_a_split_without_text_is_reported_empty_and_verifies(pg19_mini, output_with_tokenizer, tmp_path):
     corpus = tmp_path / "corpus"
     (corpus / "train").mkdir(parents=True)
     (corpus / "validation").mkdir()

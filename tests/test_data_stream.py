@@ -45,7 +45,7 @@ def test_each_epoch_is_a_reshuffle_of_books_and_windows(pg19_shards):
     other = PackedWindows(pg19_shards.root, "validation", seq_len=1000, seed=8)
     assert all(torch.equal(ds[k], same[k]) for k in (0, 5, 900))
     assert not torch.equal(ds[0], other[0])
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="^sample index -1 is negative$"):
         ds[-1]
 
 
@@ -53,7 +53,8 @@ def test_rank_batches_follow_the_global_order():
     batches = RankBatches(micro_batch_size=3, dp_rank=1, dp_world=4, consumed_samples=24)
     first = [next(b) for b in [iter(batches)] for _ in range(3)]
     assert first == [[27, 28, 29], [39, 40, 41], [51, 52, 53]]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^bad stream position: micro_batch_size=2, dp_rank=2, dp_world=2, "
+                                         "consumed_samples=0$"):
         RankBatches(2, dp_rank=2, dp_world=2)
 
 

@@ -261,13 +261,15 @@ def test_text_stream_reassembles_multibyte_characters(pg19_shards):
     (["ppl", "--checkpoint", "nowhere", "--data", "x"], "nowhere: no such checkpoint folder"),
     (["ppl", "--data", "x"], "give at least one --checkpoint"),
     (["passkey", "--checkpoint", "{memmamba}", "--data", "{data}", "--lengths", "4x"], "'4x': not a length"),
-    (["passkey", "--checkpoint", "{memmamba}", "--data", "{data}", "--lengths", "20"], "at least"),
+    (["passkey", "--checkpoint", "{memmamba}", "--data", "{data}", "--lengths", "20"],
+     "--lengths 20: a passkey prompt needs at least"),
     (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--split", "nope"], "nope: no such directory"),
     (["retrieval", "--checkpoint", "{memmamba}"], "needs --passages"),
     (["latency", "--model", "memmamba:huge"], "model.size must be one of"),
     (["latency", "--model", "mamba:tiny", "--model", "mamba:tiny"], "--model mamba:tiny is given twice"),
     (["ppl", "--checkpoint", "{memmamba}", "--checkpoint", "{memmamba}/", "--data", "{data}"], "is given twice"),
-    (["fidelity", "--checkpoint", "{memmamba}", "--data", "{data}", "--windows", "0"], "--windows"),
+    (["fidelity", "--checkpoint", "{memmamba}", "--data", "{data}", "--windows", "0"],
+     "--length, --windows and --gaps must be positive"),
     (["fidelity", "--checkpoint", "{memmamba}", "--data", "{data}", "--ridge", "-1"], "--ridge must be zero or"),
     (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--device", "foo"], "--device foo: not a device"),
     (["ppl", "--checkpoint", "{memmamba}", "--data", "{data}", "--lengths", "inf"], "--lengths 'inf': a length"),
@@ -282,7 +284,7 @@ def test_text_stream_reassembles_multibyte_characters(pg19_shards):
 ])
 def test_problems_end_with_one_line_and_status_1(pg19_shards, checkpoints, capsys, argv, message):
     argv = [a.format(memmamba=checkpoints["memmamba"], data=pg19_shards.root) for a in argv]
-    code, out, err = run_cli(evaluate, argv, capsys)
+    code, _, err = run_cli(evaluate, argv, capsys)
     assert code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
@@ -378,7 +380,7 @@ def test_every_models_data_is_checked_before_the_first_is_evaluated(pg19_shards,
     other = Checkpoint("other", "other", good.model, argparse.Namespace(checksum="0" * 64))   # another tokenizer
     args = argparse.Namespace(data=pg19_shards.root, split="test", lengths=["64"], scored=10, windows_per_book=1,
                               batch_size=1)
-    with pytest.raises(DataError, match="tokenizer"):
+    with pytest.raises(DataError, match=r"shards were made with tokenizer \w{12}\.\.\., not 000000000000\.\.\.$"):
         perplexity.prepare([good, other], args)
 
 

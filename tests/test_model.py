@@ -94,6 +94,7 @@ def test_priority_ties_go_to_the_newer_note_in_every_form(window, seed):
             torch.testing.assert_close(parts, full, rtol=1e-5, atol=1e-5)
             assert_states_equal(parts_state, state)
         prefix, prefix_state = chunked(model, ids[:, :20], [7, 13])
+        torch.testing.assert_close(prefix, full[:, :20], rtol=1e-5, atol=1e-5)
         outs = []
         for t in range(20, ids.shape[1]):
             logits, prefix_state = model.step(ids[:, t], prefix_state)

@@ -52,9 +52,16 @@ def test_mamba_ssm_checkpoint_gives_the_reference_logits():
 def test_import_into_memmamba_keeps_the_backbone_and_initialises_the_notes():
     model = MemMambaLM(config_from_mamba_ssm(HF_CONFIG, notes=True, summary_dim=8, attn_dim=16, attn_heads=2))
     sd = random_mamba_ssm_state_dict()
+    initialised = {n: p.clone() for n, p in model.state_dict().items()}
     fresh = load_mamba_ssm_state_dict(model, sd)
     assert fresh and all(any(k in n for k in ("memory_in", "gate_bias", "attention", "fusion")) for n in fresh)
-    torch.testing.assert_close(model.layers[1].mixer.in_proj.weight, sd["backbone.layers.1.mixer.in_proj.weight"])
+    ours = model.state_dict()
+    backbone = {name.removeprefix("backbone."): tensor for name, tensor in sd.items()}
+    assert sorted(fresh) == sorted(set(ours) - set(backbone))        # every other tensor comes from the checkpoint
+    for name, tensor in backbone.items():
+        assert torch.equal(ours[name], tensor), name
+    for name in fresh:                                                # the notes keep their initialisation
+        assert torch.equal(ours[name], initialised[name]), name
 
 
 def test_import_refuses_a_vocabulary_mismatch():
@@ -65,7 +72,9 @@ def test_import_refuses_a_vocabulary_mismatch():
 
 def test_import_refuses_a_shape_mismatch():
     model = MemMambaLM(config_from_mamba_ssm({**HF_CONFIG, "ssm_cfg": {"d_state": 16}}))
-    with pytest.raises(ConfigError, match=r"checkpoint backbone.layers.0.mixer.x_proj.weight|layers.0.mixer.x_proj.weight has shape"):
+    # x_proj: dt_rank (ceil(48 / 16) = 3) + 2 d_state rows, over E = 2 * 48 columns
+    with pytest.raises(ConfigError, match=re.escape("checkpoint layers.0.mixer.x_proj.weight has shape (19, 96), "
+                                                    "the model expects (35, 96)")):
         load_mamba_ssm_state_dict(model, random_mamba_ssm_state_dict())
 
 
