@@ -843,9 +843,10 @@ def test_init_from_starts_a_new_run_from_trained_weights(pg19_shards, straight_r
     source = straight_run / "checkpoints"
     started_run = train(1, pg19_shards.root, tmp_path, "train.max_steps=1", "optimizer.lr=1e-30",
                         f"train.init_from={source}")
-    started, trained = load_model(tmp_path / "checkpoints"), load_model(source)
-    for (name, a), (_, b) in zip(started.state_dict().items(), trained.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+    started, trained = load_model(tmp_path / "checkpoints").state_dict(), load_model(source).state_dict()
+    assert started.keys() == trained.keys()
+    for name in trained:
+        torch.testing.assert_close(started[name], trained[name], rtol=0, atol=1e-12, msg=name)
     meta = json.loads((tmp_path / "checkpoints" / "step-00000001" / "meta.json").read_text())
     assert meta["state"]["step"] == 1 and meta["state"]["consumed_samples"] == 8   # a new run, not a resume
     assert f"initialised from {source}" in started_run.stdout
