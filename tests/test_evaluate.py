@@ -102,6 +102,20 @@ def test_perplexity_pools_the_windows_of_the_books_long_enough(checkpoints):
     assert long["ci95"][0] < long["ppl"] < long["ci95"][1]
 
 
+def test_progress_counts_tokens_so_the_time_left_holds_when_long_windows_come_last(checkpoints, capsys,
+                                                                                   monkeypatch):
+    class EveryUpdate(perplexity.Progress):   # a log line at every update, not every 30 s
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, interval=0.0)
+    monkeypatch.setattr(perplexity, "Progress", EveryUpdate)
+    checkpoint = load_checkpoint(str(checkpoints["mamba"]), torch.device("cpu"))
+    args = argparse.Namespace(windows_per_book=1, scored=20, batch_size=1, chunk_len=64, device="cpu")
+    perplexity_evaluate(checkpoint, Books(500, 500), [50, 400], args)
+    lines = capsys.readouterr().err.splitlines()
+    # the two 50-token windows are 100 of 900 tokens, not 2 of 4 windows: half done would promise the end too soon
+    assert "100/900 tokens (11%)" in lines[1] and "left" in lines[1] and "window 2/2 of 50 tokens" in lines[1]
+    assert "900/900 tokens (100%)" in lines[-1] and "left" not in lines[-1]
+
 def test_greedy_decoding_with_a_chunked_prefill_equals_generate(pg19_shards, checkpoints):
     for kind in SPECS:
         model = load_checkpoint(str(checkpoints[kind]), torch.device("cpu")).model

@@ -70,7 +70,8 @@ def evaluate(checkpoint, books: ShardedBooks, lengths: list[int], args) -> list[
     plan = {L: [(i, s) for i in range(len(books)) for s in window_starts(int(books.num_tokens[i]), L,
                                                                          args.windows_per_book)]
             for L in lengths}
-    progress = Progress(sum(map(len, plan.values())), f"ppl {checkpoint.name}", "window")
+    # counted in tokens read: a 60k window costs 60 times a 1k one
+    progress = Progress(sum(L * len(windows) for L, windows in plan.items()), f"ppl {checkpoint.name}", "token")
     results = []
     for L, windows in plan.items():
         window_nll, per_book = [], {}
@@ -81,7 +82,7 @@ def evaluate(checkpoint, books: ShardedBooks, lengths: list[int], args) -> list[
             for (i, _), row in zip(batch, nll):
                 window_nll.append(row)
                 per_book.setdefault(books.books[i]["book_id"], []).append(float(row.mean()))
-            progress.update(len(batch), f"{L} tokens")
+            progress.update(L * len(batch), f"window {first + len(batch)}/{len(windows)} of {L} tokens")
         skipped = int((books.num_tokens < L + 1).sum())
         results.append(_summary(window_nll, per_book, skipped, L))
     progress.close()
