@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -368,6 +369,20 @@ def test_ctrl_c_ends_an_evaluation_with_one_line_and_status_130(pg19_shards, che
             "--out", tmp_path]
     assert run_cli(evaluate, argv, capsys)[::2] == (130, "interrupted\n")
 
+
+def test_sigterm_ends_an_evaluation_as_ctrl_c_does_and_leaves_no_empty_results_folder(pg19_shards, checkpoints,
+                                                                                      tmp_path, capsys, monkeypatch):
+    def terminated(*args):   # what the SIGTERM handler does when the signal comes midway
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler), "SIGTERM would end the evaluation without a word"
+        handler(signal.SIGTERM, None)
+    monkeypatch.setattr(perplexity, "evaluate", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    argv = ["ppl", "--checkpoint", checkpoints["mamba"], "--data", pg19_shards.root, "--lengths", 200,
+            "--out", tmp_path / "results"]
+    assert run_cli(evaluate, argv, capsys)[::2] == (130, "interrupted\n")
+    assert not (tmp_path / "results").exists()
+    assert signal.getsignal(signal.SIGTERM) == before   # given back as it was
 
 def test_every_value_is_checked_before_any_work_and_an_error_leaves_no_results_folder(
         pg19_shards, checkpoints, tmp_path, capsys, monkeypatch):
