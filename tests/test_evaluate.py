@@ -20,7 +20,7 @@ from training import evaluate, generate
 from training.checkpoint import FORMAT
 from data_pipeline import DataError
 from training.export import load_model
-from training.evaluation import passkey, perplexity
+from training.evaluation import common, passkey, perplexity
 from training.evaluation.common import (Checkpoint, EvalError, chunked_hidden, greedy, load_checkpoint, parse_length,
                                         parse_lengths, unique_names)
 from training.evaluation.fidelity import (CrossLayerStats, cosine_fidelity, expected_embedding, ridge_fidelity,
@@ -401,6 +401,19 @@ def test_every_value_is_checked_before_any_work_and_an_error_leaves_no_results_f
     code, _, err = run_cli(evaluate, ["ppl", *model, *data, "--lengths", "64", "--out", out], capsys)
     assert code == 1 and err == f"error: --out {out}: cannot write {out / 'ppl.json'}\n"
 
+
+@pytest.mark.parametrize("task", ["ppl", "passkey", "latency"])
+def test_a_transformer_whose_kv_cache_cannot_fit_is_refused_in_one_line_before_any_work(
+        pg19_shards, checkpoints, tmp_path, capsys, monkeypatch, task):
+    monkeypatch.setattr(common, "available_memory", lambda device: 2 ** 20)   # 1 MiB free
+    data = ["--positions", "--repeats", 1] if task == "latency" else ["--data", pg19_shards.root]
+    models = ["--checkpoint", checkpoints["memmamba"], "--checkpoint", checkpoints["transformer"]]
+    # tiny: 2 (keys, values) x 2 layers x 64 channels x 4 bytes = 1 KiB a token: 1 MiB holds 1,024 tokens
+    fits = [task, *models, *data, "--lengths", 400, "--out", tmp_path / "fits"]
+    assert run_cli(evaluate, fits, capsys)[0] == 0
+    code, _, err = run_cli(evaluate, [task, *models, *data, "--lengths", 1100, "--out", tmp_path / "none"], capsys)
+    assert code == 1 and err.count("\n") == 1 and not (tmp_path / "none").exists()
+    assert err.startswith("error: transformer: a Transformer's KV cache at 1,1") and "more than the 0.0 GiB free" in err
 
 def test_every_models_data_is_checked_before_the_first_is_evaluated(pg19_shards, checkpoints):
     good = load_checkpoint(str(checkpoints["mamba"]), torch.device("cpu"))

@@ -161,6 +161,41 @@ def parse_lengths(texts: list[str], option: str = "--lengths") -> list[int]:
     return list(dict.fromkeys(parse_length(text, option) for text in texts))
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for tensors on the device (MemAvailable for the CPU); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            line = next(line for line in meminfo if line.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_kv_cache(checkpoints: list[Checkpoint], tokens: int, batch_size: int, device: torch.device,
+                   option: str = "--lengths") -> None:
+    """Refuse, before any work, a Transformer whose KV cache at `tokens` cannot fit in the device's memory.
+
+    The cache grows with the input by design (MemMamba's state does not), and a process that runs out
+    of memory on a CPU is killed by the kernel without a word, hours into a run; so the size is named
+    up front, and a cache larger than the memory free now is an error instead.
+    """
+    free = available_memory(device)
+    for checkpoint in checkpoints:
+        if checkpoint.kind != "transformer":
+            continue
+        config, weight = checkpoint.model.config, next(checkpoint.model.parameters())
+        need = 2 * config.n_layer * tokens * config.d_model * batch_size * weight.element_size()   # keys and values
+        where = f"{checkpoint.name}: a Transformer's KV cache at {tokens:,} tokens (batch {batch_size}) takes " \
+                f"{need / 2 ** 30:.1f} GiB, growing with the input"
+        if free is not None and need > free:
+            raise EvalError(f"{where}, more than the {free / 2 ** 30:.1f} GiB free on {device}; "
+                            f"give it shorter {option}")
+        if need >= 2 ** 30:
+            log(f"note: {where}")
+
+
 def pick_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from training.evaluation.common import EvalError, Progress, chunked_hidden, parse_lengths
+from training.evaluation.common import EvalError, Progress, check_kv_cache, chunked_hidden, parse_lengths
 from training.evaluation.report import Outcome, length_label, table
 
 NAME = "latency"
@@ -104,6 +104,8 @@ def prepare(checkpoints, args):
     positions = parse_lengths(args.positions, "--positions")
     if args.repeats < 1 or args.gen_tokens < 1 or args.batch_size < 1:
         raise EvalError("--repeats, --gen-tokens and --batch-size must be positive")
+    check_kv_cache(checkpoints, max(lengths + [P + args.gen_tokens for P in positions]), args.batch_size, args.device,
+                   "--lengths or --positions")
     return lambda: run(checkpoints, lengths, positions, args)
 
 

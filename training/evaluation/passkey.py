@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from data_pipeline.reader import ShardedBooks
-from training.evaluation.common import EvalError, Progress, greedy, parse_lengths
+from training.evaluation.common import EvalError, Progress, check_kv_cache, greedy, parse_lengths
 from training.evaluation.report import Outcome, length_label, table
 from training.tasks import MAX_KEY_DIGITS, BookFiller, PasskeyTask
 
@@ -80,6 +80,7 @@ def prepare(checkpoints, args):
         short = [length_label(L) for L in lengths if L < task.shortest()]
         if short:
             raise EvalError(f"--lengths {' '.join(short)}: a passkey prompt needs at least {task.shortest()} tokens")
+    check_kv_cache(checkpoints, max(lengths), args.batch_size, args.device)
     return lambda: run(checkpoints, tasks, lengths, args)
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_pipeline.reader import ShardedBooks
-from training.evaluation.common import EvalError, Progress, chunked_hidden, log, parse_lengths
+from training.evaluation.common import EvalError, Progress, check_kv_cache, chunked_hidden, log, parse_lengths
 from training.evaluation.report import Outcome, length_label, table
 
 NAME = "ppl"
@@ -104,6 +104,8 @@ def prepare(checkpoints, args):
         if too_long:
             log(f"warning: no book of {where} is longer than {longest} tokens: no perplexity at "
                 f"{', '.join(too_long)}")
+    longest = max(int(b.num_tokens.max()) for b in books.values())
+    check_kv_cache(checkpoints, max(L for L in lengths if L < longest), args.batch_size, args.device)
     return lambda: run(checkpoints, books, lengths, args)
 
 
