@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from training import evaluate, generate
 from training.checkpoint import FORMAT
 from data_pipeline import DataError
 from training.export import load_model
-from training.evaluation import passkey, perplexity
+from training.evaluation import common, passkey, perplexity
 from training.evaluation.common import (Checkpoint, EvalError, chunked_hidden, greedy, load_checkpoint, parse_length,
                                         parse_lengths, unique_names)
 from training.evaluation.fidelity import (CrossLayerStats, cosine_fidelity, expected_embedding, ridge_fidelity,
@@ -101,6 +102,20 @@ def test_perplexity_pools_the_windows_of_the_books_long_enough(checkpoints):
     assert math.isclose(long["ppl"], float(nll.mean().exp()), rel_tol=1e-9)
     assert long["ci95"][0] < long["ppl"] < long["ci95"][1]
 
+
+def test_progress_counts_tokens_so_the_time_left_holds_when_long_windows_come_last(checkpoints, capsys,
+                                                                                   monkeypatch):
+    class EveryUpdate(perplexity.Progress):   # a log line at every update, not every 30 s
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, interval=0.0)
+    monkeypatch.setattr(perplexity, "Progress", EveryUpdate)
+    checkpoint = load_checkpoint(str(checkpoints["mamba"]), torch.device("cpu"))
+    args = argparse.Namespace(windows_per_book=1, scored=20, batch_size=1, chunk_len=64, device="cpu")
+    perplexity_evaluate(checkpoint, Books(500, 500), [50, 400], args)
+    lines = capsys.readouterr().err.splitlines()
+    # the two 50-token windows are 100 of 900 tokens, not 2 of 4 windows: half done would promise the end too soon
+    assert "100/900 tokens (11%)" in lines[1] and "left" in lines[1] and "window 2/2 of 50 tokens" in lines[1]
+    assert "900/900 tokens (100%)" in lines[-1] and "left" not in lines[-1]
 
 def test_greedy_decoding_with_a_chunked_prefill_equals_generate(pg19_shards, checkpoints):
     for kind in SPECS:
@@ -357,6 +372,20 @@ def test_ctrl_c_ends_an_evaluation_with_one_line_and_status_130(pg19_shards, che
     assert run_cli(evaluate, argv, capsys)[::2] == (130, "interrupted\n")
 
 
+def test_sigterm_ends_an_evaluation_as_ctrl_c_does_and_leaves_no_empty_results_folder(pg19_shards, checkpoints,
+                                                                                      tmp_path, capsys, monkeypatch):
+    def terminated(*args):   # what the SIGTERM handler does when the signal comes midway
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler), "SIGTERM would end the evaluation without a word"
+        handler(signal.SIGTERM, None)
+    monkeypatch.setattr(perplexity, "evaluate", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    argv = ["ppl", "--checkpoint", checkpoints["mamba"], "--data", pg19_shards.root, "--lengths", 200,
+            "--out", tmp_path / "results"]
+    assert run_cli(evaluate, argv, capsys)[::2] == (130, "interrupted\n")
+    assert not (tmp_path / "results").exists()
+    assert signal.getsignal(signal.SIGTERM) == before   # given back as it was
+
 def test_every_value_is_checked_before_any_work_and_an_error_leaves_no_results_folder(
         pg19_shards, checkpoints, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(passkey, "evaluate", lambda *a: pytest.fail("evaluated before the checks"))
@@ -374,6 +403,19 @@ def test_every_value_is_checked_before_any_work_and_an_error_leaves_no_results_f
     code, _, err = run_cli(evaluate, ["ppl", *model, *data, "--lengths", "64", "--out", out], capsys)
     assert code == 1 and err == f"error: --out {out}: cannot write {out / 'ppl.json'}\n"
 
+
+@pytest.mark.parametrize("task", ["ppl", "passkey", "latency"])
+def test_a_transformer_whose_kv_cache_cannot_fit_is_refused_in_one_line_before_any_work(
+        pg19_shards, checkpoints, tmp_path, capsys, monkeypatch, task):
+    monkeypatch.setattr(common, "available_memory", lambda device: 2 ** 20)   # 1 MiB free
+    data = ["--positions", "--repeats", 1] if task == "latency" else ["--data", pg19_shards.root]
+    models = ["--checkpoint", checkpoints["memmamba"], "--checkpoint", checkpoints["transformer"]]
+    # tiny: 2 (keys, values) x 2 layers x 64 channels x 4 bytes = 1 KiB a token: 1 MiB holds 1,024 tokens
+    fits = [task, *models, *data, "--lengths", 400, "--out", tmp_path / "fits"]
+    assert run_cli(evaluate, fits, capsys)[0] == 0
+    code, _, err = run_cli(evaluate, [task, *models, *data, "--lengths", 1100, "--out", tmp_path / "none"], capsys)
+    assert code == 1 and err.count("\n") == 1 and not (tmp_path / "none").exists()
+    assert err.startswith("error: transformer: a Transformer's KV cache at 1,1") and "more than the 0.0 GiB free" in err
 
 def test_every_models_data_is_checked_before_the_first_is_evaluated(pg19_shards, checkpoints):
     good = load_checkpoint(str(checkpoints["mamba"]), torch.device("cpu"))

@@ -15,6 +15,7 @@ message and exit status 1 (a malformed command line: argparse's usage message an
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    # SIGTERM (a scheduler's time limit, `kill`, `timeout`) stops an evaluation as Ctrl-C does, with one line
+    # and no empty results folder, where by default it ends the process without a word
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    created = None
     try:
         if args.chunk_len < 1:
             raise EvalError(f"--chunk-len must be positive, got {args.chunk_len}")
@@ -81,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints += [random_model(spec, args.device, dtype) for spec in specs]
         work = TASKS[args.task].prepare(checkpoints, args)   # every model's inputs checked before any work
         try:
+            created = None if out.exists() else out
             out.mkdir(parents=True, exist_ok=True)   # only now: an error leaves no empty folder behind
         except OSError as error:
             raise EvalError(f"--out {out}: cannot be a results folder ({error.strerror})") from None
@@ -90,8 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:   # Ctrl-C: the user knows where it stopped, a traceback adds nothing
+        # results are written once every model is done: an interrupted run has none, and leaves no empty folder
+        if created is not None and not any(created.iterdir()):
+            created.rmdir()
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(outcome.markdown)
     log("wrote " + ", ".join(map(str, written)))
     return 0

@@ -161,6 +161,41 @@ def parse_lengths(texts: list[str], option: str = "--lengths") -> list[int]:
     return list(dict.fromkeys(parse_length(text, option) for text in texts))
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for tensors on the device (MemAvailable for the CPU); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            line = next(line for line in meminfo if line.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_kv_cache(checkpoints: list[Checkpoint], tokens: int, batch_size: int, device: torch.device,
+                   option: str = "--lengths") -> None:
+    """Refuse, before any work, a Transformer whose KV cache at `tokens` cannot fit in the device's memory.
+
+    The cache grows with the input by design (MemMamba's state does not), and a process that runs out
+    of memory on a CPU is killed by the kernel without a word, hours into a run; so the size is named
+    up front, and a cache larger than the memory free now is an error instead.
+    """
+    free = available_memory(device)
+    for checkpoint in checkpoints:
+        if checkpoint.kind != "transformer":
+            continue
+        config, weight = checkpoint.model.config, next(checkpoint.model.parameters())
+        need = 2 * config.n_layer * tokens * config.d_model * batch_size * weight.element_size()   # keys and values
+        where = f"{checkpoint.name}: a Transformer's KV cache at {tokens:,} tokens (batch {batch_size}) takes " \
+                f"{need / 2 ** 30:.1f} GiB, growing with the input"
+        if free is not None and need > free:
+            raise EvalError(f"{where}, more than the {free / 2 ** 30:.1f} GiB free on {device}; "
+                            f"give it shorter {option}")
+        if need >= 2 ** 30:
+            log(f"note: {where}")
+
+
 def pick_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -178,13 +213,20 @@ def log(message: str) -> None:
 
 
 class Progress:
-    """A tqdm bar on a terminal; otherwise a plain log line every `interval` seconds."""
+    """A tqdm bar on a terminal; otherwise a plain log line every `interval` seconds, with the time
+    so far and an estimate of the time left.
+
+    `total` and `update(n)` count work, not items: the tasks count tokens, because their items
+    differ in cost by orders of magnitude (a 1k window and a 60k one), and an estimate from the
+    share of items done would promise the end long before it comes.
+    """
 
     def __init__(self, total: int, label: str, unit: str = "sample", interval: float = 30.0):
         self.total, self.label, self.unit, self.interval = total, label, unit, interval
-        self.done, self.last = 0, time.monotonic()
-        self.bar = tqdm(total=total, desc=label, unit=unit, file=sys.stderr, dynamic_ncols=True) \
-            if sys.stderr.isatty() else None
+        self.done, self.start = 0, time.monotonic()
+        self.last = self.start
+        self.bar = tqdm(total=total, desc=label, unit=unit, unit_scale=True, file=sys.stderr,
+                        dynamic_ncols=True) if sys.stderr.isatty() else None
 
     def update(self, n: int = 1, status: str = "") -> None:
         self.done += n
@@ -193,8 +235,24 @@ class Progress:
             self.bar.update(n)
         elif time.monotonic() - self.last >= self.interval or self.done == self.total:
             self.last = time.monotonic()
-            log(f"{self.label}: {self.done}/{self.total} {self.unit}s {status}".rstrip())
+            log(f"{self.label}: {self.describe()}" + (f", {status}" if status else ""))
+
+    def describe(self) -> str:
+        """'1,200,000/6,500,000 tokens (18%), 2:01 elapsed, about 8:57 left'."""
+        elapsed = time.monotonic() - self.start
+        share = self.done / self.total if self.total else 1.0
+        text = f"{self.done:,}/{self.total:,} {self.unit}s ({share:.0%}), {_clock(elapsed)} elapsed"
+        if 0 < share < 1:
+            text += f", about {_clock(elapsed * (1 - share) / share)} left"
+        return text
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    """3725.2 -> '1:02:05', 65 -> '1:05'."""
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"

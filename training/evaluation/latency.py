@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from training.evaluation.common import EvalError, Progress, chunked_hidden, parse_lengths
+from training.evaluation.common import EvalError, Progress, check_kv_cache, chunked_hidden, parse_lengths
 from training.evaluation.report import Outcome, length_label, table
 
 NAME = "latency"
@@ -71,7 +71,9 @@ def evaluate(checkpoint, lengths: list[int], positions: list[int], args) -> dict
     generator = torch.Generator().manual_seed(args.seed)
     random_ids = lambda n: torch.randint(0, model.config.vocab_size, (args.batch_size, n),  # noqa: E731
                                          generator=generator).to(device)
-    progress = Progress(len(lengths) * args.repeats + len(positions), f"latency {checkpoint.name}", "run")
+    # counted in tokens run through the model: a 60k forward costs 60 times a 1k one
+    progress = Progress(sum(lengths) * args.repeats + sum(P + args.gen_tokens for P in positions),
+                        f"latency {checkpoint.name}", "token")
     forward_seconds(model, random_ids(min(lengths + positions)), args.chunk_len, device)   # warm-up
     forward = []
     for L in lengths:
@@ -81,7 +83,7 @@ def evaluate(checkpoint, lengths: list[int], positions: list[int], args) -> dict
         runs = []
         for _ in range(args.repeats):
             runs.append(forward_seconds(model, ids, args.chunk_len, device))
-            progress.update(1, f"forward {L} tokens")
+            progress.update(L, f"forward {L} tokens")
         entry = {"length": L, "ms": 1000 * statistics.median(runs), "runs_ms": [1000 * r for r in runs],
                  "tokens_per_s": args.batch_size * L / statistics.median(runs)}
         if device.type == "cuda":
@@ -91,7 +93,7 @@ def evaluate(checkpoint, lengths: list[int], positions: list[int], args) -> dict
     for P in positions:
         seconds = step_seconds(model, random_ids(P), args.gen_tokens, args.chunk_len, device)
         generation.append({"position": P, "ms_per_token": 1000 * seconds})
-        progress.update(1, f"generation at {P}")
+        progress.update(P + args.gen_tokens, f"generation at {P}")
     progress.close()
     return {"kind": checkpoint.kind, "forward": forward, "generation": generation}
 
@@ -102,6 +104,8 @@ def prepare(checkpoints, args):
     positions = parse_lengths(args.positions, "--positions")
     if args.repeats < 1 or args.gen_tokens < 1 or args.batch_size < 1:
         raise EvalError("--repeats, --gen-tokens and --batch-size must be positive")
+    check_kv_cache(checkpoints, max(lengths + [P + args.gen_tokens for P in positions]), args.batch_size, args.device,
+                   "--lengths or --positions")
     return lambda: run(checkpoints, lengths, positions, args)
 
 

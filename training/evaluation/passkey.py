@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from data_pipeline.reader import ShardedBooks
-from training.evaluation.common import EvalError, Progress, greedy, parse_lengths
+from training.evaluation.common import EvalError, Progress, check_kv_cache, greedy, parse_lengths
 from training.evaluation.report import Outcome, length_label, table
 from training.tasks import MAX_KEY_DIGITS, BookFiller, PasskeyTask
 
@@ -37,8 +37,10 @@ def add_arguments(parser) -> None:
 
 
 def evaluate(checkpoint, task: PasskeyTask, lengths: list[int], depths: list[float], args) -> dict:
-    progress = Progress(len(lengths) * len(depths) * args.samples, f"passkey {checkpoint.name}")
-    per_length, predictions = [], []
+    per_length = len(depths) * args.samples
+    # counted in prompt tokens: a 400k prompt costs 400 times a 1k one
+    progress = Progress(sum(lengths) * per_length, f"passkey {checkpoint.name}", "token")
+    results, predictions = [], []
     for L in lengths:
         samples = [task.sample(L, depth, np.random.default_rng([args.seed, L, d, s]))
                    for d, depth in enumerate(depths) for s in range(args.samples)]
@@ -53,12 +55,13 @@ def evaluate(checkpoint, task: PasskeyTask, lengths: list[int], depths: list[flo
                 correct.append(task.is_correct(sample, text))
                 predictions.append({"length": L, "depth": sample.depth, "key": sample.key,
                                     "continuation": text, "correct": correct[-1]})
-            progress.update(len(batch), f"{L} tokens, {np.mean(correct):.2f} correct")
+            progress.update(L * len(batch), f"sample {len(correct)}/{per_length} of {L} tokens, "
+                                            f"{np.mean(correct):.2f} correct")
         by_depth = np.array(correct).reshape(len(depths), args.samples).mean(1)
-        per_length.append({"length": L, "accuracy": float(np.mean(correct)),
+        results.append({"length": L, "accuracy": float(np.mean(correct)),
                            "by_depth": {str(d): float(a) for d, a in zip(depths, by_depth)}})
     progress.close()
-    return {"lengths": per_length, "predictions": predictions}
+    return {"lengths": results, "predictions": predictions}
 
 
 def prepare(checkpoints, args):
@@ -77,6 +80,7 @@ def prepare(checkpoints, args):
         short = [length_label(L) for L in lengths if L < task.shortest()]
         if short:
             raise EvalError(f"--lengths {' '.join(short)}: a passkey prompt needs at least {task.shortest()} tokens")
+    check_kv_cache(checkpoints, max(lengths), args.batch_size, args.device)
     return lambda: run(checkpoints, tasks, lengths, args)
 
 

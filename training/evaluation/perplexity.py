@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_pipeline.reader import ShardedBooks
-from training.evaluation.common import EvalError, Progress, chunked_hidden, log, parse_lengths
+from training.evaluation.common import EvalError, Progress, check_kv_cache, chunked_hidden, log, parse_lengths
 from training.evaluation.report import Outcome, length_label, table
 
 NAME = "ppl"
@@ -70,7 +70,8 @@ def evaluate(checkpoint, books: ShardedBooks, lengths: list[int], args) -> list[
     plan = {L: [(i, s) for i in range(len(books)) for s in window_starts(int(books.num_tokens[i]), L,
                                                                          args.windows_per_book)]
             for L in lengths}
-    progress = Progress(sum(map(len, plan.values())), f"ppl {checkpoint.name}", "window")
+    # counted in tokens read: a 60k window costs 60 times a 1k one
+    progress = Progress(sum(L * len(windows) for L, windows in plan.items()), f"ppl {checkpoint.name}", "token")
     results = []
     for L, windows in plan.items():
         window_nll, per_book = [], {}
@@ -81,7 +82,7 @@ def evaluate(checkpoint, books: ShardedBooks, lengths: list[int], args) -> list[
             for (i, _), row in zip(batch, nll):
                 window_nll.append(row)
                 per_book.setdefault(books.books[i]["book_id"], []).append(float(row.mean()))
-            progress.update(len(batch), f"{L} tokens")
+            progress.update(L * len(batch), f"window {first + len(batch)}/{len(windows)} of {L} tokens")
         skipped = int((books.num_tokens < L + 1).sum())
         results.append(_summary(window_nll, per_book, skipped, L))
     progress.close()
@@ -103,6 +104,8 @@ def prepare(checkpoints, args):
         if too_long:
             log(f"warning: no book of {where} is longer than {longest} tokens: no perplexity at "
                 f"{', '.join(too_long)}")
+    longest = max(int(b.num_tokens.max()) for b in books.values())
+    check_kv_cache(checkpoints, max(L for L in lengths if L < longest), args.batch_size, args.device)
     return lambda: run(checkpoints, books, lengths, args)
 
 
