@@ -63,6 +63,7 @@ class Corpus:
         self.warnings = []
         self.metadata = self._read_metadata()
         self.ignored = {}  # split -> a warning per file in its folder that is not a book, set by books(split)
+        self._books = {}   # split -> its books, listed once
 
     def _read_metadata(self):
         """{book_id: (title, year)}, or None when there is no metadata.csv. Rows that cannot be read are warned
@@ -93,7 +94,16 @@ class Corpus:
         return metadata
 
     def books(self, split):
-        """The split's books in a fixed order (by book id)."""
+        """The split's books in a fixed order (by book id), as a new list.
+
+        A split is listed once per Corpus: a run's phases (the checks, the tokenizer's digest and sample, sharding)
+        ask for it up to five times, and listing a bucket of PG19's 28,602 train books takes seconds.
+        """
+        if split not in self._books:
+            self._books[split] = self._list(split)
+        return list(self._books[split])
+
+    def _list(self, split):
         folder = join(self.root, split)
         if not self.fs.isdir(folder):
             raise DataError(f"{display(self.fs, folder)}: no such directory (expected train/, validation/, test/)")

@@ -37,6 +37,16 @@ def test_corpus_reads_layout_metadata_and_order(pg19_mini):
     assert text.startswith("ALICE’S ADVENTURES IN WONDERLAND") and warnings == [] and nbytes == len(text.encode())
 
 
+def test_a_split_is_listed_once_and_each_caller_gets_its_own_list(pg19_mini, monkeypatch):
+    corpus = Corpus(pg19_mini)
+    listed = []
+    ls = corpus.fs.ls
+    monkeypatch.setattr(corpus.fs, "ls", lambda path, **kwargs: listed.append(path) or ls(path, **kwargs))
+    first = corpus.books("train")
+    first.reverse()   # as the tokenizer's sample shuffles its list
+    assert corpus.books("train") == first[::-1] and len(listed) == 1
+
+
 def test_corpus_errors_name_the_missing_folder(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path}/nothing: no such directory"):
         Corpus(tmp_path / "nothing")
