@@ -97,15 +97,15 @@ def prepare(checkpoints, args):
     if args.windows_per_book < 1 or args.batch_size < 1:
         raise EvalError("--windows-per-book and --batch-size must be positive")
     books = {c.name: ShardedBooks(args.data, args.split, c.tokenizer.checksum) for c in checkpoints}
-    for where, longest in {b.where: int(b.num_tokens.max()) for b in books.values()}.items():
-        too_long = [length_label(L) for L in lengths if L + 1 > longest]   # a window is L + 1 tokens
+    longest = {b.where: int(b.num_tokens.max()) for b in books.values()}
+    for where, tokens in longest.items():
+        too_long = [length_label(L) for L in lengths if L + 1 > tokens]   # a window is L + 1 tokens
         if len(too_long) == len(lengths):
-            raise EvalError(f"--lengths: no book of {where} is long enough, the longest has {longest} tokens")
+            raise EvalError(f"--lengths: no book of {where} is long enough, the longest has {tokens} tokens")
         if too_long:
-            log(f"warning: no book of {where} is longer than {longest} tokens: no perplexity at "
+            log(f"warning: no book of {where} is longer than {tokens} tokens: no perplexity at "
                 f"{', '.join(too_long)}")
-    longest = max(int(b.num_tokens.max()) for b in books.values())
-    check_kv_cache(checkpoints, max(L for L in lengths if L < longest), args.batch_size, args.device)
+    check_kv_cache(checkpoints, max(L for L in lengths if L < max(longest.values())), args.batch_size, args.device)
     return lambda: run(checkpoints, books, lengths, args)
 
 
