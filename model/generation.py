@@ -24,9 +24,6 @@ class GenerationMixin:
         concatenated instead of only the last.
         """
         check_token_ids(input_ids, "input_ids", 2)
-        if input_ids.shape[1] == 0:
-            raise ValueError("prefill needs a prompt of at least one token (e.g. the end-of-sequence id, which "
-                             "starts a new document)")
         if chunk_len < 1:
             raise ValueError(f"chunk_len must be a positive number of tokens, got {chunk_len}")
         # Out of range, the embedding fails with an index error on the CPU and a device-side assert (which ends
@@ -94,7 +91,7 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
 
 
 def check_token_ids(ids, name: str, dims: int) -> None:
-    """ids must be a tensor of token ids, [batch, tokens] (dims 2) or [batch] (dims 1).
+    """ids must be a tensor of token ids, [batch, tokens] (dims 2, at least one token) or [batch] (dims 1).
 
     Shape and dtype only, which needs no device sync: a model's forward runs this on every call.
     """
@@ -104,3 +101,6 @@ def check_token_ids(ids, name: str, dims: int) -> None:
     if ids.dim() != dims:
         raise ValueError(f"{name} must have shape {'[batch, tokens]' if dims == 2 else '[batch]'}, "
                          f"got shape {list(ids.shape)}")
+    if dims == 2 and ids.shape[1] == 0:
+        raise ValueError(f"{name} has no tokens (shape {list(ids.shape)}); a forward needs at least one token (a "
+                         "prompt may be just the end-of-sequence id, which starts a new document)")

@@ -162,8 +162,6 @@ class MemMambaLM(GenerationMixin, nn.Module):
         Without the state (a training forward over whole sequences) the kernels fuse more.
         """
         check_token_ids(input_ids, "input_ids", 2)
-        if input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids has no tokens (shape {list(input_ids.shape)}); a forward needs at least one")
         if state is not None and sp is None:
             self._check_state(state, input_ids.shape[0])
         if sp is not None:

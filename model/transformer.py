@@ -114,8 +114,6 @@ class TransformerLM(GenerationMixin, nn.Module):
                       ) -> tuple[Tensor, KVCache | None]:
         """The final normed hidden states and, if `final_state`, the KV cache after them."""
         check_token_ids(input_ids, "input_ids", 2)
-        if input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids has no tokens (shape {list(input_ids.shape)}); a forward needs at least one")
         state = state or KVCache([], 0)
         self._check_cache(state, input_ids.shape[0])
         positions = torch.arange(state.position, state.position + input_ids.shape[1], device=input_ids.device)
