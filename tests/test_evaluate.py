@@ -20,7 +20,7 @@ from training import evaluate, generate
 from training.checkpoint import FORMAT
 from data_pipeline import DataError
 from training.export import load_model
-from training.evaluation import common, passkey, perplexity
+from training.evaluation import common, passkey, perplexity, report
 from training.evaluation.common import (Checkpoint, EvalError, chunked_hidden, greedy, load_checkpoint, parse_length,
                                         parse_lengths, unique_names)
 from training.evaluation.fidelity import (CrossLayerStats, cosine_fidelity, expected_embedding, ridge_fidelity,
@@ -90,11 +90,11 @@ class Books:
         return self.data[index][start:stop]
 
 
-def test_perplexity_pools_the_windows_of_the_books_long_enough(checkpoints):
+def test_perplexity_pools_the_windows_of_the_books_long_enough(checkpoints, tmp_path):
     checkpoint = load_checkpoint(str(checkpoints["mamba"]), torch.device("cpu"))
     books = Books(70, 200)
     args = argparse.Namespace(windows_per_book=3, scored=20, batch_size=2, chunk_len=32, device="cpu")
-    short, long = perplexity_evaluate(checkpoint, books, [50, 100], args)
+    short, long = perplexity_evaluate(checkpoint, books, [50, 100], args, report.PartialResults(tmp_path, "ppl", {}))
     assert (short["books"], short["books_skipped"], short["windows"]) == (2, 0, 6)
     assert (long["books"], long["books_skipped"], long["windows"], long["tokens"]) == (1, 1, 3, 60)
     nll = torch.cat([scored_nll(checkpoint.model, torch.from_numpy(books.data[1][s:s + 101])[None], 20, 32)
@@ -104,14 +104,14 @@ def test_perplexity_pools_the_windows_of_the_books_long_enough(checkpoints):
 
 
 def test_progress_counts_tokens_so_the_time_left_holds_when_long_windows_come_last(checkpoints, capsys,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, tmp_path):
     class EveryUpdate(perplexity.Progress):   # a log line at every update, not every 30 s
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs, interval=0.0)
     monkeypatch.setattr(perplexity, "Progress", EveryUpdate)
     checkpoint = load_checkpoint(str(checkpoints["mamba"]), torch.device("cpu"))
     args = argparse.Namespace(windows_per_book=1, scored=20, batch_size=1, chunk_len=64, device="cpu")
-    perplexity_evaluate(checkpoint, Books(500, 500), [50, 400], args)
+    perplexity_evaluate(checkpoint, Books(500, 500), [50, 400], args, report.PartialResults(tmp_path, "ppl", {}))
     lines = capsys.readouterr().err.splitlines()
     # the two 50-token windows are 100 of 900 tokens, not 2 of 4 windows: half done would promise the end too soon
     assert "100/900 tokens (11%)" in lines[1] and "left" in lines[1] and "window 2/2 of 50 tokens" in lines[1]
@@ -127,7 +127,7 @@ def test_greedy_decoding_with_a_chunked_prefill_equals_generate(pg19_shards, che
         assert (few < 20).all() and torch.equal(greedy(model, prompt, 4, chunk_len=7, vocab_size=20), few)
 
 
-def test_a_100k_token_passkey_prompt_runs_in_chunks_with_a_constant_state(pg19_shards, checkpoints):
+def test_a_100k_token_passkey_prompt_runs_in_chunks_with_a_constant_state(pg19_shards, checkpoints, tmp_path):
     checkpoint = load_checkpoint(str(checkpoints["memmamba"]), torch.device("cpu"))
     model = checkpoint.model
     chunks, state_bytes = [], []
@@ -142,7 +142,7 @@ def test_a_100k_token_passkey_prompt_runs_in_chunks_with_a_constant_state(pg19_s
     model.hidden_states = recording
     task = PasskeyTask(checkpoint.tokenizer, BookFiller(ShardedBooks(pg19_shards.root, "test")))
     args = argparse.Namespace(samples=1, batch_size=1, chunk_len=8192, device="cpu", seed=0)
-    result = passkey.evaluate(checkpoint, task, [100_000], [0.5], args)
+    result = passkey.evaluate(checkpoint, task, [100_000], [0.5], args, report.PartialResults(tmp_path, "passkey", {}))
     assert sum(chunks) == 100_000 and max(chunks) == 8192 and len(chunks) == 13
     assert len(set(state_bytes)) == 1                           # the memory does not grow with the input
     assert result["lengths"][0]["length"] == 100_000 and len(result["predictions"]) == 1
@@ -385,6 +385,95 @@ def test_sigterm_ends_an_evaluation_as_ctrl_c_does_and_leaves_no_empty_results_f
     assert run_cli(evaluate, argv, capsys)[::2] == (130, "interrupted\n")
     assert not (tmp_path / "results").exists()
     assert signal.getsignal(signal.SIGTERM) == before   # given back as it was
+
+RESUMABLE = {
+    "ppl": ["--lengths", 64, 128, "--windows-per-book", 2, "--scored", 20, "--chunk-len", 50],
+    "passkey": ["--lengths", 100, 200, "--depths", 0, 1, "--samples", 1],
+    "retrieval": ["--distractors", 1, 2, "--samples", 2],
+    "fidelity": ["--length", 96, "--windows", 2, "--gaps", 1],
+}
+
+
+def interrupt_in_the_second_unit(monkeypatch):
+    """Ctrl-C at the first progress update after a unit of work has been kept: halfway through the next."""
+    kept = []
+    add = report.PartialResults.add
+
+    def keep(self, model, unit, result):
+        add(self, model, unit, result)
+        kept.append((model, str(unit)))
+
+    def update(self, *args, **kwargs):
+        if kept:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(report.PartialResults, "add", keep)
+    monkeypatch.setattr(common.Progress, "update", update)
+    return kept
+
+
+@pytest.mark.parametrize("task", RESUMABLE)
+def test_an_interrupted_evaluation_goes_on_where_it_stopped_with_the_results_of_an_uninterrupted_one(
+        pg19_shards, checkpoints, tmp_path, capsys, task):
+    argv = [task, "--checkpoint", checkpoints["memmamba"], "--checkpoint", checkpoints["mamba"],
+            "--data", pg19_shards.root, *RESUMABLE[task]]
+    assert run_cli(evaluate, [*argv, "--out", tmp_path / "straight"], capsys)[0] == 0
+    out = tmp_path / "resumed"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        kept = interrupt_in_the_second_unit(monkeypatch)
+        code, _, err = run_cli(evaluate, [*argv, "--out", out], capsys)
+    partial = out / f"{task}.partial.json"
+    assert code == 130 and err == f"interrupted; what was finished is kept in {partial}, and the same command " \
+                                  "goes on from there\n"
+    assert len(kept) == 1 and [path.name for path in out.iterdir()] == [partial.name]
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        computed = []
+        add = report.PartialResults.add
+        monkeypatch.setattr(report.PartialResults, "add",
+                            lambda self, model, unit, result: (computed.append((model, str(unit))),
+                                                               add(self, model, unit, result)))
+        code, _, err = run_cli(evaluate, [*argv, "--out", out], capsys)
+    assert code == 0, err
+    assert f"{partial}: 1 finished unit of this command; going on from there" in err
+    assert kept[0] not in computed and len(computed) == (1 if task == "fidelity" else 3)
+    assert not partial.exists()
+    straight, resumed = (json.loads((tmp_path / run / f"{task}.json").read_text()) for run in ("straight", "resumed"))
+    assert resumed["results"] == straight["results"] and resumed["models"] == straight["models"]
+    assert (out / f"{task}.md").read_text().split("\n", 3)[3] == \
+        (tmp_path / "straight" / f"{task}.md").read_text().split("\n", 3)[3]   # the tables, below the command
+
+
+def test_results_kept_for_other_weights_or_settings_are_not_reused(pg19_shards, checkpoints, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(checkpoints["mamba"], model)
+    argv = ["ppl", "--checkpoint", model, "--data", pg19_shards.root, "--lengths", 64, 128, "--scored", 20,
+            "--windows-per-book", 1, "--out", tmp_path / "out"]
+    partial = tmp_path / "out" / "ppl.partial.json"
+
+    def interrupted_run(argv):
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            interrupt_in_the_second_unit(monkeypatch)
+            assert run_cli(evaluate, argv, capsys)[0] == 130
+        return json.loads(partial.read_text())["units"]["model"]["64"]
+
+    first = interrupted_run(argv)
+    torch.manual_seed(1)   # the same folder and command, other weights: a new export over the old one
+    save_pretrained(build_model(SPECS["mamba"]), model, {"tokenizer_checksum": pg19_shards.checksum})
+    code, _, err = run_cli(evaluate, argv, capsys)
+    assert code == 0 and f"{partial}: from another command (other settings or weights); starting over" in err
+    results = json.loads((tmp_path / "out" / "ppl.json").read_text())
+    assert results["results"]["model"][0]["ppl"] != first["ppl"]
+    assert results["models"][0]["weights_sha256"] == common.weights_sha256(load_model(model))
+
+    second = interrupted_run(argv)
+    code, _, err = run_cli(evaluate, [*argv[:-2], "--scored", 10, *argv[-2:]], capsys)   # other settings
+    assert code == 0 and "from another command" in err
+    assert json.loads((tmp_path / "out" / "ppl.json").read_text())["results"]["model"][0]["ppl"] != second["ppl"]
+
+    partial.write_text('{"command": ')   # a file cut short: nothing of it is used
+    code, _, err = run_cli(evaluate, argv, capsys)
+    assert code == 0 and f"{partial}: unreadable (" in err and "starting over" in err
+
 
 def test_every_value_is_checked_before_any_work_and_an_error_leaves_no_results_folder(
         pg19_shards, checkpoints, tmp_path, capsys, monkeypatch):

@@ -9,8 +9,10 @@
 --checkpoint takes an exported folder, a training checkpoint or a folder of checkpoints
 (MemMamba, Mamba with notes off, or the Transformer), and can be repeated to put several
 models in one table. Results go to --out (default runs/eval/<task>): <task>.json, <task>.md
-and, when matplotlib is installed, <task>.png. Problems end the command with a one-line
-message and exit status 1 (a malformed command line: argparse's usage message and status 2).
+and, when matplotlib is installed, <task>.png. An interrupted evaluation keeps what it finished
+in <task>.partial.json, and the same command run again goes on from there. Problems end the
+command with a one-line message and exit status 1 (a malformed command line: argparse's usage
+message and status 2).
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a scheduler's time limit, `kill`, `timeout`) stops an evaluation as Ctrl-C does, with one line
     # and no empty results folder, where by default it ends the process without a word
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    created = None
+    created = partial = None
     try:
         if args.chunk_len < 1:
             raise EvalError(f"--chunk-len must be positive, got {args.chunk_len}")
@@ -90,16 +92,24 @@ def main(argv: list[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)   # only now: an error leaves no empty folder behind
         except OSError as error:
             raise EvalError(f"--out {out}: cannot be a results folder ({error.strerror})") from None
-        outcome = work()
+        # what identifies the results: every option but where they go, and the weights
+        command = {"task": args.task, "options": {k: v for k, v in vars(args).items() if k != "out"},
+                   "models": [c.describe() for c in checkpoints]}
+        partial = report.PartialResults(out, args.task, command)
+        outcome = work(partial)
         written = report.write(out, args.task, argv, checkpoints, outcome)
+        partial.remove()
     except (EvalError, DataError, CheckpointError, ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:   # Ctrl-C: the user knows where it stopped, a traceback adds nothing
-        # results are written once every model is done: an interrupted run has none, and leaves no empty folder
-        if created is not None and not any(created.iterdir()):
-            created.rmdir()
-        print("interrupted", file=sys.stderr)
+        if partial is not None and partial.count():
+            print(f"interrupted; what was finished is kept in {partial.path}, and the same command goes on "
+                  "from there", file=sys.stderr)
+        else:   # nothing to keep, and no empty folder left behind
+            if created is not None and not any(created.iterdir()):
+                created.rmdir()
+            print("interrupted", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -7,6 +7,7 @@ Transformer's state, its KV cache, grows with the input: that is the architectur
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import time
@@ -36,6 +37,7 @@ class Checkpoint:
     path: str
     model: nn.Module
     tokenizer: Tokenizer | None
+    weights_sha256: str | None = None   # None for a randomly initialised model
 
     @property
     def kind(self) -> str:
@@ -48,7 +50,8 @@ class Checkpoint:
     def describe(self) -> dict:
         return {"name": self.name, "path": self.path, "kind": self.kind,
                 "params": sum(p.numel() for p in self.model.parameters()),
-                "tokenizer_checksum": self.tokenizer.checksum if self.tokenizer else None}
+                "tokenizer_checksum": self.tokenizer.checksum if self.tokenizer else None,
+                "weights_sha256": self.weights_sha256}
 
 
 def load_checkpoint(path: str, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -60,11 +63,13 @@ def load_checkpoint(path: str, device: torch.device, dtype: torch.dtype = torch.
     folder = Path(path)
     if not folder.is_dir():
         raise EvalError(f"{path}: no such checkpoint folder")
-    model = load_model(folder, device).to(dtype).eval()
+    model = load_model(folder, device)
+    digest = weights_sha256(model)   # of the fp32 weights as stored, whatever --dtype
+    model = model.to(dtype).eval()
     expected = trained_tokenizer(folder)
     tokenizer_file = Path(tokenizer_path) if tokenizer_path else _tokenizer_next_to(folder)
     if tokenizer_file is None and not need_tokenizer:
-        return Checkpoint(name or folder.name, str(folder), model, None)
+        return Checkpoint(name or folder.name, str(folder), model, None, digest)
     if tokenizer_file is None:
         raise EvalError(f"{path}: no tokenizer.model next to the weights; pass --tokenizer")
     tokenizer = Tokenizer(str(tokenizer_file))
@@ -74,7 +79,17 @@ def load_checkpoint(path: str, device: torch.device, dtype: torch.dtype = torch.
     if tokenizer.vocab_size > model.config.vocab_size:
         raise EvalError(f"{tokenizer_file}: {tokenizer.vocab_size} pieces, more than the model's "
                         f"vocabulary of {model.config.vocab_size}")
-    return Checkpoint(name or folder.name, str(folder), model, tokenizer)
+    return Checkpoint(name or folder.name, str(folder), model, tokenizer, digest)
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A digest of the model's tensors (names, dtypes, shapes, values): which weights a result is of,
+    whichever checkpoint of a run folder they were loaded from."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().reshape(-1).view(torch.uint8).cpu().numpy())
+    return digest.hexdigest()
 
 
 def random_model(spec: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Checkpoint:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from data_pipeline.evaluation import validation_windows
 from training.evaluation.common import EvalError, Progress
-from training.evaluation.report import Outcome, table
+from training.evaluation.report import Outcome, PartialResults, table
 
 NAME = "fidelity"
 HELP = "ETMF and ECLMF memory fidelity (App. A.2)"
@@ -143,11 +143,14 @@ def prepare(checkpoints, args):
     args.gaps, args.deltas = list(dict.fromkeys(args.gaps)), list(dict.fromkeys(args.deltas))   # one column each
     windows = {c.name: validation_windows(args.data, args.split, args.length, args.windows, c.tokenizer.checksum)
                for c in checkpoints}
-    return lambda: run(checkpoints, windows, args)
+    return lambda partial: run(checkpoints, windows, args, partial)
 
 
-def run(checkpoints, windows: dict, args) -> Outcome:
-    results = {c.name: evaluate(c, windows[c.name], args) for c in checkpoints}
+def run(checkpoints, windows: dict, args, partial: PartialResults) -> Outcome:
+    for c in checkpoints:   # a model's whole evaluation is one unit of `partial`
+        if not partial.has(c.name, "model"):
+            partial.add(c.name, "model", evaluate(c, windows[c.name], args))
+    results = {c.name: partial.get(c.name, "model") for c in checkpoints}
     header = ["model"] + [f"ETMF_{d}" if d else "ETMF" for d in args.deltas] + [f"ECLMF_{g}" for g in args.gaps]
     rows = [[name, *(r["etmf"][str(d)] for d in args.deltas), *(r["eclmf"][str(g)] for g in args.gaps)]
             for name, r in results.items()]

@@ -18,7 +18,7 @@ import time
 import torch
 
 from training.evaluation.common import EvalError, Progress, check_kv_cache, chunked_hidden, parse_lengths
-from training.evaluation.report import Outcome, length_label, table
+from training.evaluation.report import Outcome, PartialResults, length_label, table
 
 NAME = "latency"
 HELP = "forward and per-token generation latency (Sec. 5.2)"
@@ -106,11 +106,14 @@ def prepare(checkpoints, args):
         raise EvalError("--repeats, --gen-tokens and --batch-size must be positive")
     check_kv_cache(checkpoints, max(lengths + [P + args.gen_tokens for P in positions]), args.batch_size, args.device,
                    "--lengths or --positions")
-    return lambda: run(checkpoints, lengths, positions, args)
+    return lambda partial: run(checkpoints, lengths, positions, args, partial)
 
 
-def run(checkpoints, lengths: list[int], positions: list[int], args) -> Outcome:
-    results = {c.name: evaluate(c, lengths, positions, args) for c in checkpoints}
+def run(checkpoints, lengths: list[int], positions: list[int], args, partial: PartialResults) -> Outcome:
+    for c in checkpoints:   # a model's whole evaluation is one unit of `partial`
+        if not partial.has(c.name, "model"):
+            partial.add(c.name, "model", evaluate(c, lengths, positions, args))
+    results = {c.name: partial.get(c.name, "model") for c in checkpoints}
     labels = [length_label(L) for L in lengths]
     rows = [[name, r["kind"], *(e["ms"] for e in r["forward"])] for name, r in results.items()]
     baseline = next((name for name, r in results.items() if r["kind"] == "transformer"), None)

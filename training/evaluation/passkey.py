@@ -15,7 +15,7 @@ import torch
 
 from data_pipeline.reader import ShardedBooks
 from training.evaluation.common import EvalError, Progress, check_kv_cache, greedy, parse_lengths
-from training.evaluation.report import Outcome, length_label, table
+from training.evaluation.report import Outcome, PartialResults, length_label, table
 from training.tasks import MAX_KEY_DIGITS, BookFiller, PasskeyTask
 
 NAME = "passkey"
@@ -36,15 +36,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="samples of one length run side by side")
 
 
-def evaluate(checkpoint, task: PasskeyTask, lengths: list[int], depths: list[float], args) -> dict:
+def evaluate(checkpoint, task: PasskeyTask, lengths: list[int], depths: list[float], args,
+             partial: PartialResults) -> dict:
+    """Accuracy by length and depth, and every prediction; a length is a unit of `partial`."""
+    todo = [L for L in lengths if not partial.has(checkpoint.name, L)]
     per_length = len(depths) * args.samples
     # counted in prompt tokens: a 400k prompt costs 400 times a 1k one
-    progress = Progress(sum(lengths) * per_length, f"passkey {checkpoint.name}", "token")
-    results, predictions = [], []
-    for L in lengths:
+    progress = Progress(sum(todo) * per_length, f"passkey {checkpoint.name}", "token")
+    for L in todo:
         samples = [task.sample(L, depth, np.random.default_rng([args.seed, L, d, s]))
                    for d, depth in enumerate(depths) for s in range(args.samples)]
-        correct = []
+        correct, predictions = [], []
         for first in range(0, len(samples), args.batch_size):
             batch = samples[first:first + args.batch_size]
             ids = torch.from_numpy(np.stack([s.ids for s in batch])).to(args.device)
@@ -58,10 +60,13 @@ def evaluate(checkpoint, task: PasskeyTask, lengths: list[int], depths: list[flo
             progress.update(L * len(batch), f"sample {len(correct)}/{per_length} of {L} tokens, "
                                             f"{np.mean(correct):.2f} correct")
         by_depth = np.array(correct).reshape(len(depths), args.samples).mean(1)
-        results.append({"length": L, "accuracy": float(np.mean(correct)),
-                           "by_depth": {str(d): float(a) for d, a in zip(depths, by_depth)}})
+        partial.add(checkpoint.name, L, {"length": L, "accuracy": float(np.mean(correct)),
+                                         "by_depth": {str(d): float(a) for d, a in zip(depths, by_depth)},
+                                         "predictions": predictions})
     progress.close()
-    return {"lengths": results, "predictions": predictions}
+    done = [dict(partial.get(checkpoint.name, L)) for L in lengths]
+    predictions = [p for entry in done for p in entry.pop("predictions")]
+    return {"lengths": done, "predictions": predictions}
 
 
 def prepare(checkpoints, args):
@@ -81,11 +86,11 @@ def prepare(checkpoints, args):
         if short:
             raise EvalError(f"--lengths {' '.join(short)}: a passkey prompt needs at least {task.shortest()} tokens")
     check_kv_cache(checkpoints, max(lengths), args.batch_size, args.device)
-    return lambda: run(checkpoints, tasks, lengths, args)
+    return lambda partial: run(checkpoints, tasks, lengths, args, partial)
 
 
-def run(checkpoints, tasks: dict, lengths: list[int], args) -> Outcome:
-    results = {c.name: evaluate(c, tasks[c.name], lengths, args.depths, args) for c in checkpoints}
+def run(checkpoints, tasks: dict, lengths: list[int], args, partial: PartialResults) -> Outcome:
+    results = {c.name: evaluate(c, tasks[c.name], lengths, args.depths, args, partial) for c in checkpoints}
     labels = [length_label(L) for L in lengths]
     parts = [f"Exact-match accuracy, {len(args.depths)} depths x {args.samples} samples per length:",
              table(["model"] + labels, [[name, *(e["accuracy"] for e in r["lengths"])]

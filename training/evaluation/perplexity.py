@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from data_pipeline.reader import ShardedBooks
 from training.evaluation.common import EvalError, Progress, check_kv_cache, chunked_hidden, log, parse_lengths
-from training.evaluation.report import Outcome, length_label, table
+from training.evaluation.report import Outcome, PartialResults, length_label, table
 
 NAME = "ppl"
 HELP = "PG19 perplexity by context length (Table 1)"
@@ -66,13 +66,13 @@ def _summary(window_nll: list[Tensor], books: dict[str, list[float]], skipped: i
             "per_book": {book: math.exp(float(np.mean(values))) for book, values in books.items()}}
 
 
-def evaluate(checkpoint, books: ShardedBooks, lengths: list[int], args) -> list[dict]:
+def evaluate(checkpoint, books: ShardedBooks, lengths: list[int], args, partial: PartialResults) -> list[dict]:
+    """Every length's summary; a length is a unit of `partial`, skipped when an earlier run finished it."""
     plan = {L: [(i, s) for i in range(len(books)) for s in window_starts(int(books.num_tokens[i]), L,
                                                                          args.windows_per_book)]
-            for L in lengths}
+            for L in lengths if not partial.has(checkpoint.name, L)}
     # counted in tokens read: a 60k window costs 60 times a 1k one
     progress = Progress(sum(L * len(windows) for L, windows in plan.items()), f"ppl {checkpoint.name}", "token")
-    results = []
     for L, windows in plan.items():
         window_nll, per_book = [], {}
         for first in range(0, len(windows), args.batch_size):
@@ -84,9 +84,9 @@ def evaluate(checkpoint, books: ShardedBooks, lengths: list[int], args) -> list[
                 per_book.setdefault(books.books[i]["book_id"], []).append(float(row.mean()))
             progress.update(L * len(batch), f"window {first + len(batch)}/{len(windows)} of {L} tokens")
         skipped = int((books.num_tokens < L + 1).sum())
-        results.append(_summary(window_nll, per_book, skipped, L))
+        partial.add(checkpoint.name, L, _summary(window_nll, per_book, skipped, L))
     progress.close()
-    return results
+    return [partial.get(checkpoint.name, L) for L in lengths]
 
 
 def prepare(checkpoints, args):
@@ -106,11 +106,11 @@ def prepare(checkpoints, args):
             log(f"warning: no book of {where} is longer than {tokens} tokens: no perplexity at "
                 f"{', '.join(too_long)}")
     check_kv_cache(checkpoints, max(L for L in lengths if L < max(longest.values())), args.batch_size, args.device)
-    return lambda: run(checkpoints, books, lengths, args)
+    return lambda partial: run(checkpoints, books, lengths, args, partial)
 
 
-def run(checkpoints, books: dict, lengths: list[int], args) -> Outcome:
-    results = {c.name: evaluate(c, books[c.name], lengths, args) for c in checkpoints}
+def run(checkpoints, books: dict, lengths: list[int], args, partial: PartialResults) -> Outcome:
+    results = {c.name: evaluate(c, books[c.name], lengths, args, partial) for c in checkpoints}
     header = ["model", "params"] + [length_label(L) for L in lengths]
     rows, spread = [], []
     for checkpoint in checkpoints:

@@ -1,5 +1,6 @@
 """Results on disk: <out>/<task>.json (everything), <task>.md (the tables) and <task>.png
-(a plot, only when matplotlib is installed; it is optional)."""
+(a plot, only when matplotlib is installed; it is optional); while a task runs,
+<task>.partial.json holds what it has finished, so that an interrupted run can go on."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ from pathlib import Path
 import torch
 
 from data_pipeline.storage import local_folder_problem
-from training.evaluation.common import EvalError
+from training.evaluation.common import EvalError, log
 
-EXTENSIONS = ("json", "md", "png")
+EXTENSIONS = ("json", "md", "png", "partial.json")
 
 
 @dataclass
@@ -78,6 +79,56 @@ def write(out: Path, task: str, argv: list[str], checkpoints: list, outcome: Out
     if outcome.plot is not None and _plot(out / f"{task}.png", **outcome.plot):
         paths.append(out / f"{task}.png")
     return paths
+
+
+class PartialResults:
+    """The results of every finished unit of work (one model at one length, say), written to
+    <out>/<task>.partial.json as each finishes, so that the same command run again after an interruption
+    (Ctrl-C, a scheduler's time limit, a crash) does only what is left and writes the results an
+    uninterrupted run would have.
+
+    `command` identifies the run: the task's settings and each model's weights. Units of another command
+    are never reused; its file is replaced by this run's first finished unit. The file goes once the
+    results are written.
+    """
+
+    def __init__(self, out: Path, task: str, command: dict):
+        self.path = out / f"{task}.partial.json"
+        self.command = json.loads(json.dumps(command, default=str))   # as it reads back from the file
+        self.units: dict[str, dict[str, object]] = {}
+        if not self.path.exists():
+            return
+        try:
+            record = json.loads(self.path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            log(f"{self.path}: unreadable ({error}); starting over")
+            return
+        if not isinstance(record, dict) or record.get("command") != self.command:
+            log(f"{self.path}: from another command (other settings or weights); starting over")
+            return
+        self.units = record["units"]
+        count = self.count()
+        log(f"{self.path}: {count} finished unit{'s' * (count != 1)} of this command; going on from there")
+
+    def has(self, model: str, unit) -> bool:
+        return str(unit) in self.units.get(model, {})
+
+    def get(self, model: str, unit):
+        return self.units[model][str(unit)]
+
+    def add(self, model: str, unit, result) -> None:
+        """Record a finished unit; the file is replaced whole, so a kill mid-write keeps the previous one."""
+        # kept as it reads back, so that a resumed run's results are those of an uninterrupted one
+        self.units.setdefault(model, {})[str(unit)] = json.loads(json.dumps(result))
+        staging = self.path.with_name(self.path.name + ".tmp")
+        staging.write_text(json.dumps({"command": self.command, "units": self.units}) + "\n")
+        os.replace(staging, self.path)
+
+    def count(self) -> int:
+        return sum(map(len, self.units.values()))
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict, logx: bool = False,

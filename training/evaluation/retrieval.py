@@ -18,7 +18,7 @@ import torch
 
 from data_pipeline.reader import ShardedBooks
 from training.evaluation.common import EvalError, Progress, greedy
-from training.evaluation.report import Outcome, table
+from training.evaluation.report import Outcome, PartialResults, table
 from training.tasks import RetrievalTask, book_passages, load_passages
 
 NAME = "retrieval"
@@ -36,10 +36,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="of the samples")
 
 
-def evaluate(checkpoint, task: RetrievalTask, distractors: list[int], args) -> list[dict]:
-    progress = Progress(len(distractors) * args.samples, f"retrieval {checkpoint.name}")
-    results = []
-    for n in distractors:
+def evaluate(checkpoint, task: RetrievalTask, distractors: list[int], args, partial: PartialResults) -> list[dict]:
+    """Accuracy and predictions per number of distractors, each a unit of `partial`."""
+    todo = [n for n in distractors if not partial.has(checkpoint.name, n)]
+    progress = Progress(len(todo) * args.samples, f"retrieval {checkpoint.name}")
+    for n in todo:
         correct, lengths, predictions = [], [], []
         for s in range(args.samples):
             sample = task.sample(n, np.random.default_rng([args.seed, n, s]))
@@ -51,10 +52,10 @@ def evaluate(checkpoint, task: RetrievalTask, distractors: list[int], args) -> l
             predictions.append({"gold_id": sample.gold_id, "gold_index": sample.gold_index,
                                 "continuation": text, "correct": correct[-1]})
             progress.update(1, f"{n} distractors, {np.mean(correct):.2f} correct")
-        results.append({"distractors": n, "accuracy": float(np.mean(correct)),
-                        "mean_prompt_tokens": float(np.mean(lengths)), "predictions": predictions})
+        partial.add(checkpoint.name, n, {"distractors": n, "accuracy": float(np.mean(correct)),
+                                         "mean_prompt_tokens": float(np.mean(lengths)), "predictions": predictions})
     progress.close()
-    return results
+    return [partial.get(checkpoint.name, n) for n in distractors]
 
 
 def prepare(checkpoints, args):
@@ -73,11 +74,11 @@ def prepare(checkpoints, args):
         if too_many:
             raise EvalError(f"--distractors {' '.join(too_many)}: at most {task.most_distractors()} "
                             f"({len(task.texts)} distinct passages, ids below {task.max_id})")
-    return lambda: run(checkpoints, tasks, args)
+    return lambda partial: run(checkpoints, tasks, args, partial)
 
 
-def run(checkpoints, tasks: dict, args) -> Outcome:
-    results = {c.name: evaluate(c, tasks[c.name], args.distractors, args) for c in checkpoints}
+def run(checkpoints, tasks: dict, args, partial: PartialResults) -> Outcome:
+    results = {c.name: evaluate(c, tasks[c.name], args.distractors, args, partial) for c in checkpoints}
     header = ["model"] + [str(n) for n in args.distractors]
     rows = [[name, *(e["accuracy"] for e in entries)] for name, entries in results.items()]
     first = next(iter(results.values()))
