@@ -8,7 +8,8 @@
 # launch/preprocess.sh), OUT to runs/eval/<name>, where <name> is the run's for its checkpoints folder
 # (runs/x/checkpoints: x), the run's and the step's for one checkpoint (runs/x/checkpoints/step-00001000:
 # x/step-00001000, as training.evaluate names its row) and the folder's own otherwise; each task writes
-# OUT/<task>/<task>.{json,md}.
+# OUT/<task>/<task>.{json,md}. Run again after an interruption (a scheduler's time limit), `all` skips the
+# tasks whose results it holds for the same weights and goes on inside the one that was stopped.
 # Latency needs no data: launch/eval.sh latency --model memmamba:200m --model transformer:200m
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ if [[ "${1:-}" == "all" ]]; then
   [[ $name == step-* ]] && name=$(basename "$(dirname "$(dirname "$checkpoint")")")/$name
   out=${4:-runs/eval/$name}
   for task in ppl passkey retrieval fidelity; do
-    "$python" -m training.evaluate "$task" --checkpoint "$checkpoint" --data "$data" --out "$out/$task"
+    "$python" -m training.evaluate "$task" --checkpoint "$checkpoint" --data "$data" --out "$out/$task" --skip-done
   done
   exit 0
 fi

@@ -475,6 +475,27 @@ def test_results_kept_for_other_weights_or_settings_are_not_reused(pg19_shards, 
     assert code == 0 and f"{partial}: unreadable (" in err and "starting over" in err
 
 
+def test_skip_done_does_nothing_only_where_the_results_are_of_this_command_and_these_weights(
+        pg19_shards, checkpoints, tmp_path, capsys, monkeypatch):
+    model = tmp_path / "model"
+    shutil.copytree(checkpoints["mamba"], model)
+    out = tmp_path / "out"
+    argv = ["ppl", "--checkpoint", model, "--data", pg19_shards.root, "--lengths", 64, "--scored", 20,
+            "--windows-per-book", 1, "--out", out, "--skip-done"]
+    runs = []
+    evaluate_model = perplexity.evaluate
+    monkeypatch.setattr(perplexity, "evaluate", lambda *a: runs.append(1) or evaluate_model(*a))
+    assert run_cli(evaluate, argv, capsys)[0] == 0 and len(runs) == 1
+    code, out_text, err = run_cli(evaluate, argv, capsys)
+    assert code == 0 and len(runs) == 1 and out_text == ""
+    assert err.endswith(f"{out}/ppl.json holds the results of this command on these weights: nothing to do\n")
+    assert run_cli(evaluate, argv[:-1], capsys)[0] == 0 and len(runs) == 2         # without --skip-done: again
+    assert run_cli(evaluate, [*argv, "--scored", 10], capsys)[0] == 0 and len(runs) == 3   # another setting
+    torch.manual_seed(1)   # a new export over the old one
+    save_pretrained(build_model(SPECS["mamba"]), model, {"tokenizer_checksum": pg19_shards.checksum})
+    assert run_cli(evaluate, [*argv, "--scored", 10], capsys)[0] == 0 and len(runs) == 4
+
+
 def test_every_value_is_checked_before_any_work_and_an_error_leaves_no_results_folder(
         pg19_shards, checkpoints, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(passkey, "evaluate", lambda *a: pytest.fail("evaluated before the checks"))
@@ -586,7 +607,8 @@ def eval_sh(*argv):
 
 def test_eval_sh_all_names_the_results_after_the_run_and_refuses_extra_arguments():
     commands = eval_sh("all", "runs/x/checkpoints/step-00001000").stdout.splitlines()
-    outs = [line.split("--out ")[1] for line in commands]
+    assert all(line.endswith(" --skip-done") for line in commands)
+    outs = [line.split("--out ")[1].split()[0] for line in commands]
     assert outs == [f"runs/eval/x/step-00001000/{task}" for task in ("ppl", "passkey", "retrieval", "fidelity")]
     assert eval_sh("all", "runs/x/checkpoints").stdout.split("--out ")[1].startswith("runs/eval/x/ppl")
     extra = eval_sh("all", "exports/200m", "data/pg19", "runs/eval/a", "runs/eval/b")

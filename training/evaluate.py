@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="of the weights")
         command.add_argument("--chunk-len", type=int, default=4096,
                              help="tokens per chunk of the state-carrying forward (bounds activation memory)")
+        command.add_argument("--skip-done", action="store_true",
+                             help="do nothing if --out already holds the results of this command on the same "
+                                  "weights (launch/eval.sh all: run again, it goes on at the task it stopped in)")
         module.add_arguments(command)
     return parser
 
@@ -93,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as error:
             raise EvalError(f"--out {out}: cannot be a results folder ({error.strerror})") from None
         # what identifies the results: every option but where they go, and the weights
-        command = {"task": args.task, "options": {k: v for k, v in vars(args).items() if k != "out"},
-                   "models": [c.describe() for c in checkpoints]}
-        partial = report.PartialResults(out, args.task, command)
+        identity = report.identity({"task": args.task, "models": [c.describe() for c in checkpoints], "options": {
+            k: v for k, v in vars(args).items() if k not in ("out", "skip_done")}})
+        if args.skip_done and report.made_by(out, args.task, identity):
+            log(f"{out / args.task}.json holds the results of this command on these weights: nothing to do")
+            return 0
+        partial = report.PartialResults(out, args.task, identity)
         outcome = work(partial)
-        written = report.write(out, args.task, argv, checkpoints, outcome)
+        written = report.write(out, args.task, argv, checkpoints, outcome, identity)
         partial.remove()
     except (EvalError, DataError, CheckpointError, ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -59,7 +59,21 @@ def check_out(out: Path, task: str) -> None:
             raise EvalError(f"--out {out}: cannot write {path}")
 
 
-def write(out: Path, task: str, argv: list[str], checkpoints: list, outcome: Outcome) -> list[Path]:
+def identity(run: dict) -> dict:
+    """What identifies a run's results (its task, settings and weights), as it reads back from a JSON file."""
+    return json.loads(json.dumps(run, default=str))
+
+
+def made_by(out: Path, task: str, run_identity: dict) -> bool:
+    """Whether <out>/<task>.json holds the results of the run of this identity."""
+    try:
+        return json.loads((out / f"{task}.json").read_text()).get("identity") == run_identity
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def write(out: Path, task: str, argv: list[str], checkpoints: list, outcome: Outcome,
+          run_identity: dict) -> list[Path]:
     """Write the task's files; returns their paths. `argv`: the command line, for the record."""
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "training.evaluate", *argv])
@@ -72,6 +86,7 @@ def write(out: Path, task: str, argv: list[str], checkpoints: list, outcome: Out
         "models": [c.describe() for c in checkpoints],
         "settings": outcome.settings,
         "results": outcome.results,
+        "identity": run_identity,
     }
     paths = [out / f"{task}.json", out / f"{task}.md"]
     paths[0].write_text(json.dumps(record, indent=2) + "\n")
@@ -87,14 +102,14 @@ class PartialResults:
     (Ctrl-C, a scheduler's time limit, a crash) does only what is left and writes the results an
     uninterrupted run would have.
 
-    `command` identifies the run: the task's settings and each model's weights. Units of another command
-    are never reused; its file is replaced by this run's first finished unit. The file goes once the
-    results are written.
+    `command` identifies the run (`identity`): the task's settings and each model's weights. Units of
+    another command are never reused; its file is replaced by this run's first finished unit. The file
+    goes once the results are written.
     """
 
     def __init__(self, out: Path, task: str, command: dict):
         self.path = out / f"{task}.partial.json"
-        self.command = json.loads(json.dumps(command, default=str))   # as it reads back from the file
+        self.command = command
         self.units: dict[str, dict[str, object]] = {}
         if not self.path.exists():
             return
