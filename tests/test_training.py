@@ -904,9 +904,28 @@ def test_a_resumed_run_takes_the_configs_optimizer_settings_and_names_model_chan
     shutil.copytree(straight_run / "checkpoints" / "step-00000008", tmp_path / "checkpoints" / "step-00000008")
     result = train(1, pg19_shards.root, tmp_path, "train.max_steps=10", "optimizer.lr=1e-3", "model.backend=torch")
     assert "note: model.backend is 'torch' here, 'auto' in the checkpoint" in result.stdout
+    assert "note: optimizer.lr is 0.001 here, 0.003 in the checkpoint" in result.stdout
     assert scalars(straight_run, "train/lr")[9] == pytest.approx(3e-3)
     assert scalars(tmp_path, "train/lr") == {9: pytest.approx(1e-3), 10: pytest.approx(1e-3)}
     assert scalars(tmp_path, "train/loss")[9] == pytest.approx(scalars(straight_run, "train/loss")[9], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_global_batch_says_so_and_goes_on_with_the_next_samples(pg19_shards, straight_run,
+                                                                                      tmp_path):
+    step8 = tmp_path / "checkpoints" / "step-00000008"
+    shutil.copytree(straight_run / "checkpoints" / "step-00000008", step8)
+    result = train(1, pg19_shards.root, tmp_path, "train.max_steps=9", "train.global_batch_size=16")
+    assert f"resumed from {step8} at step 8 with global batch 16 (was 8)\n" in result.stdout
+    assert scalars(tmp_path, "train/tokens_seen") == {9: (8 * 8 + 16) * 64}
+    meta = json.loads((tmp_path / "checkpoints" / "step-00000009" / "meta.json").read_text())
+    assert meta["state"]["consumed_samples"] == 8 * 8 + 16
+    # Step 9 trained on samples 64-79 of the global order, whatever the batch: its loss is theirs at step 8's weights.
+    samples = data.train_dataset(load_config(CONFIGS / "tiny_cpu.json", [*TINY, f"data.path={pg19_shards.root}"]),
+                                 pg19_shards.checksum)
+    with torch.no_grad():
+        expected = lm_loss(load_model(step8), torch.stack([samples[k] for k in range(64, 80)])).item()
+    assert scalars(tmp_path, "train/loss")[9] == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.slow

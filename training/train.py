@@ -110,7 +110,7 @@ def setup(config_path: str, overrides: list[str], stop_signal: list[str]) -> Run
         meta = checkpoint.read_meta(resume_from)
         checkpoint.check_compatible(resume_from, meta, parameter_shapes, checksum)
         if place.rank == 0:
-            _note_model_changes(meta["model"], model_config_to_dict(cfg.model_config))
+            _note_changes(meta, cfg)
         data.check_stream_state(dataset, meta["data_stream"], resume_from)
         universal = checkpoint.needs_universal(resume_from, meta, place.world_size, cfg.zero_stage)
         if universal:
@@ -160,7 +160,7 @@ def setup(config_path: str, overrides: list[str], stop_signal: list[str]) -> Run
     run = Run(cfg, place, dp_rank, layout, engine, state, dataset, batches, val_batches,
               _sequence_parallel(cfg.parallel.sequence_parallel_size), parameter_shapes, tokenizer, metrics,
               stop_signal)
-    _announce(run, resume_from)
+    _announce(run, resume_from, meta)
     return run
 
 
@@ -310,12 +310,19 @@ def _initialise_from(model: torch.nn.Module, path: str, shapes: dict, tokenizer_
     model.load_state_dict(source.state_dict())
 
 
-def _note_model_changes(saved: dict, current: dict) -> None:
-    """Settings that leave the parameters' shapes alone (thresholds, pool policy, window) can change on a resume;
-    say so, since the weights were trained under the old ones."""
+def _note_changes(meta: dict, cfg: RunConfig) -> None:
+    """Settings that can change on a resume: the model's that leave the parameters' shapes alone (thresholds, pool
+    policy, window), the optimizer's and the clipping. Say so, since the run so far was trained under the old ones."""
+    def settings(model: dict, config: dict) -> dict:
+        return {**{f"model.{key}": value for key, value in model.items()},
+                **{f"optimizer.{key}": value for key, value in config["optimizer"].items()},
+                "train.grad_clip": config["train"]["grad_clip"]}
+
+    saved = settings(meta["model"], meta["config"])
+    current = settings(model_config_to_dict(cfg.model_config), cfg.to_dict())
     for key in sorted(set(saved) | set(current)):
         if saved.get(key) != current.get(key):
-            print(f"note: model.{key} is {current.get(key)!r} here, {saved.get(key)!r} in the checkpoint")
+            print(f"note: {key} is {current.get(key)!r} here, {saved.get(key)!r} in the checkpoint")
 
 
 def _catch_stop_signals() -> list[str]:
@@ -443,11 +450,13 @@ def _peak_flops(cfg: RunConfig, device: torch.device) -> float:
     return peak_flops(device) or measure_peak_flops(device)
 
 
-def _announce(run: Run, resume_from: Path | None) -> None:
+def _announce(run: Run, resume_from: Path | None, meta: dict | None) -> None:
     cfg, layout = run.cfg, run.layout
     params = sum(math.prod(shape) for shape in run.parameter_shapes.values())
     if resume_from:
         where = f"resumed from {resume_from} at step {run.state.step}"
+        if meta["global_batch_size"] != layout.global_batch_size:   # the data goes on from the same sample
+            where += f" with global batch {layout.global_batch_size} (was {meta['global_batch_size']})"
     else:
         where = f"initialised from {cfg.train.init_from}" if cfg.train.init_from else "from scratch"
     ranks = f"{run.place.world_size} rank" + ("s" if run.place.world_size > 1 else "")
