@@ -911,6 +911,19 @@ def test_a_resumed_run_takes_the_configs_optimizer_settings_and_names_model_chan
 
 
 @pytest.mark.slow
+def test_a_resumed_run_clips_with_the_configs_grad_clip(pg19_shards, straight_run, tmp_path):
+    """ZeRO's optimizer loads the clipping it was saved with; a run resumed with another train.grad_clip must clip
+    with that one."""
+    shutil.copytree(straight_run / "checkpoints" / "step-00000008", tmp_path / "checkpoints" / "step-00000008")
+    result = train(1, pg19_shards.root, tmp_path, "train.max_steps=10", "train.grad_clip=0.01")
+    assert f"note: train.grad_clip is 0.01 here, {CLIP} in the checkpoint" in result.stdout
+    assert scalars(straight_run, "train/grad_norm")[9] > 1.5 * CLIP   # clipped by the straight run
+    resumed, straight = scalars(tmp_path, "train/loss"), scalars(straight_run, "train/loss")
+    assert resumed[9] == pytest.approx(straight[9], rel=1e-4)   # the same weights and data before step 9's update
+    assert resumed[10] != pytest.approx(straight[10], rel=1e-4)   # resumed with CLIP: within 1e-7
+
+
+@pytest.mark.slow
 def test_a_resume_with_another_global_batch_says_so_and_goes_on_with_the_next_samples(pg19_shards, straight_run,
                                                                                       tmp_path):
     step8 = tmp_path / "checkpoints" / "step-00000008"

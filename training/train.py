@@ -145,6 +145,8 @@ def setup(config_path: str, overrides: list[str], stop_signal: list[str]) -> Run
     if resume_from is not None:
         rank_state = checkpoint.load(engine, resume_from, meta)
         apply_settings(optimizer, schedule, cfg.optimizer)
+        if cfg.zero_stage > 0:   # ZeRO's optimizer loads the clipping it was saved with, too
+            engine.optimizer.clip_grad = cfg.train.grad_clip
     if rank_state is not None:
         checkpoint.set_rng_state(rank_state["rng"])
     else:
