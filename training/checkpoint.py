@@ -87,18 +87,27 @@ def parameter_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
     return {name: list(p.shape) for name, p in model.named_parameters()}
 
 
-def check_compatible(path: Path, meta: dict, current: dict[str, list[int]], tokenizer_checksum: str) -> None:
-    """Refuse a checkpoint of another model shape (`current`: parameter_shapes) or another tokenizer."""
-    check_shapes(path, meta["parameter_shapes"], current, json.dumps(meta["model"]))
+def check_compatible(path: Path, meta: dict, current: dict[str, list[int]], current_model: dict,
+                     tokenizer_checksum: str) -> None:
+    """Refuse a checkpoint of another model shape (`current`: parameter_shapes; `current_model`: the model section)
+    or another tokenizer."""
+    check_shapes(path, meta["parameter_shapes"], current, meta["model"], current_model)
     check_tokenizer(path, meta["tokenizer_checksum"], tokenizer_checksum)
 
 
-def check_shapes(path: Path, saved: dict[str, list[int]], current: dict[str, list[int]], saved_model: str) -> None:
+def check_shapes(path: Path, saved: dict[str, list[int]], current: dict[str, list[int]], saved_model: dict,
+                 current_model: dict) -> None:
+    """Refuse weights of other shapes, naming the first parameter and the model settings that differ (or, where
+    none does, the saved model section)."""
     for name in sorted(set(saved) | set(current)):
         if saved.get(name) != current.get(name):
+            changed = [f"model.{key} is {saved_model.get(key)!r} there and {current_model.get(key)!r} here"
+                       for key in sorted(set(saved_model) | set(current_model))
+                       if saved_model.get(key) != current_model.get(key)]
             raise CheckpointError(
                 f"{path}: checkpoint of a different model: parameter {name} is {saved.get(name, 'absent')} "
-                f"there and {current.get(name, 'absent')} here (its model section: {saved_model})")
+                f"there and {current.get(name, 'absent')} here "
+                f"({', '.join(changed) or f'its model section: {json.dumps(saved_model)}'})")
 
 
 def check_tokenizer(path: Path, saved: str | None, current: str) -> None:

@@ -12,7 +12,6 @@ scan stay fp32 inside the model.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import signal
@@ -108,7 +107,8 @@ def setup(config_path: str, overrides: list[str], stop_signal: list[str]) -> Run
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
     if resume_from is not None:
         meta = checkpoint.read_meta(resume_from)
-        checkpoint.check_compatible(resume_from, meta, parameter_shapes, checksum)
+        checkpoint.check_compatible(resume_from, meta, parameter_shapes, model_config_to_dict(cfg.model_config),
+                                    checksum)
         if place.rank == 0:
             _note_changes(meta, cfg)
         data.check_stream_state(dataset, meta["data_stream"], resume_from)
@@ -307,7 +307,7 @@ def _initialise_from(model: torch.nn.Module, path: str, shapes: dict, tokenizer_
     optimizer and the data stream start afresh)."""
     source = export.load_model(path)
     checkpoint.check_shapes(Path(path), checkpoint.parameter_shapes(source), shapes,
-                            json.dumps(model_config_to_dict(source.config)))
+                            model_config_to_dict(source.config), model_config_to_dict(model.config))
     checkpoint.check_tokenizer(Path(path), export.trained_tokenizer(path), tokenizer_checksum)
     model.load_state_dict(source.state_dict())
 
