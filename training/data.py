@@ -61,14 +61,24 @@ def stream_state(dataset: Dataset, consumed_samples: int) -> dict:
     return dataset.state_dict(consumed_samples)
 
 
+# The config keys behind a stream state's entries: another value of one is another order of the data.
+STREAM_SETTINGS = {"seq_len": "data.seq_len", "seed": "train.seed", "key_digits": "data.passkey.key_digits"}
+
+
 def check_stream_state(dataset: Dataset, state: dict, checkpoint: Path) -> None:
     """Refuse a checkpoint's stream state that does not fit this dataset (another source, seq_len, seed or
-    tokenizer)."""
+    tokenizer), naming the config key where a setting makes the difference."""
+    current = dataset.state_dict(state["consumed_samples"])
+    changed = [f"{name} is {current[key]!r} here, {state[key]!r} in the checkpoint"
+               for key, name in STREAM_SETTINGS.items()
+               if key in state and key in current and state[key] != current[key]]   # (not across sources)
+    new_run = f"to train its weights on with this data, start a new run with train.init_from={checkpoint}"
+    if changed:
+        raise DataError(f"{checkpoint}: {', '.join(changed)}, which would change the order of the data; {new_run}")
     try:
         dataset.load_state_dict(state)
     except DataError as error:
-        raise DataError(f"{error}; to train its weights on with this data, start a new run with "
-                        f"train.init_from={checkpoint}") from None
+        raise DataError(f"{error}; {new_run}") from None
 
 
 def collate(items: list) -> Batch:
