@@ -5,6 +5,8 @@ of a book is a slice of a memory map of the shard (local files) or one range req
 is ever loaded whole unless asked for, and PG19's 2 B tokens never need to fit in memory.
 """
 
+import hashlib
+
 import numpy as np
 
 from data_pipeline import manifest
@@ -55,6 +57,12 @@ class ShardedBooks:
 
     def __len__(self):
         return len(self.books)
+
+    @property
+    def digest(self) -> str:
+        """Which books, in which order, with how many tokens: what a training stream's order is made from."""
+        listing = "".join(f"{book['book_id']}\t{book['num_tokens']}\n" for book in self.books)
+        return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
     def tokens(self, index, start=0, stop=None):
         """Tokens [start, stop) of book `index` (default: all of it), as an array of `self.dtype`."""

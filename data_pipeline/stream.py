@@ -87,6 +87,7 @@ class PackedWindows(Dataset):
             "seq_len": self.seq_len,
             "windows_per_epoch": self.windows_per_epoch,
             "tokenizer_checksum": self.books.tokenizer_checksum,
+            "books": self.books.digest,
         }
 
     def load_state_dict(self, state):
@@ -97,9 +98,11 @@ class PackedWindows(Dataset):
 def checked_position(where: str, state: dict, current: dict) -> int:
     """A dataset's `load_state_dict`: the saved stream state's consumed_samples, if every other entry is this
     dataset's (`current`); else a DataError naming what differs."""
-    different = [key for key in current if state.get(key) != current[key]]
+    # a state without "books" comes from a version of the stack that did not record them
+    different = [key for key in current if state.get(key) != current[key] and (key != "books" or key in state)]
     if different:
-        detail = ", ".join(f"{key} {state.get(key)!r} != {current[key]!r}" for key in different)
+        detail = ", ".join("other books than the checkpoint's, or in another order" if key == "books"  # a digest
+                           else f"{key} {state.get(key)!r} != {current[key]!r}" for key in different)
         raise DataError(f"{where}: checkpoint's data stream does not match this dataset ({detail})")
     return state["consumed_samples"]
 

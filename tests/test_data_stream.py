@@ -114,6 +114,25 @@ def test_checkpoint_state_of_another_dataset_is_refused(pg19_shards):
             other.load_state_dict(state)
 
 
+def test_checkpoint_state_of_the_same_amount_of_other_data_is_refused(pg19_shards, tmp_path):
+    """The same books in another order (or other books) with the same number of windows: another data order."""
+    shutil.copytree(pg19_shards.root / "train", tmp_path / "train")
+    manifest_path = tmp_path / "train" / "manifest.json"
+    listing = json.loads(manifest_path.read_text())
+    listing["shards"].reverse()
+    manifest_path.write_text(json.dumps(listing))
+    original = PackedWindows(pg19_shards.root, "train", seq_len=4096, seed=11)
+    reordered = PackedWindows(tmp_path, "train", seq_len=4096, seed=11)
+    state = original.state_dict(64)
+    assert len(reordered) == len(original) and not torch.equal(reordered[64], original[64])
+    with pytest.raises(DataError) as error:
+        reordered.load_state_dict(state)
+    assert str(error.value) == f"{tmp_path}/train: checkpoint's data stream does not match this dataset " \
+                               "(other books than the checkpoint's, or in another order)"
+    del state["books"]   # written before the books were recorded
+    assert reordered.load_state_dict(state) == 64
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # more workers than cores, on purpose
 def test_a_rank_with_fewer_shards_than_workers_does_not_hang(pg19_shards):
     ds = PackedWindows(pg19_shards.root, "test", seq_len=512, seed=0)  # one shard, three books
