@@ -88,6 +88,9 @@ def tiny_config(**sections):
                                              "parallel.sequence_parallel_size (3)"),
     ({"parallel.sequence_parallel_size": 2, "model": {"arch": "transformer", "size": "tiny"}},
      "parallel.sequence_parallel_size=2 needs a MemMamba or Mamba model"),
+    ({"parallel.sequence_parallel_size": 4, "data.seq_len": 8},
+     "data.seq_len (8) over parallel.sequence_parallel_size (4) gives pieces of 2 tokens, fewer than the conv's "
+     "model.d_conv - 1 = 3"),
     ({"parallel.sequence_parallel_size": 2, "train.chunk_len": 64},
      "train.chunk_len and parallel.sequence_parallel_size > 1 cannot be combined"),
     ({"train.compile": True, "deepspeed.zero_optimization.stage": 3},

@@ -181,6 +181,12 @@ class RunConfig:
         if P > 1 and self.model_config.arch != "memmamba":
             raise ConfigError(f"parallel.sequence_parallel_size={P} needs a MemMamba or Mamba model; "
                               f"model.arch {self.model_config.arch!r} has no state to exchange")
+        # Each rank's conv reads the last d_conv - 1 inputs of the previous rank's piece (model/sequence_parallel.py).
+        halo = self.model_config.d_conv - 1 if P > 1 else 0
+        if self.data.seq_len // P < halo:
+            raise ConfigError(f"data.seq_len ({self.data.seq_len}) over parallel.sequence_parallel_size ({P}) gives "
+                              f"pieces of {self.data.seq_len // P} tokens, fewer than the conv's model.d_conv - 1 = "
+                              f"{halo}: raise data.seq_len or lower parallel.sequence_parallel_size")
         if self.train.compile and self.zero_stage == 3:
             raise ConfigError("train.compile cannot be combined with ZeRO stage 3, whose parameter hooks run inside "
                               "every compiled layer (slower than eager when tried): use stage 0, 1 or 2, or set "
