@@ -899,6 +899,13 @@ def test_sequence_parallel_run_matches_the_data_parallel_run_and_resumes_bit_for
     # Stopped and resumed in the same layout, it continues bit for bit.
     assert_resumes_bit_for_bit(run, tmp_path, ranks, pg19_shards.root, "parallel.sequence_parallel_size=2")
 
+    if ranks == 2:   # resumed on one rank without sequence parallelism, it goes on with the same samples
+        one_rank = tmp_path / "one-rank"
+        shutil.copytree(run / "checkpoints" / "step-00000002", one_rank / "checkpoints" / "step-00000002")
+        result = train(1, pg19_shards.root, one_rank, "train.max_steps=3")
+        assert "resumed from" in result.stdout and "accumulation 4 x 1 data-parallel ranks" in result.stdout
+        assert scalars(one_rank, "train/loss") == {3: pytest.approx(data_parallel[3], rel=1e-4)}
+
 
 @pytest.mark.slow
 def test_a_resumed_run_takes_the_configs_optimizer_settings_and_names_model_changes(pg19_shards, straight_run,
