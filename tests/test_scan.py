@@ -76,6 +76,23 @@ def test_initial_state_contribution_is_the_difference_a_start_state_makes():
     torch.testing.assert_close(h0_last + dh, h1_last, rtol=1e-10, atol=1e-10)
 
 
+def test_initial_state_contribution_has_the_gradients_of_the_scan_and_keeps_only_its_inputs_for_them():
+    inputs = {k: v.requires_grad_() for k, v in scan_inputs(N=16, T=64).items()}
+    y0, h0_last = selective_scan(*(inputs[k] for k in ("x", "dt", "A", "B", "C")))
+    y1, h1_last = selective_scan(**inputs)
+    g = torch.Generator().manual_seed(1)
+    wy, wh = torch.randn(y1.shape, generator=g, dtype=y1.dtype), torch.randn(h1_last.shape, generator=g, dtype=y1.dtype)
+    wrt = [inputs[k] for k in ("dt", "A", "C", "h0")]
+    expected = torch.autograd.grad(((y1 - y0) * wy).sum() + ((h1_last - h0_last) * wh).sum(), wrt)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        dy, dh = initial_state_contribution(*wrt)
+    for got, want in zip(torch.autograd.grad((dy * wy).sum() + (dh * wh).sum(), wrt), expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    # the decay exp(A cumsum(dt)) is [batch, E, T, N]: recomputed in the backward, not kept for it
+    assert sum(saved) <= sum(t.numel() for t in wrt)
+
+
 def test_long_decays_do_not_overflow():
     inputs = scan_inputs(T=300)
     inputs["dt"] = inputs["dt"] * 50          # exp(A * cumsum dt) underflows to 0 early
