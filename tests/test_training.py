@@ -878,8 +878,8 @@ def test_non_finite_steps_are_skipped_then_the_run_aborts(pg19_shards, tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks, layout", [(2, "accumulation 4 x 1 data-parallel ranks"),
-                                           (4, "accumulation 2 x 2 data-parallel ranks")],
+@pytest.mark.parametrize("ranks, layout", [(2, "accumulation 4 x 1 data-parallel ranks, of 64 tokens, each split"),
+                                           (4, "accumulation 2 x 2 data-parallel ranks, of 64 tokens, each split")],
                          ids=["one-group-of-2", "2x2"])
 def test_sequence_parallel_run_matches_the_data_parallel_run_and_resumes_bit_for_bit(pg19_shards, straight_run,
                                                                                     zero0_run, tmp_path, ranks,
@@ -889,7 +889,7 @@ def test_sequence_parallel_run_matches_the_data_parallel_run_and_resumes_bit_for
     run = tmp_path / "run"
     result = train(ranks, pg19_shards.root, run, "train.max_steps=3", "parallel.sequence_parallel_size=2",
                    "checkpoint.every=2")
-    assert layout in result.stdout
+    assert f"{layout} over 2 ranks\n" in result.stdout
     sequence_parallel, data_parallel = scalars(run, "train/loss"), scalars(straight_run, "train/loss")
     assert sorted(sequence_parallel) == [1, 2, 3]
     for step in sequence_parallel:

@@ -464,11 +464,13 @@ def _announce(run: Run, resume_from: Path | None, meta: dict | None) -> None:
     ranks = f"{run.place.world_size} rank" + ("s" if run.place.world_size > 1 else "")
     precision = "bf16 autocast" if _bf16(cfg, run.place.device) else "fp32"
     compiled = ", layers compiled" if cfg.train.compile else ""
+    P = cfg.parallel.sequence_parallel_size
+    split = f", each split over {P} ranks" if P > 1 else ""
     run.metrics.print(
         f"{cfg.model_config.arch} with {params / 1e6:.2f}M parameters, {where}\n"
         f"{ranks} on {run.place.device.type} in {precision}{compiled}, ZeRO stage {cfg.zero_stage}; global batch "
         f"{layout.global_batch_size} = micro-batch {layout.micro_batch_size} x accumulation {layout.grad_accum} "
-        f"x {layout.dp_world} data-parallel ranks, of {cfg.data.seq_len} tokens\n"
+        f"x {layout.dp_world} data-parallel ranks, of {cfg.data.seq_len} tokens{split}\n"
         f"TensorBoard: {cfg.tensorboard_dir}   checkpoints: {cfg.checkpoint_dir}")
 
 
