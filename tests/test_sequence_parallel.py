@@ -45,7 +45,10 @@ def run_rank(rank, world, rendezvous, overrides):
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
+        overrides = dict(overrides)
+        checkpointing = overrides.pop("gradient_checkpointing", False)
         model = MemMambaLM(dataclasses.replace(TEST_CONFIG, **overrides))
+        model.gradient_checkpointing = checkpointing   # recomputes the layers and, within them, the start-state term
         ids = torch.randint(0, TEST_CONFIG.vocab_size, (2, T), generator=torch.Generator().manual_seed(3))
         compared = assert_sequence_parallel_equals_one_process(model, ids)
         assert compared == {name for name, _ in model.named_parameters()}
@@ -55,11 +58,13 @@ def run_rank(rank, world, rendezvous, overrides):
 
 CASES = [(2, dict(pool_policy="fifo")), (2, dict(pool_policy="priority", pooling="mean")),
          (2, dict(notes=False)), (4, dict(pool_policy="fifo")), (4, dict(pool_policy="priority")),
-         (4, dict(note_window=16, pool_size=2)), (3, dict(pool_policy="priority"))]
+         (4, dict(note_window=16, pool_size=2)), (3, dict(pool_policy="priority")),
+         (2, dict(pool_policy="priority", gradient_checkpointing=True))]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, overrides", CASES, ids=[f"P{w}-" + "-".join(map(str, o.values())) for w, o in CASES])
+@pytest.mark.parametrize("world, overrides", CASES, ids=[f"P{w}-" + "-".join(
+    f"{k}={v}" if isinstance(v, bool) else str(v) for k, v in o.items()) for w, o in CASES])
 def test_sequence_parallel_equals_one_process(tmp_path, world, overrides):
     mp.spawn(run_rank, args=(world, tmp_path / "rendezvous", overrides), nprocs=world)
 
