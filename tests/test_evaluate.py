@@ -463,7 +463,7 @@ def test_results_kept_for_other_weights_or_settings_are_not_reused(pg19_shards, 
     assert code == 0 and f"{partial}: from another command (other settings or weights); starting over" in err
     results = json.loads((tmp_path / "out" / "ppl.json").read_text())
     assert results["results"]["model"][0]["ppl"] != first["ppl"]
-    assert results["models"][0]["weights_sha256"] == common.weights_sha256(load_model(model))
+    assert results["models"][0]["weights_sha256"] == common.digest_weights(load_model(model))
 
     second = interrupted_run(argv)
     code, _, err = run_cli(evaluate, [*argv[:-2], "--scored", 10, *argv[-2:]], capsys)   # other settings

@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ class Checkpoint:
     path: str
     model: nn.Module
     tokenizer: Tokenizer | None
-    weights_sha256: str | None = None   # None for a randomly initialised model
+    random_weights: bool = False        # a model built to be timed, whose weights do not matter
 
     @property
     def kind(self) -> str:
@@ -46,6 +47,11 @@ class Checkpoint:
         if config.arch == "memmamba" and not config.notes:
             return "mamba"
         return config.arch
+
+    @cached_property
+    def weights_sha256(self) -> str | None:
+        """Which weights were evaluated; worked out when a task first records it (generation never does)."""
+        return None if self.random_weights else digest_weights(self.model)
 
     def describe(self) -> dict:
         return {"name": self.name, "path": self.path, "kind": self.kind,
@@ -63,13 +69,11 @@ def load_checkpoint(path: str, device: torch.device, dtype: torch.dtype = torch.
     folder = Path(path)
     if not folder.is_dir():
         raise EvalError(f"{path}: no such checkpoint folder")
-    model = load_model(folder, device)
-    digest = weights_sha256(model)   # of the fp32 weights as stored, whatever --dtype
-    model = model.to(dtype).eval()
+    model = load_model(folder, device).to(dtype).eval()
     expected = trained_tokenizer(folder)
     tokenizer_file = Path(tokenizer_path) if tokenizer_path else _tokenizer_next_to(folder)
     if tokenizer_file is None and not need_tokenizer:
-        return Checkpoint(name or folder.name, str(folder), model, None, digest)
+        return Checkpoint(name or folder.name, str(folder), model, None)
     if tokenizer_file is None:
         raise EvalError(f"{path}: no tokenizer.model next to the weights; pass --tokenizer")
     tokenizer = Tokenizer(str(tokenizer_file))
@@ -79,10 +83,10 @@ def load_checkpoint(path: str, device: torch.device, dtype: torch.dtype = torch.
     if tokenizer.vocab_size > model.config.vocab_size:
         raise EvalError(f"{tokenizer_file}: {tokenizer.vocab_size} pieces, more than the model's "
                         f"vocabulary of {model.config.vocab_size}")
-    return Checkpoint(name or folder.name, str(folder), model, tokenizer, digest)
+    return Checkpoint(name or folder.name, str(folder), model, tokenizer)
 
 
-def weights_sha256(model: nn.Module) -> str:
+def digest_weights(model: nn.Module) -> str:
     """A digest of the model's tensors (names, dtypes, shapes, values): which weights a result is of,
     whichever checkpoint of a run folder they were loaded from."""
     digest = hashlib.sha256()
@@ -104,7 +108,7 @@ def random_model(spec: str, device: torch.device, dtype: torch.dtype = torch.flo
         model = build_model({**section, "size": size})
     except ValueError as error:
         raise EvalError(f"--model {spec!r}: {error}") from None
-    return Checkpoint(spec, spec, model.to(device=device, dtype=dtype).eval(), None)
+    return Checkpoint(spec, spec, model.to(device=device, dtype=dtype).eval(), None, random_weights=True)
 
 
 def _tokenizer_next_to(folder: Path) -> Path | None:
