@@ -874,7 +874,16 @@ def test_non_finite_steps_are_skipped_then_the_run_aborts(pg19_shards, tmp_path,
     after_1, after_3 = (module_state(tmp_path / "checkpoints" / name) for name in ("step-00000001", "step-00000003"))
     assert all(torch.equal(after_1[name], after_3[name]) for name in after_1)   # the skipped steps changed nothing
     meta = json.loads((tmp_path / "checkpoints" / "step-00000003" / "meta.json").read_text())
-    assert meta["state"]["skipped_steps"] == 2
+    assert meta["state"]["skipped_steps"] == 2 and meta["state"]["skipped_in_a_row"] == 2
+
+    # Resumed, the run goes on counting: its first step is the third in a row.
+    resumed = train(1, pg19_shards.root, tmp_path, "train.max_steps=8", "optimizer.lr=1e30",
+                    "train.max_skipped_steps=3", "checkpoint.every=1", "checkpoint.keep=10",
+                    f"deepspeed.zero_optimization.stage={stage}", check=False)
+    assert resumed.returncode == 1
+    assert resumed.stderr.strip().splitlines()[-1].startswith(
+        "error: 3 steps in a row had a non-finite loss or gradient (step 4,"), resumed.stderr
+    assert checkpoints(tmp_path) == ["step-00000001", "step-00000002", "step-00000003"]
 
 
 @pytest.mark.slow

@@ -58,6 +58,7 @@ class TrainState:
     consumed_samples: int = 0          # global samples (windows) consumed: the data stream's position
     tokens_seen: int = 0
     skipped_steps: int = 0             # steps skipped for a non-finite loss or gradient
+    skipped_in_a_row: int = 0          # of those, how many came last: a resume goes on counting them
 
 
 @dataclass
@@ -168,7 +169,6 @@ def setup(config_path: str, overrides: list[str], stop_signal: list[str]) -> Run
 
 def fit(run: Run) -> None:
     cfg, state, metrics = run.cfg, run.state, run.metrics
-    in_a_row = 0
     while state.step < cfg.train.max_steps:
         started = time.perf_counter()
         lr = run.engine.get_lr()[0]   # this step's: the schedule moves on in the step
@@ -177,14 +177,14 @@ def fit(run: Run) -> None:
         state.step += 1
         state.consumed_samples += run.layout.global_batch_size
         state.tokens_seen += run.layout.global_batch_size * cfg.data.seq_len
-        in_a_row = 0 if applied else in_a_row + 1
+        state.skipped_in_a_row = 0 if applied else state.skipped_in_a_row + 1
         state.skipped_steps += not applied
         metrics.step(loss, data_wait, seconds)
         if not applied:
             metrics.print(f"step {state.step}: skipped (loss {loss:.4g}, grad_norm {grad_norm:.4g})")
-        if in_a_row >= cfg.train.max_skipped_steps:
-            raise TrainingError(f"{in_a_row} steps in a row had a non-finite loss or gradient (step {state.step}, "
-                                f"loss {loss:.4g}); lower optimizer.lr, check the data, or resume from an "
+        if state.skipped_in_a_row >= cfg.train.max_skipped_steps:
+            raise TrainingError(f"{state.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
+                                f"(step {state.step}, loss {loss:.4g}); lower optimizer.lr, check the data, or resume from an "
                                 f"earlier checkpoint (train.max_skipped_steps={cfg.train.max_skipped_steps})")
         last = state.step == cfg.train.max_steps
         if state.step % cfg.logging.every == 0 or last or stop:
