@@ -443,7 +443,7 @@ def test_an_interrupted_evaluation_goes_on_where_it_stopped_with_the_results_of_
         (tmp_path / "straight" / f"{task}.md").read_text().split("\n", 3)[3]   # the tables, below the command
 
 
-def test_results_kept_for_other_weights_or_settings_are_not_reused(pg19_shards, checkpoints, tmp_path, capsys):
+def test_results_kept_for_other_weights_settings_or_hardware_are_not_reused(pg19_shards, checkpoints, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(checkpoints["mamba"], model)
     argv = ["ppl", "--checkpoint", model, "--data", pg19_shards.root, "--lengths", 64, 128, "--scored", 20,
@@ -460,7 +460,8 @@ def test_results_kept_for_other_weights_or_settings_are_not_reused(pg19_shards, 
     torch.manual_seed(1)   # the same folder and command, other weights: a new export over the old one
     save_pretrained(build_model(SPECS["mamba"]), model, {"tokenizer_checksum": pg19_shards.checksum})
     code, _, err = run_cli(evaluate, argv, capsys)
-    assert code == 0 and f"{partial}: from another command (other settings or weights); starting over" in err
+    assert code == 0 and f"{partial}: from another command (other settings, weights or hardware); starting over" \
+        in err
     results = json.loads((tmp_path / "out" / "ppl.json").read_text())
     assert results["results"]["model"][0]["ppl"] != first["ppl"]
     assert results["models"][0]["weights_sha256"] == common.digest_weights(load_model(model))
@@ -469,6 +470,17 @@ def test_results_kept_for_other_weights_or_settings_are_not_reused(pg19_shards, 
     code, _, err = run_cli(evaluate, [*argv[:-2], "--scored", 10, *argv[-2:]], capsys)   # other settings
     assert code == 0 and "from another command" in err
     assert json.loads((tmp_path / "out" / "ppl.json").read_text())["results"]["model"][0]["ppl"] != second["ppl"]
+
+    interrupted_run(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)   # other hardware: units timed or computed elsewhere are not mixed in
+    try:
+        code, _, err = run_cli(evaluate, argv, capsys)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0 and "from another command" in err
+    assert json.loads((tmp_path / "out" / "ppl.json").read_text())["identity"]["hardware"].endswith(
+        f", {threads + 1} threads")
 
     partial.write_text('{"command": ')   # a file cut short: nothing of it is used
     code, _, err = run_cli(evaluate, argv, capsys)

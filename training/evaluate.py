@@ -25,8 +25,8 @@ from data_pipeline.errors import DataError
 from model import ConfigError
 from training.checkpoint import CheckpointError
 from training.evaluation import fidelity, latency, passkey, perplexity, report, retrieval
-from training.evaluation.common import (DTYPES, EvalError, load_checkpoint, log, pick_device, random_model,
-                                        unique_names)
+from training.evaluation.common import (DTYPES, EvalError, hardware, load_checkpoint, log, pick_device,
+                                        random_model, unique_names)
 
 TASKS = {module.NAME: module for module in (perplexity, passkey, retrieval, fidelity, latency)}
 
@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)   # only now: an error leaves no empty folder behind
         except OSError as error:
             raise EvalError(f"--out {out}: cannot be a results folder ({error.strerror})") from None
-        # what identifies the results: every option but where they go, and the weights
+        # what identifies the results: every option but where they go, the weights, and what runs them
         identity = report.identity({"task": args.task, "models": [c.describe() for c in checkpoints], "options": {
-            k: v for k, v in vars(args).items() if k not in ("out", "skip_done")}})
+            k: v for k, v in vars(args).items() if k not in ("out", "skip_done")}, "hardware": hardware(args.device)})
         if args.skip_done and report.made_by(out, args.task, identity):
             log(f"{out / args.task}.json holds the results of this command on these weights: nothing to do")
             return 0

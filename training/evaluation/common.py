@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -225,6 +226,19 @@ def pick_device(name: str | None) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise EvalError(f"--device {name}: no such CUDA device ({torch.cuda.device_count()} available)")
     return device
+
+
+def hardware(device: torch.device) -> str:
+    """What runs the evaluation, as results and timings depend on it: the GPU's name, or the CPU's and its
+    threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next(line for line in cpuinfo if line.startswith("model name")).split(":", 1)[1].strip()
+    except (OSError, StopIteration, IndexError):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def log(message: str) -> None:

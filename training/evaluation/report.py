@@ -102,7 +102,7 @@ class PartialResults:
     (Ctrl-C, a scheduler's time limit, a crash) does only what is left and writes the results an
     uninterrupted run would have.
 
-    `command` identifies the run (`identity`): the task's settings and each model's weights. Units of
+    `command` identifies the run (`identity`): the task's settings, each model's weights and the hardware. Units of
     another command are never reused; its file is replaced by this run's first finished unit. The file
     goes once the results are written.
     """
@@ -119,7 +119,7 @@ class PartialResults:
             log(f"{self.path}: unreadable ({error}); starting over")
             return
         if not isinstance(record, dict) or record.get("command") != self.command:
-            log(f"{self.path}: from another command (other settings or weights); starting over")
+            log(f"{self.path}: from another command (other settings, weights or hardware); starting over")
             return
         self.units = record["units"]
         count = self.count()
