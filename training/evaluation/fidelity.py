@@ -147,10 +147,7 @@ def prepare(checkpoints, args):
 
 
 def run(checkpoints, windows: dict, args, partial: PartialResults) -> Outcome:
-    for c in checkpoints:   # a model's whole evaluation is one unit of `partial`
-        if not partial.has(c.name, "model"):
-            partial.add(c.name, "model", evaluate(c, windows[c.name], args))
-    results = {c.name: partial.get(c.name, "model") for c in checkpoints}
+    results = partial.per_model(checkpoints, lambda c: evaluate(c, windows[c.name], args))
     header = ["model"] + [f"ETMF_{d}" if d else "ETMF" for d in args.deltas] + [f"ECLMF_{g}" for g in args.gaps]
     rows = [[name, *(r["etmf"][str(d)] for d in args.deltas), *(r["eclmf"][str(g)] for g in args.gaps)]
             for name, r in results.items()]

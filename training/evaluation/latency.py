@@ -110,10 +110,7 @@ def prepare(checkpoints, args):
 
 
 def run(checkpoints, lengths: list[int], positions: list[int], args, partial: PartialResults) -> Outcome:
-    for c in checkpoints:   # a model's whole evaluation is one unit of `partial`
-        if not partial.has(c.name, "model"):
-            partial.add(c.name, "model", evaluate(c, lengths, positions, args))
-    results = {c.name: partial.get(c.name, "model") for c in checkpoints}
+    results = partial.per_model(checkpoints, lambda c: evaluate(c, lengths, positions, args))
     labels = [length_label(L) for L in lengths]
     rows = [[name, r["kind"], *(e["ms"] for e in r["forward"])] for name, r in results.items()]
     baseline = next((name for name, r in results.items() if r["kind"] == "transformer"), None)

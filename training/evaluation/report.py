@@ -139,6 +139,13 @@ class PartialResults:
         staging.write_text(json.dumps({"command": self.command, "units": self.units}) + "\n")
         os.replace(staging, self.path)
 
+    def per_model(self, checkpoints: list, evaluate) -> dict:
+        """{name: evaluate(checkpoint)} where a model's whole evaluation is one unit, done only where missing."""
+        for checkpoint in checkpoints:
+            if not self.has(checkpoint.name, "model"):
+                self.add(checkpoint.name, "model", evaluate(checkpoint))
+        return {checkpoint.name: self.get(checkpoint.name, "model") for checkpoint in checkpoints}
+
     def count(self) -> int:
         return sum(map(len, self.units.values()))
 
