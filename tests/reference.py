@@ -78,7 +78,7 @@ def memmamba_lm_reference(weights, config, input_ids):
                 values = torch.stack([value[b, t] for t in kept])
                 note = values.max(0).values if config.pooling == "max" else values.mean(0)
                 # priority ranks importances rounded to 3 decimals (model/notes.py: the forms' last bits differ)
-                made.append((j, note, max(float(torch.round(importance[b, t], decimals=3)) for t in kept)))
+                made.append((j, note, max(float(torch.round(importance[b, t].detach(), decimals=3)) for t in kept)))
             windows.append(made)
         pools = []
         for b in range(batch):

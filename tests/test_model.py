@@ -203,7 +203,8 @@ def reference_weights(model: MemMambaLM) -> dict:
     return weights
 
 
-@pytest.mark.parametrize("overrides", POLICIES[:5], ids=lambda o: "-".join(map(str, o.values())))
+# norm_eps 1e-2: larger than the mean square of the embeddings (std 0.02), so a norm that ignored it would show
+@pytest.mark.parametrize("overrides", POLICIES[:5] + [dict(norm_eps=1e-2)], ids=lambda o: "-".join(map(str, o.values())))
 def test_forward_equals_the_reference_written_from_the_design(overrides):
     from tests.reference import memmamba_lm_reference
     model = make_model(**overrides)
@@ -212,6 +213,58 @@ def test_forward_equals_the_reference_written_from_the_design(overrides):
         ours, _ = model(ids)
         ref = memmamba_lm_reference(reference_weights(model), model.config, ids)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(fusion="gated", pool_policy="priority"), dict(pooling="mean")],
+                         ids=["weighted-fifo", "gated-priority", "mean"])
+def test_gradients_equal_those_of_the_reference_written_from_the_design(overrides):
+    """Gradients flow through I_token (it scales the note), the notes, and I_state where it is active; the
+    thresholds pass none. The reference is plain autograd through the design's equations."""
+    from tests.reference import memmamba_lm_reference
+    model = make_model(**overrides).train()
+    ids = tokens(batch=2, T=21)
+    w = torch.linspace(-1, 1, 21 * TEST_CONFIG.vocab_size).view(1, 21, -1).sin()   # weighs every logit differently
+    grads = []
+    for run in (lambda: model(ids)[0], lambda: memmamba_lm_reference(reference_weights(model), model.config, ids)):
+        model.zero_grad()
+        (run() * w).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, ref in grads[1].items():
+        torch.testing.assert_close(grads[0][name], ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item(), msg=name)
+
+
+def plain_mamba_with_the_same_backbone(model: MemMambaLM) -> MemMambaLM:
+    plain = make_model(notes=False)
+    backbone = {k: v for k, v in model.state_dict().items() if k in plain.state_dict()}
+    assert backbone.keys() == plain.state_dict().keys()
+    plain.load_state_dict(backbone)
+    return plain
+
+
+@pytest.mark.parametrize("gate", ["importance", "state_gate"])
+def test_a_gate_exactly_at_its_threshold_does_not_pass(gate):
+    """A token is kept if I_token > tau1 and reads its pool if I_state > tau2, strictly. With that gate's logits
+    zeroed every token's gate is sigmoid(0) = 0.5 exactly, and with the threshold at 0.5 no token passes: no
+    note is taken (so nothing is read at any layer), or no token reads its pool. Cross-layer attention is off
+    in the second case, so either way every layer is its plain Mamba mixer."""
+    row = {"importance": 0, "state_gate": 1}[gate]
+    thresholds = dict(tau1=0.5) if gate == "importance" else dict(tau1=0.3, tau2=0.5, cross_layer_every=5)
+    model = make_model(**thresholds)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.memory_in.weight[row] = 0.0
+            layer.gate_bias[row] = 0.0
+    plain = plain_mamba_with_the_same_backbone(model)
+    ids = tokens(T=21)
+    with torch.no_grad():
+        expected, _ = plain(ids)
+        full, _ = model(ids)
+        state, steps = None, []
+        for t in range(ids.shape[1]):
+            logits, state = model.step(ids[:, t], state)
+            steps.append(logits)
+    torch.testing.assert_close(full, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(steps, 1), expected, rtol=1e-5, atol=1e-5)
 
 
 def random_config(rng: random.Random) -> MemMambaConfig:
