@@ -485,6 +485,43 @@ def test_a_state_from_another_batch_model_or_config_is_refused(make_state, messa
             model(ids, state) if form == "forward" else model.step(ids[:, 0], state)
 
 
+@pytest.mark.parametrize("overrides", POLICIES[1:3] + POLICIES[-1:], ids=lambda o: "-".join(map(str, o.values())))
+def test_a_selected_state_continues_the_sequences_it_holds(overrides):
+    """state.select (beam search, dropping finished rows) keeps every field of the chosen rows, open window and
+    position included: continuing from it gives what those rows alone give. 13 tokens leave a window open."""
+    model = make_model(**overrides)
+    ids = tokens(batch=3, T=21)
+    rows = [2, 0]
+    with torch.no_grad():
+        alone, _ = model(ids[rows])
+        _, state = model(ids[:, :13])
+        chosen = state.select(rows)
+        assert chosen.position == 13
+        continued, chosen = model(ids[rows, 13:20], chosen)
+        last, _ = model.step(ids[rows, 20], chosen)
+    torch.testing.assert_close(continued, alone[:, 13:20], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, alone[:, 20], rtol=1e-5, atol=1e-5)
+
+
+def test_a_detached_state_continues_exactly_and_cuts_backpropagation_to_the_chunk_before():
+    """state.map(Tensor.detach) between chunks (truncated backpropagation): every tensor of the state detached,
+    the same values and position."""
+    model = make_model().train()
+    ids = tokens(T=21)
+    with torch.no_grad():
+        full, _ = model(ids)
+    _, state = model(ids[:, :13])
+    detached = state.map(torch.Tensor.detach)
+
+    def tensors(state):
+        return [t for layer in state.layers for part in (layer.mixer, layer.notes) for t in vars(part).values()]
+    assert any(t.requires_grad for t in tensors(state))
+    assert len(tensors(detached)) == 8 * len(model.layers) and not any(t.requires_grad for t in tensors(detached))
+    assert detached.position == 13
+    second, _ = model(ids[:, 13:], detached)
+    torch.testing.assert_close(second, full[:, 13:], rtol=1e-5, atol=1e-5)
+
+
 def test_step_without_a_state_starts_a_sequence():
     model = make_model()
     ids = tokens()
