@@ -59,12 +59,19 @@ def test_skip_and_softplus_options_match_sequential():
         torch.testing.assert_close(leaves[name].grad, refs[name].grad, rtol=1e-9, atol=1e-9, msg=name)
 
 
-def test_scan_runs_in_fp32_for_low_precision_inputs():
-    inputs = {k: v.to(torch.bfloat16) for k, v in scan_inputs().items()}
-    y, h = selective_scan(**inputs)
+@pytest.mark.parametrize("dt_softplus", [False, True])
+def test_scan_runs_in_fp32_for_low_precision_inputs(dt_softplus):
+    """The step size too: softplus of a bf16 dt is taken in fp32, not rounded to bf16 (8 bits) first."""
+    inputs = scan_inputs()
+    if dt_softplus:
+        inputs["dt"] = inputs["dt"] * 4 - 3                 # raw step sizes, both signs
+    inputs = {k: v.to(torch.bfloat16) for k, v in inputs.items()}
+    y, h = selective_scan(**inputs, dt_softplus=dt_softplus)
     assert y.dtype == h.dtype == torch.float32
-    y_ref, _ = selective_scan_sequential(*(inputs[k].double() for k in ("x", "dt", "A", "B", "C")), h0=inputs["h0"].double())
+    y_ref, h_ref = selective_scan_sequential(*(inputs[k].double() for k in ("x", "dt", "A", "B", "C")),
+                                             h0=inputs["h0"].double(), dt_softplus=dt_softplus)
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.double(), h_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_initial_state_contribution_is_the_difference_a_start_state_makes():
