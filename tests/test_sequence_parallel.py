@@ -146,3 +146,24 @@ def run_rank_compiled(rank, world, rendezvous):
 def test_compiled_layers_give_the_eager_loss_and_gradients_under_sequence_parallelism(tmp_path):
     """train.compile with parallel.sequence_parallel_size > 1: the exchanges between ranks run between graphs."""
     mp.spawn(run_rank_compiled, args=(2, tmp_path / "rendezvous"), nprocs=2)
+
+
+def run_rank_refusals(rank, world, rendezvous):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        sp = SequenceParallel()
+        # uneven pieces would put every later rank's tokens at the wrong absolute positions
+        with pytest.raises(ValueError, match="sequence length 7 is not divisible by the sequence-parallel size 2"):
+            sp.local(torch.zeros(1, 7))
+        # the conv halo is the previous rank's last d_conv - 1 inputs: a shorter piece has not that many
+        model = MemMambaLM(TEST_CONFIG)
+        with pytest.raises(ValueError, match=r"each rank's piece \(2 tokens\) must be at least d_conv - 1 = 3 tokens"):
+            model(torch.zeros(1, 2, dtype=torch.long), sp=sp)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_pieces_that_cannot_be_split_or_are_shorter_than_the_conv_halo_are_refused_with_the_reason(tmp_path):
+    mp.spawn(run_rank_refusals, args=(2, tmp_path / "rendezvous"), nprocs=2)
