@@ -125,6 +125,27 @@ def test_bf16_autocast_keeps_the_ssm_state_in_fp32_and_the_forms_agree(overrides
         assert all(layer.mixer.ssm.dtype == torch.float32 for layer in layer_states)
 
 
+@pytest.mark.parametrize("overrides", POLICIES[1:3] + POLICIES[-1:], ids=lambda o: "-".join(map(str, o.values())))
+def test_a_bf16_model_keeps_the_ssm_state_in_fp32_in_every_form(overrides):
+    """Weights in bf16 (as DeepSpeed's bf16 mode holds them), not autocast: the SSM state that crosses chunks and
+    tokens is still fp32, allocated, carried by a forward and carried by a step; logits near fp32's."""
+    ids = tokens()
+    with torch.no_grad():
+        fp32, _ = make_model(**overrides)(ids)
+        model = make_model(**overrides).to(torch.bfloat16)
+        allocated = model.allocate_state(ids.shape[0])
+        full, state = model(ids)
+        parts, parts_state = chunked(model, ids, SPLITS[1])
+        step_state, steps = allocated, []
+        for t in range(ids.shape[1]):
+            logits, step_state = model.step(ids[:, t], step_state)
+            steps.append(logits)
+    for logits in (full, parts, torch.stack(steps, 1)):
+        torch.testing.assert_close(logits.float(), fp32, rtol=0.02, atol=0.02)
+    for layer_states in zip(allocated.layers, state.layers, parts_state.layers, step_state.layers):
+        assert all(layer.mixer.ssm.dtype == torch.float32 for layer in layer_states)
+
+
 def test_thresholds_are_active_in_the_equivalence_tests():
     """Some windows make no note, some notes are evicted, some tokens skip the attention."""
     model = make_model()
