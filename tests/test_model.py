@@ -461,6 +461,24 @@ def test_chunked_prefill_equals_one_pass():
         model.prefill(ids[:, :0])
 
 
+def test_prefill_from_a_state_continues_the_sequence():
+    """A prompt prefilled in two calls, the second given the first's state (a conversation's next turn)."""
+    model = make_model()
+    ids = tokens(T=40)
+    with torch.no_grad():
+        full, _ = model(ids)
+        _, state = model.prefill(ids[:, :18], chunk_len=7)
+        kept, state = model.prefill(ids[:, 18:], state, chunk_len=7, keep_logits=lambda s, e: slice(None))
+    torch.testing.assert_close(kept, full[:, 18:], rtol=1e-5, atol=1e-5)
+    assert state.position == 40
+
+
+def test_generating_no_tokens_returns_the_prompt():
+    model = make_model()
+    prompt = tokens(T=5)
+    assert torch.equal(model.generate(prompt, 0), prompt)
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda m, ids: m(ids[:, :0]), ValueError, r"input_ids has no tokens \(shape \[3, 0\]\)"),
     (lambda m, ids: m(ids[0]), ValueError, r"input_ids must have shape \[batch, tokens\], got shape \[41\]"),
@@ -554,12 +572,12 @@ def test_step_without_a_state_starts_a_sequence():
     assert state.position == 2
 
 
-def test_top_k_zero_samples_from_the_whole_vocabulary():
-    """As training/generate.py's --top-k 0: no top-k cut, not an error."""
+def test_top_k_zero_or_past_the_vocabulary_samples_from_the_whole_vocabulary():
+    """As training/generate.py's --top-k 0: no top-k cut, not an error; nor is a top_k larger than the vocabulary."""
     from model.generation import sample
     logits = torch.randn(4, 50)
-    draws = [sample(logits, top_k=k, generator=torch.Generator().manual_seed(0)) for k in (0, None)]
-    assert torch.equal(draws[0], draws[1])
+    draws = [sample(logits, top_k=k, generator=torch.Generator().manual_seed(0)) for k in (0, None, 51, 1000)]
+    assert all(torch.equal(draw, draws[0]) for draw in draws)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -577,10 +595,10 @@ def test_bad_generation_arguments_are_refused_with_the_reason(kwargs, message):
         make_model().generate(tokens(T=5), **kwargs)
 
 
-def test_a_prompt_outside_the_vocabulary_is_refused_before_the_embedding():
+@pytest.mark.parametrize("bad_id, message", [(97, r"got ids from \d+ to 97"), (-1, r"got ids from -1 to \d+")])
+def test_a_prompt_outside_the_vocabulary_is_refused_before_the_embedding(bad_id, message):
     """On a GPU the embedding's out-of-range index is a device-side assert, which ends the process's use of the GPU."""
     ids = tokens(T=5)
-    ids[1, 2] = 97
-    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 97\) \(the model's vocab_size\), got ids from "
-                                         r"\d+ to 97"):
+    ids[1, 2] = bad_id
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 97\) \(the model's vocab_size\), " + message):
         make_model().generate(ids, 3)
