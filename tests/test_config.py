@@ -1,7 +1,11 @@
 """Bad model configs raise one clear ConfigError that names the key."""
+import dataclasses
+from typing import get_type_hints
+
 import pytest
 
 from model import ConfigError, MemMambaConfig, build_model, model_config_from_dict
+from model.config import ARCHS
 
 
 @pytest.mark.parametrize("section, message", [
@@ -13,6 +17,15 @@ from model import ConfigError, MemMambaConfig, build_model, model_config_from_di
     ({"fusion": "sum"}, "model.fusion must be one of 'weighted', 'gated', 'residual'"),
     ({"pooling": "avg"}, "model.pooling must be one of 'max', 'mean'"),
     ({"tau1": 1.5}, "model.tau1 is a threshold on a sigmoid"),
+    # a sigmoid never reaches 1 (no token would pass) and is never below 0 (every token would)
+    ({"tau2": 1.0}, "model.tau2 is a threshold on a sigmoid and must lie in [0, 1), got 1.0"),
+    ({"tau1": -0.1}, "model.tau1 is a threshold on a sigmoid and must lie in [0, 1), got -0.1"),
+    ({"dt_rank": 0}, "model.dt_rank must be 'auto' or a positive integer, got 0"),
+    # JSON true is not 1: bool is a subclass of int in Python
+    ({"d_model": True}, "model.d_model must be an integer, got True"),
+    ({"tau1": True}, "model.tau1 must be a number, got True"),
+    ({"arch": "transformer", "d_model": 12, "n_head": 4},
+     "model.d_model (12) must split into model.n_head (4) heads of even width"),
     ({"notes": "yes"}, "model.notes must be true or false, got 'yes'"),
     ({"d_model": 64.5}, "model.d_model must be an integer, got 64.5"),
     ({"dt_rank": "big"}, "model.dt_rank must be an integer or one of 'auto', got 'big'"),
@@ -33,6 +46,19 @@ def test_bad_model_config(section, message):
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize("arch, key", [(arch, f.name) for arch, cls in ARCHS.items() for f in dataclasses.fields(cls)
+                                       if get_type_hints(cls)[f.name] is int])
+def test_every_integer_size_must_be_positive(arch, key):
+    with pytest.raises(ConfigError, match=f"model.{key} must be a positive integer, got 0"):
+        model_config_from_dict({"arch": arch, key: 0})
+
+
+def test_defaults_are_the_designs():
+    """The design's defaults: notes on, max pooling, a FIFO pool, weighted fusion (the paper's best)."""
+    config = MemMambaConfig()
+    assert (config.notes, config.pooling, config.pool_policy, config.fusion) == (True, "max", "fifo", "weighted")
+
+
 def test_size_preset_with_overrides():
     config = model_config_from_dict({"size": "200m", "pool_policy": "priority", "note_window": 32})
     assert (config.d_model, config.n_layer, config.summary_dim, config.pool_size) == (1024, 24, 64, 50)
@@ -43,6 +69,8 @@ def test_size_preset_with_overrides():
 def test_cross_layer_every_p_layers_counted_from_one():
     config = MemMambaConfig(n_layer=8, cross_layer_every=4)
     assert [i for i in range(8) if config.has_cross_layer(i)] == [3, 7]
+    plain = MemMambaConfig(n_layer=8, cross_layer_every=4, notes=False)     # plain Mamba reads no notes
+    assert not any(plain.has_cross_layer(i) for i in range(8))
 
 
 @pytest.mark.parametrize("config", ["tiny", None, MemMambaConfig])
