@@ -1,7 +1,9 @@
 """The training stream and the evaluation readers: packing, shuffling, rank splitting, exact resume, bad data."""
 
 import json
+import os
 import shutil
+import signal
 import tarfile
 
 import numpy as np
@@ -56,6 +58,43 @@ def test_rank_batches_follow_the_global_order():
     with pytest.raises(ValueError, match="^bad stream position: micro_batch_size=2, dp_rank=2, dp_world=2, "
                                          "consumed_samples=0$"):
         RankBatches(2, dp_rank=2, dp_world=2)
+
+
+def test_a_window_needs_one_token_more_than_seq_len_and_never_reads_past_the_stream(pg19_shards):
+    """A stream of n tokens holds (n - 1) // seq_len windows: the last one ends at or before the final EOS."""
+    stream = packed_stream(pg19_shards.root, "test")
+    n = len(stream)
+    pairs = PackedWindows(pg19_shards.root, "test", seq_len=1, seed=0, shuffle=False)
+    assert len(pairs) == n - 1  # every token but the first is a target once
+    assert torch.equal(pairs[n - 2], torch.from_numpy(stream[-2:]))
+    whole = PackedWindows(pg19_shards.root, "test", seq_len=n - 1, seed=0, shuffle=False)
+    assert len(whole) == 1 and torch.equal(whole[0], torch.from_numpy(stream))
+    with pytest.raises(DataError, match=f"^{pg19_shards.root}/test: {n} tokens, fewer than one window of {n + 1}$"):
+        PackedWindows(pg19_shards.root, "test", seq_len=n, seed=0)
+    with pytest.raises(ValueError, match="^seq_len must be positive, got 0$"):
+        PackedWindows(pg19_shards.root, "test", seq_len=0, seed=0)
+
+
+@pytest.mark.parametrize("position", [dict(micro_batch_size=0, dp_rank=0, dp_world=1, consumed_samples=0),
+                                      dict(micro_batch_size=2, dp_rank=-1, dp_world=2, consumed_samples=0),
+                                      dict(micro_batch_size=2, dp_rank=0, dp_world=2, consumed_samples=-4)])
+def test_an_impossible_stream_position_is_refused(position):
+    # an empty micro-batch would loop for ever; a negative position would read samples before the run's first
+    expected = ", ".join(f"{key}={value}" for key, value in position.items())
+    with pytest.raises(ValueError, match=f"^bad stream position: {expected}$"):
+        RankBatches(**position)
+
+
+def test_loader_workers_outlive_the_stop_signals(pg19_shards):
+    # Slurm and the launchers signal the whole process group: the workers must keep feeding the training process
+    # while it finishes its step and checkpoints.
+    ds = PackedWindows(pg19_shards.root, "test", seq_len=64, seed=0)
+    loader = iter(train_loader(ds, micro_batch_size=2, dp_rank=0, dp_world=1, num_workers=1))
+    assert torch.equal(next(loader), torch.stack([ds[0], ds[1]]))
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        os.kill(loader._workers[0].pid, stop)
+    for k in range(2, 40, 2):  # more batches than the loader prefetches: the worker itself must make them
+        assert torch.equal(next(loader), torch.stack([ds[k], ds[k + 1]]))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -175,6 +214,18 @@ def test_wrong_tokenizer_is_refused(copy):
         PackedWindows(copy, "train", 128, seed=0, tokenizer_checksum="0" * 64)
     with pytest.raises(DataError, match=f"{copy}/test/manifest.json: shards were made with tokenizer"):
         list(iter_books(copy, "test", tokenizer_checksum="0" * 64))
+
+
+def test_checkpoint_state_of_shards_from_another_tokenizer_is_refused(copy):
+    # the same books with the same lengths, tokenized otherwise: other token ids in every window
+    state = PackedWindows(copy, "validation", seq_len=1024, seed=0).state_dict(64)
+    path = copy / "validation" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "tokenizer_checksum": "0" * 64}))
+    retokenized = PackedWindows(copy, "validation", seq_len=1024, seed=0)
+    with pytest.raises(DataError, match=f"^{copy}/validation: checkpoint's data stream does not match this dataset "
+                                        f"\\(tokenizer_checksum '{state['tokenizer_checksum']}' != '0{{64}}'\\)$"):
+        retokenized.load_state_dict(state)
 
 
 def test_truncated_shard_names_the_shard_or_is_skipped_and_counted(copy):
