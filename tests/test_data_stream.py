@@ -216,6 +216,29 @@ def test_wrong_tokenizer_is_refused(copy):
         list(iter_books(copy, "test", tokenizer_checksum="0" * 64))
 
 
+def test_checkpoint_state_of_the_same_books_with_other_lengths_is_refused(pg19_mini, pg19_shards, output_with_tokenizer,
+                                                                         tokenizer_settings, tmp_path):
+    """The same book ids re-prepared from other text (say, other cleaning), with the same tokenizer and number of
+    windows: other windows at every position."""
+    from data_pipeline.prepare import prepare
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(pg19_mini / "test", corpus / "test")
+    first, second = sorted((corpus / "test").glob("*.txt"))[:2]
+    text = first.read_bytes()
+    cut = text.rindex(b"\n", 0, len(text) - 5000)  # a paragraph or so moves from one book to the other
+    first.write_bytes(text[:cut + 1])
+    second.write_bytes(second.read_bytes() + text[cut + 1:])
+    prepare(corpus, output_with_tokenizer, splits=["test"], workers=1, progress=False, **tokenizer_settings)
+    original = PackedWindows(pg19_shards.root, "test", seq_len=100_000, seed=0)
+    changed = PackedWindows(output_with_tokenizer, "test", seq_len=100_000, seed=0)
+    assert [book["book_id"] for book in changed.books.books] == [book["book_id"] for book in original.books.books]
+    assert len(changed) == len(original) and changed.books.tokenizer_checksum == original.books.tokenizer_checksum
+    assert not np.array_equal(changed.books.num_tokens, original.books.num_tokens)
+    with pytest.raises(DataError, match="\\(other books than the checkpoint's, or in another order\\)$"):
+        changed.load_state_dict(original.state_dict(5))
+
+
 def test_checkpoint_state_of_shards_from_another_tokenizer_is_refused(copy):
     # the same books with the same lengths, tokenized otherwise: other token ids in every window
     state = PackedWindows(copy, "validation", seq_len=1024, seed=0).state_dict(64)
@@ -253,6 +276,19 @@ def test_corrupt_tar_header_names_the_shard(copy):
     assert meta["book_id"] == "12"  # the first book of shard-000000
 
 
+def test_corrupt_npy_header_names_the_shard_and_the_book(copy):
+    shard = copy / "validation" / "shard-000000.tar"
+    key = json.loads((copy / "validation" / "manifest.json").read_text())["shards"][0]["samples"][1]["key"]
+    with tarfile.open(shard) as tar:
+        header = tar.getmember(f"{key}.npy").offset_data
+    data = bytearray(shard.read_bytes())
+    descr = data.index(b"'descr': '<u2'", header)
+    data[descr : descr + 14] = b"'descr': '<i2'"  # still a valid .npy header, of other tokens than the manifest's
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"^{shard}: {key}.npy has a corrupt .npy header$"):
+        ShardedBooks(copy, "validation")
+
+
 def test_manifest_that_does_not_match_the_shards_is_refused(copy):
     path = copy / "validation" / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -273,6 +309,9 @@ def test_missing_and_unfinished_splits_are_refused(copy, tmp_path):
     path.write_text(json.dumps({**manifest, "complete": False}))
     with pytest.raises(DataError, match=f"^{path}: unfinished"):
         validation_windows(copy, "validation", 128, 4)
+    path.write_text(json.dumps({**manifest, "complete": True, "format": "memmamba-shards/0"}))
+    with pytest.raises(DataError, match=f"^{path}: format 'memmamba-shards/0', expected 'memmamba-shards/1'$"):
+        ShardedBooks(copy, "validation")
     path.write_text(json.dumps({**manifest, "shards": []}))
     with pytest.raises(DataError, match=f"^{copy}/validation: no shards$"):
         ShardedBooks(copy, "validation")
