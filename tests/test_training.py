@@ -29,7 +29,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model import ConfigError, build_model, load_pretrained, save_pretrained
 from training import data
-from training.checkpoint import FORMAT, CheckpointError, needs_universal
+from training import checkpoint
+from training.checkpoint import (FORMAT, CheckpointError, check_no_later, check_shapes, check_tokenizer,
+                                 complete_checkpoints, needs_universal, read_meta, remove_partial, resolve_resume)
 from training.config import apply_override, batch_layout, config_from_dict, load_config
 from training.distributed import free_port
 from training.export import load_model
@@ -180,6 +182,119 @@ def test_a_resume_on_another_zero_stage_or_world_size_takes_the_universal_format
         with pytest.raises(CheckpointError, match=f"ckpt: written with ZeRO stage {saved}, which stage {stage} "
                                                   f"cannot load; resume it with deepspeed.zero_optimization.stage"):
             needs(saved, 2, stage, 2)
+
+
+class _SingleProcess:
+    """torch.distributed as a run of one rank sees it."""
+    @staticmethod
+    def get_rank():
+        return 0
+
+    @staticmethod
+    def barrier():
+        pass
+
+
+class _Engine:
+    """Writes a checkpoint as DeepSpeed does: into <save_dir>/<tag>/, which need not exist yet."""
+    def __init__(self, fail=False):
+        self.fail = fail
+
+    def save_checkpoint(self, save_dir, tag, save_latest):
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True)
+        (folder / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+        if self.fail:
+            raise OSError("disk full")
+
+
+def test_saves_appear_complete_under_their_final_name_and_only_the_latest_keep_remain(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "dist", _SingleProcess)
+    root = tmp_path / "checkpoints"
+    (tmp_path / "tokenizer.model").write_bytes(b"pieces")
+    for step in (4, 8, 12, 16):   # steps of different digit counts: the latest must still sort last
+        path = checkpoint.save(_Engine(), root, step, {"state": {"step": step}}, {"rng": step}, keep=3,
+                               files={"tokenizer.model": str(tmp_path / "tokenizer.model")})
+        assert resolve_resume("auto", root) == path
+    assert [p.name for p in complete_checkpoints(root)] == ["step-00000008", "step-00000012", "step-00000016"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000008", "step-00000012", "step-00000016"]
+    assert read_meta(path) == {"format": FORMAT, "state": {"step": 16}}
+    assert torch.load(path / "rank-00000.pt") == {"rng": 16} and (path / "tokenizer.model").read_bytes() == b"pieces"
+
+    # a save that fails half-way leaves the last complete checkpoint the one to resume from, and is cleared away
+    with pytest.raises(OSError):
+        checkpoint.save(_Engine(fail=True), root, 20, {}, {}, keep=3, files={})
+    assert resolve_resume("auto", root) == path and (root / ".partial-step-00000020").is_dir()
+    remove_partial(root)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000008", "step-00000012", "step-00000016"]
+
+
+def test_resume_takes_the_latest_complete_checkpoint_or_a_named_complete_one(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert resolve_resume("auto", root) is None   # a new run: nothing there yet
+    for name in ("step-00000004", "step-00000012", ".partial-step-00000020"):
+        (root / name).mkdir(parents=True)
+        (root / name / "meta.json").write_text("{}")
+    (root / "step-00000016").mkdir()   # no meta.json: not complete, e.g. still being copied in
+    assert resolve_resume("auto", root) == root / "step-00000012"
+    assert resolve_resume("never", root) is None
+    assert resolve_resume(str(root / "step-00000004"), root) == root / "step-00000004"
+    with pytest.raises(CheckpointError) as error:
+        resolve_resume(str(root / "step-00000016"), root)
+    assert str(error.value) == (f"{root}/step-00000016: not a complete checkpoint (no meta.json); complete ones "
+                                f"under {root}: ['step-00000004', 'step-00000012']")
+    # a run may start at the step of the latest checkpoint, not before it
+    check_no_later(root, 12)
+    with pytest.raises(CheckpointError, match=f"^{root}: holds checkpoints after step 4 \\(step-00000012\\), "):
+        check_no_later(root, 4)
+
+
+def test_a_checkpoint_of_another_format_model_or_tokenizer_is_refused_by_name(tmp_path):
+    (tmp_path / "meta.json").write_text(json.dumps({"format": "memmamba-checkpoint/0"}))
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}/meta.json: format 'memmamba-checkpoint/0', expected "
+                                              f"'{FORMAT}'$"):
+        read_meta(tmp_path)
+    (tmp_path / "meta.json").write_text('{"format": ')
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}/meta.json: not valid JSON"):
+        read_meta(tmp_path)
+
+    saved, saved_model = {"embedding.weight": [1024, 64], "layers.0.w": [64, 64]}, {"n_layer": 1, "d_model": 64}
+    check_shapes(tmp_path, saved, dict(saved), saved_model, dict(saved_model))
+    more = {**saved, "layers.1.w": [64, 64]}   # a parameter the checkpoint does not have
+    with pytest.raises(CheckpointError) as error:
+        check_shapes(tmp_path, saved, more, saved_model, {**saved_model, "n_layer": 2})
+    assert str(error.value) == (f"{tmp_path}: checkpoint of a different model: parameter layers.1.w is absent there "
+                                "and [64, 64] here (model.n_layer is 1 there and 2 here)")
+    with pytest.raises(CheckpointError, match="parameter layers.1.w is \\[64, 64\\] there and absent here"):
+        check_shapes(tmp_path, more, saved, saved_model, saved_model)
+    # a setting the checkpoint's model section predates is named too
+    with pytest.raises(CheckpointError, match="\\(model.n_layer is 1 there and 2 here, model.notes is None there "
+                                              "and True here\\)$"):
+        check_shapes(tmp_path, saved, more, saved_model, {**saved_model, "n_layer": 2, "notes": True})
+
+    check_tokenizer(tmp_path, "a" * 64, "a" * 64)
+    check_tokenizer(tmp_path, None, "a" * 64)   # weights that do not say which tokenizer: taken as they are
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}: trained with tokenizer bbbbbbbbbbbb..., but data.path "
+                                              "has aaaaaaaaaaaa...$"):
+        check_tokenizer(tmp_path, "b" * 64, "a" * 64)
+
+
+def test_the_random_state_of_a_rank_round_trips_and_any_seed_is_accepted():
+    import random
+
+    import numpy as np
+
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    before = checkpoint.rng_state()   # given back to the tests that follow
+    checkpoint.seed_everything(2 ** 40 + 3)   # train.seed + rank + step: any size
+    state = checkpoint.rng_state()
+    first = draws()
+    checkpoint.seed_everything(1)
+    checkpoint.set_rng_state(state)
+    assert draws() == first   # python, numpy and torch each take up where the checkpoint was
+    checkpoint.set_rng_state(before)
 
 
 def test_no_weight_decay_on_norms_biases_and_ssm_dynamics():
