@@ -27,6 +27,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.flop_counter import FlopCounterMode
 
+from data_pipeline import DataError
 from model import ConfigError, build_model, load_pretrained, save_pretrained
 from training import data
 from training import checkpoint
@@ -391,6 +392,59 @@ def test_passkey_source_gives_masked_batches_and_a_masked_loss(pg19_shards):
         logits, _ = model(window[:, :-1])
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), window[:, 1:], reduction="none")
     assert masked.item() == pytest.approx(nll[mask].mean().item(), rel=1e-5)
+
+
+def test_train_batches_are_the_ranks_samples_of_the_seeds_order_as_windows_without_a_mask(pg19_shards):
+    def config(**changes):
+        return config_from_dict(tiny_config(**{"data.path": str(pg19_shards.root), "data.seq_len": 64,
+                                               "train.micro_batch_size": 2, **changes}))
+
+    cfg = config()
+    dataset = data.train_dataset(cfg, pg19_shards.checksum)
+    batches = iter(data.train_batches(dataset, cfg, dp_rank=1, dp_world=2, consumed_samples=8, pin_memory=False))
+    for k in (10, 14, 18):   # rank 1's samples of global batches of 4, after 8 samples
+        window, mask = next(batches)
+        assert mask is None and torch.equal(window, torch.stack([dataset[k], dataset[k + 1]]))
+    reseeded = data.train_dataset(config(**{"train.seed": cfg.train.seed + 1}), pg19_shards.checksum)
+    assert reseeded.state_dict(0)["seed"] == cfg.train.seed + 1 and not torch.equal(reseeded[0], dataset[0])
+    for window, mask in data.validation_batches(cfg, pg19_shards.checksum, dp_rank=0, dp_world=1):
+        assert mask.shape == (len(window), 64) and window.shape == (len(window), 65)   # a mask per target
+    with pytest.raises(DataError, match=f"^{pg19_shards.root}/train/manifest.json: shards were made with tokenizer"):
+        data.train_dataset(cfg, "0" * 64)
+
+
+def test_a_checkpoints_stream_state_of_another_seed_or_source_names_the_difference_and_the_way_on(pg19_shards,
+                                                                                                 tmp_path):
+    def dataset(**changes):
+        cfg = config_from_dict(tiny_config(**{"data.path": str(pg19_shards.root), "data.seq_len": 128, **changes}))
+        return data.train_dataset(cfg, pg19_shards.checksum)
+
+    shards = dataset()
+    state = data.stream_state(shards, 16)
+    data.check_stream_state(shards, state, tmp_path)
+    new_run = f"; to train its weights on with this data, start a new run with train.init_from={tmp_path}"
+    with pytest.raises(DataError) as error:
+        data.check_stream_state(dataset(**{"train.seed": 7}), state, tmp_path)
+    assert str(error.value) == f"{tmp_path}: train.seed is 7 here, {state['seed']} in the checkpoint, which would " \
+                               f"change the order of the data{new_run}"
+    with pytest.raises(DataError) as error:
+        data.check_stream_state(shards, {**state, "books": "0" * 16}, tmp_path)
+    assert str(error.value) == f"{pg19_shards.root}/train: checkpoint's data stream does not match this dataset " \
+                               f"(other books than the checkpoint's, or in another order){new_run}"
+    with pytest.raises(DataError, match=f"does not match this dataset \\(key_digits None != 5\\){new_run}$"):
+        data.check_stream_state(dataset(**{"data.source": "passkey"}), state, tmp_path)
+
+
+def test_passkey_validation_windows_do_not_depend_on_the_training_seed(pg19_shards):
+    # validation losses of runs with other seeds are comparable only on the same windows
+    def batches(seed):
+        cfg = config_from_dict(tiny_config(**{"data.source": "passkey", "data.path": str(pg19_shards.root),
+                                              "data.seq_len": 128, "validation.windows": 2, "train.seed": seed}))
+        return data.validation_batches(cfg, pg19_shards.checksum, dp_rank=0, dp_world=1)
+
+    (first, first_mask), = batches(1)
+    (second, second_mask), = batches(2)
+    assert torch.equal(first, second) and torch.equal(first_mask, second_mask)
 
 
 @pytest.mark.parametrize("dp_world", [1, 2, 3, 4])
