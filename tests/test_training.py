@@ -101,6 +101,14 @@ def tiny_config(**sections):
     ({"deepspeed.zero_optimization.stage": True}, "deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got True"),
     ({"optimizer.lr": float("inf")}, "optimizer.lr must be finite, got inf"),
     ({"output_dir": ""}, "output_dir is empty"),
+    ({"data.num_workers": -1}, "data.num_workers must be >= 0, got -1"),
+    ({"optimizer.eps": 0}, "optimizer.eps must be positive, got 0"),
+    ({"optimizer.warmup_steps": -1}, "optimizer.warmup_steps must be >= 0, got -1"),
+    ({"train.max_skipped_steps": 0}, "train.max_skipped_steps must be a positive integer, got 0"),
+    ({"validation.windows": 0}, "validation.windows must be a positive integer, got 0"),
+    ({"checkpoint.keep": 0}, "checkpoint.keep must be a positive integer, got 0"),
+    ({"logging.peak_tflops": 0}, "logging.peak_tflops must be positive, got 0"),
+    ({"deepspeed.seed": 1}, "deepspeed.seed is set from train.seed"),
 ])
 def test_bad_values_raise_one_error_naming_the_key(change, message):
     with pytest.raises(ConfigError) as error:
@@ -138,6 +146,10 @@ def test_overrides_reach_nested_keys_and_parse_json():
     assert cfg.train.chunk_len is None and cfg.optimizer.betas == [0.9, 0.99]
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         load_config(CONFIGS / "tiny_cpu.json", ["train.micro_batch_size"])
+    with pytest.raises(ConfigError, match="^override '=2' must look like section.key=value$"):
+        load_config(CONFIGS / "tiny_cpu.json", ["=2"])
+    # the key ends at the first "=": a value may hold more of them (paths, URLs with a query)
+    assert load_config(CONFIGS / "tiny_cpu.json", ["data.path=/data/run=2/pg19"]).data.path == "/data/run=2/pg19"
     with pytest.raises(ConfigError, match="train.seed is not a section"):
         load_config(CONFIGS / "tiny_cpu.json", ["train.seed.x=1"])
 
@@ -152,6 +164,9 @@ def test_global_batch_is_micro_batch_times_accumulation_times_data_parallel_rank
         batch_layout(train, 3, sequence_parallel_size=2)
     fixed = config_from_dict(tiny_config(**{"train.global_batch_size": None, "train.grad_accum": 4})).train
     assert [batch_layout(fixed, world).global_batch_size for world in (1, 8)] == [16, 128]
+    # ranks that split one sequence take the same samples: 8 ranks in pairs are 4 data-parallel ranks
+    layout = batch_layout(fixed, 8, sequence_parallel_size=2)
+    assert (layout.dp_world, layout.global_batch_size) == (4, 64)
     both = config_from_dict(tiny_config(**{"train.grad_accum": 4})).train   # 4 x 4 x 1 != 8
     with pytest.raises(ConfigError, match=r"train.grad_accum \(4\) disagrees with train.global_batch_size \(8"):
         batch_layout(both, 1)
