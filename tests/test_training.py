@@ -33,13 +33,13 @@ from training import data
 from training import checkpoint
 from training.checkpoint import (FORMAT, CheckpointError, check_no_later, check_shapes, check_tokenizer,
                                  complete_checkpoints, needs_universal, read_meta, remove_partial, resolve_resume)
-from training.config import apply_override, batch_layout, config_from_dict, load_config
+from training.config import OptimizerConfig, apply_override, batch_layout, config_from_dict, load_config
 from training.distributed import free_port
 from training.export import load_model
 from training.flops import forward_flops_per_token
 from training.loss import lm_loss
 from training.metrics import Metrics
-from training.optim import AdamW, param_groups
+from training.optim import AdamW, apply_settings, build_optimizer, param_groups
 from training.train import _report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -340,19 +340,52 @@ def _backward(model, ids, scale=1.0):
     (scale * lm_loss(model, ids)).backward()
 
 
-def test_optimizer_clips_like_torch_and_steps_like_adamw():
+@pytest.mark.parametrize("max_grad_norm", [0.05, 0.0])   # 0: no clipping (under ZeRO, DeepSpeed's clips)
+def test_optimizer_clips_like_torch_and_steps_like_adamw(max_grad_norm):
     """The fused, foreach-clipping AdamW against torch's per-tensor AdamW after torch's clip_grad_norm_."""
-    ours, optimizer, reference, reference_optimizer = _optimizer_pair(max_grad_norm=0.05)
+    ours, optimizer, reference, reference_optimizer = _optimizer_pair(max_grad_norm=max_grad_norm)
     for step in range(3):
         ids = torch.randint(0, 1024, (2, 33))
         for model, opt in ((ours, optimizer), (reference, reference_optimizer)):
             opt.zero_grad()
             _backward(model, ids)
-        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_grad_norm or math.inf)
         assert norm > 0.5 and optimizer.step() is None and reference_optimizer.step() is None
         assert optimizer.grad_norm.item() == pytest.approx(norm.item(), rel=1e-5) and not optimizer.overflow
     for (name, p), q in zip(ours.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)   # an update moves them by ~1e-2
+
+
+def test_the_learning_rate_warms_up_linearly_and_a_resume_takes_the_configs_settings():
+    def run(config, steps, state=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 4)   # a decayed weight, an undecayed bias
+        optimizer, schedule = build_optimizer(model, config, max_grad_norm=1.0)
+        if state is not None:   # a resume: the checkpoint brings back its own settings with the moments
+            optimizer.load_state_dict(state[0])
+            schedule.load_state_dict(state[1])
+            apply_settings(optimizer, schedule, config)
+        lrs = []
+        for _ in range(steps):
+            lrs += [group["lr"] for group in optimizer.param_groups]
+            optimizer.zero_grad()
+            model(torch.ones(2, 4)).square().sum().backward()
+            optimizer.step()
+            schedule.step()
+        return optimizer, (optimizer.state_dict(), schedule.state_dict()), lrs
+
+    first = OptimizerConfig(lr=1e-3, weight_decay=0.2, betas=[0.8, 0.9], eps=1e-6, warmup_steps=3)
+    optimizer, state, lrs = run(first, 6)
+    # from lr / (warmup_steps + 1) up in equal steps, reaching lr at step warmup_steps
+    assert lrs == pytest.approx([1e-3 * (s + 1) / 4 for s in range(3) for _ in "12"] + [1e-3] * 6)
+    settings = [(g["weight_decay"], g["betas"], g["eps"]) for g in optimizer.param_groups]
+    assert settings == [(0.2, (0.8, 0.9), 1e-6), (0.0, (0.8, 0.9), 1e-6)]
+
+    changed = OptimizerConfig(lr=2e-3, weight_decay=0.05, betas=[0.9, 0.99], eps=1e-7, warmup_steps=9)
+    optimizer, _, lrs = run(changed, 2, state)   # resumed after 6 steps, still warming up to the new lr
+    assert lrs == pytest.approx([2e-3 * 7 / 10] * 2 + [2e-3 * 8 / 10] * 2)
+    settings = [(g["weight_decay"], g["betas"], g["eps"]) for g in optimizer.param_groups]
+    assert settings == [(0.05, (0.9, 0.99), 1e-7), (0.0, (0.9, 0.99), 1e-7)]
 
 
 def test_optimizer_leaves_weights_and_moments_alone_on_a_non_finite_gradient():
