@@ -36,7 +36,8 @@ from training.checkpoint import (FORMAT, CheckpointError, check_no_later, check_
 from training.config import OptimizerConfig, apply_override, batch_layout, config_from_dict, load_config
 from training.distributed import free_port
 from training.export import load_model
-from training.flops import forward_flops_per_token
+from training import flops
+from training.flops import forward_flops_per_token, train_flops_per_token
 from training.loss import lm_loss
 from training.metrics import Metrics
 from training.optim import AdamW, apply_settings, build_optimizer, param_groups
@@ -415,6 +416,28 @@ def test_dense_flops_equal_a_flop_counter(section):
     assert counter.get_total_flops() / (2 * T) == forward_flops_per_token(model.config, T)["dense"]
 
 
+def test_scan_and_causal_attention_flops_cover_every_layer_and_training_is_three_forward_passes():
+    mamba = build_model({"arch": "memmamba", "size": "tiny", "notes": False})
+    T = 32
+    counts = forward_flops_per_token(mamba.config, T)
+    cells = sum(p.numel() for name, p in mamba.named_parameters() if name.endswith("A_log"))   # (channel, state)
+    assert counts["scan"] == flops.SCAN_FLOPS * cells and counts["attention"] == 0
+    assert train_flops_per_token(mamba.config, T) == 3 * sum(counts.values())   # the backward pass is two forwards
+
+    transformer = build_model({"arch": "transformer", "size": "tiny"}).config
+    keys = sum(t + 1 for t in range(T)) / T   # the keys a token sees, over the sequence: itself and those before
+    attention = transformer.n_layer * 2 * (2 * transformer.d_model * keys)   # q.k and p.v, a multiply-add each
+    assert forward_flops_per_token(transformer, T)["attention"] == pytest.approx(attention)
+
+
+def test_the_datasheet_peak_is_that_of_the_longest_name_in_the_devices(monkeypatch):
+    for name, expected in [("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 80GB HBM3", "H100"),
+                           ("NVIDIA H800 PCIe", "H800 PCIe"), ("Tesla T4", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        assert flops.peak_flops(torch.device("cuda")) == flops.PEAK_BF16_FLOPS.get(expected), name
+    assert flops.peak_flops(torch.device("cpu")) is None   # measured instead (measure_peak_flops)
+
+
 def test_memmamba_dense_flops_within_one_percent_of_a_flop_counter():
     model = build_model({"arch": "memmamba", "size": "tiny"})
     T = 256
@@ -555,6 +578,42 @@ def test_tokens_per_second_count_only_the_steps_own_time(tmp_path):
     metrics.log(2, 2, lr=1e-3, grad_norm=1.0, skipped=0, tokens_seen=2000)
     metrics.close()
     assert scalars(tmp_path, "perf/tps_total") == {2: 2000.0} and scalars(tmp_path, "perf/tps") == {2: 1000.0}
+
+
+def test_each_line_reports_the_steps_since_the_last_and_a_resume_replaces_what_was_logged_after_it(tmp_path,
+                                                                                                     capsys):
+    def metrics(start_step):
+        return Metrics(True, tmp_path / "tensorboard", every=2, progress_bar=False, start_step=start_step,
+                       max_steps=4, tokens_per_step=1000, world_size=2, flops_per_token=6e9, peak_flops=1e13,
+                       device=torch.device("cpu"))
+
+    run = metrics(0)
+    run.step(2.0, data_wait=0.1, seconds=0.5)
+    run.step(4.0, data_wait=0.3, seconds=0.5)
+    run.log(2, 4, lr=1e-3, grad_norm=0.5, skipped=0, tokens_seen=2000)
+    run.step(1.0, data_wait=0.0, seconds=1.0)
+    run.step(1.0, data_wait=0.0, seconds=1.0)
+    run.log(4, 4, lr=1e-3, grad_norm=math.inf, skipped=1, tokens_seen=4000)
+    run.close()
+    tps = 2000 / 1.0 / 2   # per device: 2 steps of 1000 tokens in 1 s, over 2 devices
+    expected = {"train/loss": {2: 3.0, 4: 1.0}, "train/ppl": {2: math.exp(3.0), 4: math.exp(1.0)},
+                "perf/tps": {2: tps, 4: tps / 2}, "perf/tflops": {2: tps * 6e9 / 1e12, 4: tps / 2 * 6e9 / 1e12},
+                "perf/mfu": {2: 100 * tps * 6e9 / 1e13, 4: 100 * tps / 2 * 6e9 / 1e13},
+                "perf/data_wait_s": {2: 0.2, 4: 0.0}, "train/skipped_steps": {2: 0, 4: 1}}
+    for tag, values in expected.items():
+        assert scalars(tmp_path, tag) == pytest.approx(values), tag
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"step 2/4 | loss 3.0000 | ppl {math.exp(3):.2f} | lr 1.00e-03 | grad_norm 0.500 | "
+                               f"tps 1,000 (2,000 total) | tflops 6.00 | mfu 60.0% | mem ")
+    assert lines[0].endswith(" GiB | data_wait 0.200 s | skipped 0") and lines[1].endswith("skipped 1")
+
+    resumed = metrics(2)   # from the checkpoint of step 2: step 4 of the first run is history that did not happen
+    resumed.step(5.0, data_wait=0.0, seconds=1.0)
+    resumed.log(3, 4, lr=1e-3, grad_norm=0.5, skipped=0, tokens_seen=3000)
+    resumed.validation(3, 1000.0)   # a diverged run: its perplexity is logged, not an OverflowError
+    resumed.close()
+    assert scalars(tmp_path, "train/loss") == {2: 3.0, 3: 5.0}
+    assert 1e20 < scalars(tmp_path, "val/ppl")[3] < math.inf
 
 
 @pytest.mark.slow
