@@ -1107,6 +1107,31 @@ def test_an_export_into_checkpoints_or_from_a_wrong_folder_stops_with_one_line(t
     assert sorted(p.name for p in step.iterdir()) == ["meta.json", "mp_rank_00_model_states.pt"]
 
 
+def test_an_export_holds_the_latest_checkpoints_weights_progress_and_tokenizer(tmp_path, capsys):
+    from training import export
+
+    first = fake_run(tmp_path / "run")
+    latest = first.parent / "step-00000002"   # a later checkpoint, of other weights
+    latest.mkdir()
+    torch.manual_seed(1)
+    weights = build_model({"arch": "memmamba", "size": "tiny", "notes": False}).state_dict()
+    torch.save({"module": {f"model.{k}": v for k, v in weights.items()}}, latest / "mp_rank_00_model_states.pt")
+    meta = {**json.loads((first / "meta.json").read_text()), "state": {"step": 2, "tokens_seen": 128},
+            "tokenizer_checksum": "a" * 64}
+    (latest / "meta.json").write_text(json.dumps(meta))
+    (latest / "tokenizer.model").write_bytes(b"pieces")
+
+    out = tmp_path / "out"
+    assert export.main([str(first.parent), str(out)]) == 0 and capsys.readouterr().out == f"exported {out}\n"
+    config = json.loads((out / "config.json").read_text())
+    assert {key: config[key] for key in ("step", "tokens_seen", "tokenizer_checksum", "checkpoint")} == {
+        "step": 2, "tokens_seen": 128, "tokenizer_checksum": "a" * 64, "checkpoint": str(latest)}
+    assert (out / "tokenizer.model").read_bytes() == b"pieces"
+    exported = load_pretrained(out).state_dict()
+    assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights)
+    assert export.trained_tokenizer(out) == export.trained_tokenizer(first.parent) == "a" * 64
+
+
 def test_a_checkpoint_whose_weights_disagree_with_its_model_section_names_the_tensor(tmp_path, capsys):
     from training import export
 
