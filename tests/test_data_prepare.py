@@ -208,7 +208,8 @@ def test_killed_run_resumes_to_byte_identical_shards(pg19_mini, tmp_path, output
         assert resumed == uninterrupted
 
 
-def test_a_lost_shard_is_noticed_and_the_split_redone(pg19_mini, output_with_tokenizer, tokenizer_settings):
+@pytest.mark.parametrize("damage", ["lost", "overwritten"])
+def test_a_lost_shard_is_noticed_and_the_split_redone(pg19_mini, output_with_tokenizer, tokenizer_settings, damage):
     def run():
         return prepare(pg19_mini, output_with_tokenizer, splits=["validation"], tokens_per_shard=150_000, workers=1,
                        progress=False, **tokenizer_settings)[0]
@@ -216,11 +217,26 @@ def test_a_lost_shard_is_noticed_and_the_split_redone(pg19_mini, output_with_tok
     run()
     shards = sorted((output_with_tokenizer / "validation").glob("shard-*.tar"))
     before = [shard.read_bytes() for shard in shards]
-    shards[1].unlink()
+    if damage == "lost":
+        shards[1].unlink()
+    else:  # by hand, or by another program: a shard of another size cannot be the one the manifest lists
+        shards[1].write_bytes(before[1][: len(before[1]) // 2])
     report = run()
     assert report.warnings == [f"{shards[1]}: missing or changed since it was written; redoing validation"]
     assert (report.shards_kept, report.shards_written) == (0, 2)
     assert [shard.read_bytes() for shard in shards] == before
+
+
+def test_a_shard_is_closed_by_the_book_that_brings_it_to_tokens_per_shard(pg19_mini, pg19_shards,
+                                                                           output_with_tokenizer, tokenizer_settings):
+    lengths = [meta["num_tokens"] for meta, _ in iter_books(pg19_shards.root, "test")]
+    assert min(lengths) == lengths[0]  # so with tokens_per_shard = lengths[0], every book fills a shard alone
+    report, = prepare(pg19_mini, output_with_tokenizer, splits=["test"], tokens_per_shard=lengths[0], workers=1,
+                      progress=False, **tokenizer_settings)
+    shards = manifest_of(output_with_tokenizer, "test")["shards"]
+    assert [[sample["num_tokens"] for sample in shard["samples"]] for shard in shards] == [[n] for n in lengths]
+    # the last book closed the last shard: nothing is left to write, which is not a split without text
+    assert report.shards_written == 3 and report.warnings == []
 
 
 def test_memory_urls_for_input_and_output(pg19_mini):
@@ -279,6 +295,7 @@ def test_bad_books_are_skipped_and_counted(pg19_mini, output_with_tokenizer, tmp
     ]
     manifest = manifest_of(output_with_tokenizer, "train")
     assert manifest["skipped"] == report.skipped and manifest["warnings"] == report.warnings
+    assert manifest["num_books"] == report.books  # the books in its shards, not the files it was given
     books = dict((meta["book_id"], (meta, tokens)) for meta, tokens in iter_books(output_with_tokenizer, "train"))
     meta, tokens = books["5"]
     assert (meta["title"], meta["year"]) == ("Five", None)

@@ -1,7 +1,9 @@
 """The training stream and the evaluation readers: packing, shuffling, rank splitting, exact resume, bad data."""
 
 import json
+import os
 import shutil
+import signal
 import tarfile
 
 import numpy as np
@@ -56,6 +58,43 @@ def test_rank_batches_follow_the_global_order():
     with pytest.raises(ValueError, match="^bad stream position: micro_batch_size=2, dp_rank=2, dp_world=2, "
                                          "consumed_samples=0$"):
         RankBatches(2, dp_rank=2, dp_world=2)
+
+
+def test_a_window_needs_one_token_more_than_seq_len_and_never_reads_past_the_stream(pg19_shards):
+    """A stream of n tokens holds (n - 1) // seq_len windows: the last one ends at or before the final EOS."""
+    stream = packed_stream(pg19_shards.root, "test")
+    n = len(stream)
+    pairs = PackedWindows(pg19_shards.root, "test", seq_len=1, seed=0, shuffle=False)
+    assert len(pairs) == n - 1  # every token but the first is a target once
+    assert torch.equal(pairs[n - 2], torch.from_numpy(stream[-2:]))
+    whole = PackedWindows(pg19_shards.root, "test", seq_len=n - 1, seed=0, shuffle=False)
+    assert len(whole) == 1 and torch.equal(whole[0], torch.from_numpy(stream))
+    with pytest.raises(DataError, match=f"^{pg19_shards.root}/test: {n} tokens, fewer than one window of {n + 1}$"):
+        PackedWindows(pg19_shards.root, "test", seq_len=n, seed=0)
+    with pytest.raises(ValueError, match="^seq_len must be positive, got 0$"):
+        PackedWindows(pg19_shards.root, "test", seq_len=0, seed=0)
+
+
+@pytest.mark.parametrize("position", [dict(micro_batch_size=0, dp_rank=0, dp_world=1, consumed_samples=0),
+                                      dict(micro_batch_size=2, dp_rank=-1, dp_world=2, consumed_samples=0),
+                                      dict(micro_batch_size=2, dp_rank=0, dp_world=2, consumed_samples=-4)])
+def test_an_impossible_stream_position_is_refused(position):
+    # an empty micro-batch would loop for ever; a negative position would read samples before the run's first
+    expected = ", ".join(f"{key}={value}" for key, value in position.items())
+    with pytest.raises(ValueError, match=f"^bad stream position: {expected}$"):
+        RankBatches(**position)
+
+
+def test_loader_workers_outlive_the_stop_signals(pg19_shards):
+    # Slurm and the launchers signal the whole process group: the workers must keep feeding the training process
+    # while it finishes its step and checkpoints.
+    ds = PackedWindows(pg19_shards.root, "test", seq_len=64, seed=0)
+    loader = iter(train_loader(ds, micro_batch_size=2, dp_rank=0, dp_world=1, num_workers=1))
+    assert torch.equal(next(loader), torch.stack([ds[0], ds[1]]))
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        os.kill(loader._workers[0].pid, stop)
+    for k in range(2, 40, 2):  # more batches than the loader prefetches: the worker itself must make them
+        assert torch.equal(next(loader), torch.stack([ds[k], ds[k + 1]]))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -177,6 +216,41 @@ def test_wrong_tokenizer_is_refused(copy):
         list(iter_books(copy, "test", tokenizer_checksum="0" * 64))
 
 
+def test_checkpoint_state_of_the_same_books_with_other_lengths_is_refused(pg19_mini, pg19_shards, output_with_tokenizer,
+                                                                         tokenizer_settings, tmp_path):
+    """The same book ids re-prepared from other text (say, other cleaning), with the same tokenizer and number of
+    windows: other windows at every position."""
+    from data_pipeline.prepare import prepare
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(pg19_mini / "test", corpus / "test")
+    first, second = sorted((corpus / "test").glob("*.txt"))[:2]
+    text = first.read_bytes()
+    cut = text.rindex(b"\n", 0, len(text) - 5000)  # a paragraph or so moves from one book to the other
+    first.write_bytes(text[:cut + 1])
+    second.write_bytes(second.read_bytes() + text[cut + 1:])
+    prepare(corpus, output_with_tokenizer, splits=["test"], workers=1, progress=False, **tokenizer_settings)
+    original = PackedWindows(pg19_shards.root, "test", seq_len=100_000, seed=0)
+    changed = PackedWindows(output_with_tokenizer, "test", seq_len=100_000, seed=0)
+    assert [book["book_id"] for book in changed.books.books] == [book["book_id"] for book in original.books.books]
+    assert len(changed) == len(original) and changed.books.tokenizer_checksum == original.books.tokenizer_checksum
+    assert not np.array_equal(changed.books.num_tokens, original.books.num_tokens)
+    with pytest.raises(DataError, match="\\(other books than the checkpoint's, or in another order\\)$"):
+        changed.load_state_dict(original.state_dict(5))
+
+
+def test_checkpoint_state_of_shards_from_another_tokenizer_is_refused(copy):
+    # the same books with the same lengths, tokenized otherwise: other token ids in every window
+    state = PackedWindows(copy, "validation", seq_len=1024, seed=0).state_dict(64)
+    path = copy / "validation" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "tokenizer_checksum": "0" * 64}))
+    retokenized = PackedWindows(copy, "validation", seq_len=1024, seed=0)
+    with pytest.raises(DataError, match=f"^{copy}/validation: checkpoint's data stream does not match this dataset "
+                                        f"\\(tokenizer_checksum '{state['tokenizer_checksum']}' != '0{{64}}'\\)$"):
+        retokenized.load_state_dict(state)
+
+
 def test_truncated_shard_names_the_shard_or_is_skipped_and_counted(copy):
     shard = copy / "train" / "shard-000002.tar"
     shard.write_bytes(shard.read_bytes()[:-5000])
@@ -202,6 +276,19 @@ def test_corrupt_tar_header_names_the_shard(copy):
     assert meta["book_id"] == "12"  # the first book of shard-000000
 
 
+def test_corrupt_npy_header_names_the_shard_and_the_book(copy):
+    shard = copy / "validation" / "shard-000000.tar"
+    key = json.loads((copy / "validation" / "manifest.json").read_text())["shards"][0]["samples"][1]["key"]
+    with tarfile.open(shard) as tar:
+        header = tar.getmember(f"{key}.npy").offset_data
+    data = bytearray(shard.read_bytes())
+    descr = data.index(b"'descr': '<u2'", header)
+    data[descr : descr + 14] = b"'descr': '<i2'"  # still a valid .npy header, of other tokens than the manifest's
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"^{shard}: {key}.npy has a corrupt .npy header$"):
+        ShardedBooks(copy, "validation")
+
+
 def test_manifest_that_does_not_match_the_shards_is_refused(copy):
     path = copy / "validation" / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -222,6 +309,9 @@ def test_missing_and_unfinished_splits_are_refused(copy, tmp_path):
     path.write_text(json.dumps({**manifest, "complete": False}))
     with pytest.raises(DataError, match=f"^{path}: unfinished"):
         validation_windows(copy, "validation", 128, 4)
+    path.write_text(json.dumps({**manifest, "complete": True, "format": "memmamba-shards/0"}))
+    with pytest.raises(DataError, match=f"^{path}: format 'memmamba-shards/0', expected 'memmamba-shards/1'$"):
+        ShardedBooks(copy, "validation")
     path.write_text(json.dumps({**manifest, "shards": []}))
     with pytest.raises(DataError, match=f"^{copy}/validation: no shards$"):
         ShardedBooks(copy, "validation")

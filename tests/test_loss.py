@@ -11,7 +11,7 @@ from model import MemMambaLM
 from model.lm_head import IGNORE, LMHead
 from tests.test_model import TEST_CONFIG, make_model, random_config, tokens
 from tests.training_step import assert_same_training_step
-from training.loss import lm_loss
+from training.loss import LanguageModelObjective, lm_loss
 
 
 def loss_and_grads(window, **kwargs):
@@ -103,3 +103,36 @@ def test_loss_mask_averages_over_the_selected_targets_only():
         expected = F.cross_entropy(logits[:, -3:].flatten(0, 1), window[:, -3:].flatten())
         torch.testing.assert_close(lm_loss(model, window, loss_mask=mask), expected)
         torch.testing.assert_close(lm_loss(model, window, chunk_len=6, loss_mask=mask), expected)
+
+
+def test_a_window_without_scored_targets_adds_nothing():
+    """Validation pads a rank's share with windows it does not score (an all-False mask): their loss, weighed by
+    their count of scored targets, must be 0 and their gradients too, not NaN."""
+    window = tokens(batch=2, T=21)
+    mask = torch.zeros(2, 20, dtype=torch.bool)
+    for chunk_len in (None, 6):
+        model = make_model()
+        loss = lm_loss(model, window, chunk_len=chunk_len, loss_mask=mask)
+        loss.backward()
+        assert loss.item() == 0.0
+        assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_the_objective_runs_the_window_chunk_by_chunk_with_train_chunk_len(monkeypatch):
+    # what bounds its memory: the model never sees more than chunk_len tokens at once
+    window = tokens(batch=2, T=43)
+    model = make_model()
+    lengths = []
+    hidden_states = model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda inputs, *args, **kwargs: (
+        lengths.append(inputs.shape[1]) or hidden_states(inputs, *args, **kwargs)))
+    with torch.no_grad():
+        loss = LanguageModelObjective(model, chunk_len=8)(window)
+        assert lengths == [8, 8, 8, 8, 8, 2]
+        torch.testing.assert_close(loss, lm_loss(model, window), rtol=1e-6, atol=1e-6)
+
+
+def test_chunks_and_sequence_parallelism_are_refused_together():
+    with pytest.raises(ValueError, match="^chunked training and sequence parallelism cannot be combined: set "
+                                         "train.chunk_len to null or parallel.sequence_parallel_size to 1$"):
+        lm_loss(make_model(), tokens(batch=1, T=9), chunk_len=4, sp=object())   # refused before the model runs

@@ -27,16 +27,20 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.flop_counter import FlopCounterMode
 
+from data_pipeline import DataError
 from model import ConfigError, build_model, load_pretrained, save_pretrained
 from training import data
-from training.checkpoint import FORMAT, CheckpointError, needs_universal
-from training.config import apply_override, batch_layout, config_from_dict, load_config
+from training import checkpoint
+from training.checkpoint import (FORMAT, CheckpointError, check_no_later, check_shapes, check_tokenizer,
+                                 complete_checkpoints, needs_universal, read_meta, remove_partial, resolve_resume)
+from training.config import OptimizerConfig, apply_override, batch_layout, config_from_dict, load_config
 from training.distributed import free_port
 from training.export import load_model
-from training.flops import forward_flops_per_token
+from training import flops
+from training.flops import forward_flops_per_token, train_flops_per_token
 from training.loss import lm_loss
 from training.metrics import Metrics
-from training.optim import AdamW, param_groups
+from training.optim import AdamW, apply_settings, build_optimizer, param_groups
 from training.train import _report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +102,14 @@ def tiny_config(**sections):
     ({"deepspeed.zero_optimization.stage": True}, "deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got True"),
     ({"optimizer.lr": float("inf")}, "optimizer.lr must be finite, got inf"),
     ({"output_dir": ""}, "output_dir is empty"),
+    ({"data.num_workers": -1}, "data.num_workers must be >= 0, got -1"),
+    ({"optimizer.eps": 0}, "optimizer.eps must be positive, got 0"),
+    ({"optimizer.warmup_steps": -1}, "optimizer.warmup_steps must be >= 0, got -1"),
+    ({"train.max_skipped_steps": 0}, "train.max_skipped_steps must be a positive integer, got 0"),
+    ({"validation.windows": 0}, "validation.windows must be a positive integer, got 0"),
+    ({"checkpoint.keep": 0}, "checkpoint.keep must be a positive integer, got 0"),
+    ({"logging.peak_tflops": 0}, "logging.peak_tflops must be positive, got 0"),
+    ({"deepspeed.seed": 1}, "deepspeed.seed is set from train.seed"),
 ])
 def test_bad_values_raise_one_error_naming_the_key(change, message):
     with pytest.raises(ConfigError) as error:
@@ -135,6 +147,10 @@ def test_overrides_reach_nested_keys_and_parse_json():
     assert cfg.train.chunk_len is None and cfg.optimizer.betas == [0.9, 0.99]
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         load_config(CONFIGS / "tiny_cpu.json", ["train.micro_batch_size"])
+    with pytest.raises(ConfigError, match="^override '=2' must look like section.key=value$"):
+        load_config(CONFIGS / "tiny_cpu.json", ["=2"])
+    # the key ends at the first "=": a value may hold more of them (paths, URLs with a query)
+    assert load_config(CONFIGS / "tiny_cpu.json", ["data.path=/data/run=2/pg19"]).data.path == "/data/run=2/pg19"
     with pytest.raises(ConfigError, match="train.seed is not a section"):
         load_config(CONFIGS / "tiny_cpu.json", ["train.seed.x=1"])
 
@@ -149,6 +165,9 @@ def test_global_batch_is_micro_batch_times_accumulation_times_data_parallel_rank
         batch_layout(train, 3, sequence_parallel_size=2)
     fixed = config_from_dict(tiny_config(**{"train.global_batch_size": None, "train.grad_accum": 4})).train
     assert [batch_layout(fixed, world).global_batch_size for world in (1, 8)] == [16, 128]
+    # ranks that split one sequence take the same samples: 8 ranks in pairs are 4 data-parallel ranks
+    layout = batch_layout(fixed, 8, sequence_parallel_size=2)
+    assert (layout.dp_world, layout.global_batch_size) == (4, 64)
     both = config_from_dict(tiny_config(**{"train.grad_accum": 4})).train   # 4 x 4 x 1 != 8
     with pytest.raises(ConfigError, match=r"train.grad_accum \(4\) disagrees with train.global_batch_size \(8"):
         batch_layout(both, 1)
@@ -182,6 +201,119 @@ def test_a_resume_on_another_zero_stage_or_world_size_takes_the_universal_format
             needs(saved, 2, stage, 2)
 
 
+class _SingleProcess:
+    """torch.distributed as a run of one rank sees it."""
+    @staticmethod
+    def get_rank():
+        return 0
+
+    @staticmethod
+    def barrier():
+        pass
+
+
+class _Engine:
+    """Writes a checkpoint as DeepSpeed does: into <save_dir>/<tag>/, which need not exist yet."""
+    def __init__(self, fail=False):
+        self.fail = fail
+
+    def save_checkpoint(self, save_dir, tag, save_latest):
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True)
+        (folder / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+        if self.fail:
+            raise OSError("disk full")
+
+
+def test_saves_appear_complete_under_their_final_name_and_only_the_latest_keep_remain(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "dist", _SingleProcess)
+    root = tmp_path / "checkpoints"
+    (tmp_path / "tokenizer.model").write_bytes(b"pieces")
+    for step in (4, 8, 12, 16):   # steps of different digit counts: the latest must still sort last
+        path = checkpoint.save(_Engine(), root, step, {"state": {"step": step}}, {"rng": step}, keep=3,
+                               files={"tokenizer.model": str(tmp_path / "tokenizer.model")})
+        assert resolve_resume("auto", root) == path
+    assert [p.name for p in complete_checkpoints(root)] == ["step-00000008", "step-00000012", "step-00000016"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000008", "step-00000012", "step-00000016"]
+    assert read_meta(path) == {"format": FORMAT, "state": {"step": 16}}
+    assert torch.load(path / "rank-00000.pt") == {"rng": 16} and (path / "tokenizer.model").read_bytes() == b"pieces"
+
+    # a save that fails half-way leaves the last complete checkpoint the one to resume from, and is cleared away
+    with pytest.raises(OSError):
+        checkpoint.save(_Engine(fail=True), root, 20, {}, {}, keep=3, files={})
+    assert resolve_resume("auto", root) == path and (root / ".partial-step-00000020").is_dir()
+    remove_partial(root)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000008", "step-00000012", "step-00000016"]
+
+
+def test_resume_takes_the_latest_complete_checkpoint_or_a_named_complete_one(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert resolve_resume("auto", root) is None   # a new run: nothing there yet
+    for name in ("step-00000004", "step-00000012", ".partial-step-00000020"):
+        (root / name).mkdir(parents=True)
+        (root / name / "meta.json").write_text("{}")
+    (root / "step-00000016").mkdir()   # no meta.json: not complete, e.g. still being copied in
+    assert resolve_resume("auto", root) == root / "step-00000012"
+    assert resolve_resume("never", root) is None
+    assert resolve_resume(str(root / "step-00000004"), root) == root / "step-00000004"
+    with pytest.raises(CheckpointError) as error:
+        resolve_resume(str(root / "step-00000016"), root)
+    assert str(error.value) == (f"{root}/step-00000016: not a complete checkpoint (no meta.json); complete ones "
+                                f"under {root}: ['step-00000004', 'step-00000012']")
+    # a run may start at the step of the latest checkpoint, not before it
+    check_no_later(root, 12)
+    with pytest.raises(CheckpointError, match=f"^{root}: holds checkpoints after step 4 \\(step-00000012\\), "):
+        check_no_later(root, 4)
+
+
+def test_a_checkpoint_of_another_format_model_or_tokenizer_is_refused_by_name(tmp_path):
+    (tmp_path / "meta.json").write_text(json.dumps({"format": "memmamba-checkpoint/0"}))
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}/meta.json: format 'memmamba-checkpoint/0', expected "
+                                              f"'{FORMAT}'$"):
+        read_meta(tmp_path)
+    (tmp_path / "meta.json").write_text('{"format": ')
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}/meta.json: not valid JSON"):
+        read_meta(tmp_path)
+
+    saved, saved_model = {"embedding.weight": [1024, 64], "layers.0.w": [64, 64]}, {"n_layer": 1, "d_model": 64}
+    check_shapes(tmp_path, saved, dict(saved), saved_model, dict(saved_model))
+    more = {**saved, "layers.1.w": [64, 64]}   # a parameter the checkpoint does not have
+    with pytest.raises(CheckpointError) as error:
+        check_shapes(tmp_path, saved, more, saved_model, {**saved_model, "n_layer": 2})
+    assert str(error.value) == (f"{tmp_path}: checkpoint of a different model: parameter layers.1.w is absent there "
+                                "and [64, 64] here (model.n_layer is 1 there and 2 here)")
+    with pytest.raises(CheckpointError, match="parameter layers.1.w is \\[64, 64\\] there and absent here"):
+        check_shapes(tmp_path, more, saved, saved_model, saved_model)
+    # a setting the checkpoint's model section predates is named too
+    with pytest.raises(CheckpointError, match="\\(model.n_layer is 1 there and 2 here, model.notes is None there "
+                                              "and True here\\)$"):
+        check_shapes(tmp_path, saved, more, saved_model, {**saved_model, "n_layer": 2, "notes": True})
+
+    check_tokenizer(tmp_path, "a" * 64, "a" * 64)
+    check_tokenizer(tmp_path, None, "a" * 64)   # weights that do not say which tokenizer: taken as they are
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}: trained with tokenizer bbbbbbbbbbbb..., but data.path "
+                                              "has aaaaaaaaaaaa...$"):
+        check_tokenizer(tmp_path, "b" * 64, "a" * 64)
+
+
+def test_the_random_state_of_a_rank_round_trips_and_any_seed_is_accepted():
+    import random
+
+    import numpy as np
+
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    before = checkpoint.rng_state()   # given back to the tests that follow
+    checkpoint.seed_everything(2 ** 40 + 3)   # train.seed + rank + step: any size
+    state = checkpoint.rng_state()
+    first = draws()
+    checkpoint.seed_everything(1)
+    checkpoint.set_rng_state(state)
+    assert draws() == first   # python, numpy and torch each take up where the checkpoint was
+    checkpoint.set_rng_state(before)
+
+
 def test_no_weight_decay_on_norms_biases_and_ssm_dynamics():
     model = build_model({"arch": "memmamba", "size": "tiny"})
     decay, no_decay = param_groups(model, 0.1)
@@ -209,19 +341,52 @@ def _backward(model, ids, scale=1.0):
     (scale * lm_loss(model, ids)).backward()
 
 
-def test_optimizer_clips_like_torch_and_steps_like_adamw():
+@pytest.mark.parametrize("max_grad_norm", [0.05, 0.0])   # 0: no clipping (under ZeRO, DeepSpeed's clips)
+def test_optimizer_clips_like_torch_and_steps_like_adamw(max_grad_norm):
     """The fused, foreach-clipping AdamW against torch's per-tensor AdamW after torch's clip_grad_norm_."""
-    ours, optimizer, reference, reference_optimizer = _optimizer_pair(max_grad_norm=0.05)
+    ours, optimizer, reference, reference_optimizer = _optimizer_pair(max_grad_norm=max_grad_norm)
     for step in range(3):
         ids = torch.randint(0, 1024, (2, 33))
         for model, opt in ((ours, optimizer), (reference, reference_optimizer)):
             opt.zero_grad()
             _backward(model, ids)
-        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_grad_norm or math.inf)
         assert norm > 0.5 and optimizer.step() is None and reference_optimizer.step() is None
         assert optimizer.grad_norm.item() == pytest.approx(norm.item(), rel=1e-5) and not optimizer.overflow
     for (name, p), q in zip(ours.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)   # an update moves them by ~1e-2
+
+
+def test_the_learning_rate_warms_up_linearly_and_a_resume_takes_the_configs_settings():
+    def run(config, steps, state=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 4)   # a decayed weight, an undecayed bias
+        optimizer, schedule = build_optimizer(model, config, max_grad_norm=1.0)
+        if state is not None:   # a resume: the checkpoint brings back its own settings with the moments
+            optimizer.load_state_dict(state[0])
+            schedule.load_state_dict(state[1])
+            apply_settings(optimizer, schedule, config)
+        lrs = []
+        for _ in range(steps):
+            lrs += [group["lr"] for group in optimizer.param_groups]
+            optimizer.zero_grad()
+            model(torch.ones(2, 4)).square().sum().backward()
+            optimizer.step()
+            schedule.step()
+        return optimizer, (optimizer.state_dict(), schedule.state_dict()), lrs
+
+    first = OptimizerConfig(lr=1e-3, weight_decay=0.2, betas=[0.8, 0.9], eps=1e-6, warmup_steps=3)
+    optimizer, state, lrs = run(first, 6)
+    # from lr / (warmup_steps + 1) up in equal steps, reaching lr at step warmup_steps
+    assert lrs == pytest.approx([1e-3 * (s + 1) / 4 for s in range(3) for _ in "12"] + [1e-3] * 6)
+    settings = [(g["weight_decay"], g["betas"], g["eps"]) for g in optimizer.param_groups]
+    assert settings == [(0.2, (0.8, 0.9), 1e-6), (0.0, (0.8, 0.9), 1e-6)]
+
+    changed = OptimizerConfig(lr=2e-3, weight_decay=0.05, betas=[0.9, 0.99], eps=1e-7, warmup_steps=9)
+    optimizer, _, lrs = run(changed, 2, state)   # resumed after 6 steps, still warming up to the new lr
+    assert lrs == pytest.approx([2e-3 * 7 / 10] * 2 + [2e-3 * 8 / 10] * 2)
+    settings = [(g["weight_decay"], g["betas"], g["eps"]) for g in optimizer.param_groups]
+    assert settings == [(0.05, (0.9, 0.99), 1e-7), (0.0, (0.9, 0.99), 1e-7)]
 
 
 def test_optimizer_leaves_weights_and_moments_alone_on_a_non_finite_gradient():
@@ -251,6 +416,28 @@ def test_dense_flops_equal_a_flop_counter(section):
     assert counter.get_total_flops() / (2 * T) == forward_flops_per_token(model.config, T)["dense"]
 
 
+def test_scan_and_causal_attention_flops_cover_every_layer_and_training_is_three_forward_passes():
+    mamba = build_model({"arch": "memmamba", "size": "tiny", "notes": False})
+    T = 32
+    counts = forward_flops_per_token(mamba.config, T)
+    cells = sum(p.numel() for name, p in mamba.named_parameters() if name.endswith("A_log"))   # (channel, state)
+    assert counts["scan"] == flops.SCAN_FLOPS * cells and counts["attention"] == 0
+    assert train_flops_per_token(mamba.config, T) == 3 * sum(counts.values())   # the backward pass is two forwards
+
+    transformer = build_model({"arch": "transformer", "size": "tiny"}).config
+    keys = sum(t + 1 for t in range(T)) / T   # the keys a token sees, over the sequence: itself and those before
+    attention = transformer.n_layer * 2 * (2 * transformer.d_model * keys)   # q.k and p.v, a multiply-add each
+    assert forward_flops_per_token(transformer, T)["attention"] == pytest.approx(attention)
+
+
+def test_the_datasheet_peak_is_that_of_the_longest_name_in_the_devices(monkeypatch):
+    for name, expected in [("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 80GB HBM3", "H100"),
+                           ("NVIDIA H800 PCIe", "H800 PCIe"), ("Tesla T4", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        assert flops.peak_flops(torch.device("cuda")) == flops.PEAK_BF16_FLOPS.get(expected), name
+    assert flops.peak_flops(torch.device("cpu")) is None   # measured instead (measure_peak_flops)
+
+
 def test_memmamba_dense_flops_within_one_percent_of_a_flop_counter():
     model = build_model({"arch": "memmamba", "size": "tiny"})
     T = 256
@@ -276,6 +463,59 @@ def test_passkey_source_gives_masked_batches_and_a_masked_loss(pg19_shards):
         logits, _ = model(window[:, :-1])
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), window[:, 1:], reduction="none")
     assert masked.item() == pytest.approx(nll[mask].mean().item(), rel=1e-5)
+
+
+def test_train_batches_are_the_ranks_samples_of_the_seeds_order_as_windows_without_a_mask(pg19_shards):
+    def config(**changes):
+        return config_from_dict(tiny_config(**{"data.path": str(pg19_shards.root), "data.seq_len": 64,
+                                               "train.micro_batch_size": 2, **changes}))
+
+    cfg = config()
+    dataset = data.train_dataset(cfg, pg19_shards.checksum)
+    batches = iter(data.train_batches(dataset, cfg, dp_rank=1, dp_world=2, consumed_samples=8, pin_memory=False))
+    for k in (10, 14, 18):   # rank 1's samples of global batches of 4, after 8 samples
+        window, mask = next(batches)
+        assert mask is None and torch.equal(window, torch.stack([dataset[k], dataset[k + 1]]))
+    reseeded = data.train_dataset(config(**{"train.seed": cfg.train.seed + 1}), pg19_shards.checksum)
+    assert reseeded.state_dict(0)["seed"] == cfg.train.seed + 1 and not torch.equal(reseeded[0], dataset[0])
+    for window, mask in data.validation_batches(cfg, pg19_shards.checksum, dp_rank=0, dp_world=1):
+        assert mask.shape == (len(window), 64) and window.shape == (len(window), 65)   # a mask per target
+    with pytest.raises(DataError, match=f"^{pg19_shards.root}/train/manifest.json: shards were made with tokenizer"):
+        data.train_dataset(cfg, "0" * 64)
+
+
+def test_a_checkpoints_stream_state_of_another_seed_or_source_names_the_difference_and_the_way_on(pg19_shards,
+                                                                                                 tmp_path):
+    def dataset(**changes):
+        cfg = config_from_dict(tiny_config(**{"data.path": str(pg19_shards.root), "data.seq_len": 128, **changes}))
+        return data.train_dataset(cfg, pg19_shards.checksum)
+
+    shards = dataset()
+    state = data.stream_state(shards, 16)
+    data.check_stream_state(shards, state, tmp_path)
+    new_run = f"; to train its weights on with this data, start a new run with train.init_from={tmp_path}"
+    with pytest.raises(DataError) as error:
+        data.check_stream_state(dataset(**{"train.seed": 7}), state, tmp_path)
+    assert str(error.value) == f"{tmp_path}: train.seed is 7 here, {state['seed']} in the checkpoint, which would " \
+                               f"change the order of the data{new_run}"
+    with pytest.raises(DataError) as error:
+        data.check_stream_state(shards, {**state, "books": "0" * 16}, tmp_path)
+    assert str(error.value) == f"{pg19_shards.root}/train: checkpoint's data stream does not match this dataset " \
+                               f"(other books than the checkpoint's, or in another order){new_run}"
+    with pytest.raises(DataError, match=f"does not match this dataset \\(key_digits None != 5\\){new_run}$"):
+        data.check_stream_state(dataset(**{"data.source": "passkey"}), state, tmp_path)
+
+
+def test_passkey_validation_windows_do_not_depend_on_the_training_seed(pg19_shards):
+    # validation losses of runs with other seeds are comparable only on the same windows
+    def batches(seed):
+        cfg = config_from_dict(tiny_config(**{"data.source": "passkey", "data.path": str(pg19_shards.root),
+                                              "data.seq_len": 128, "validation.windows": 2, "train.seed": seed}))
+        return data.validation_batches(cfg, pg19_shards.checksum, dp_rank=0, dp_world=1)
+
+    (first, first_mask), = batches(1)
+    (second, second_mask), = batches(2)
+    assert torch.equal(first, second) and torch.equal(first_mask, second_mask)
 
 
 @pytest.mark.parametrize("dp_world", [1, 2, 3, 4])
@@ -338,6 +578,42 @@ def test_tokens_per_second_count_only_the_steps_own_time(tmp_path):
     metrics.log(2, 2, lr=1e-3, grad_norm=1.0, skipped=0, tokens_seen=2000)
     metrics.close()
     assert scalars(tmp_path, "perf/tps_total") == {2: 2000.0} and scalars(tmp_path, "perf/tps") == {2: 1000.0}
+
+
+def test_each_line_reports_the_steps_since_the_last_and_a_resume_replaces_what_was_logged_after_it(tmp_path,
+                                                                                                     capsys):
+    def metrics(start_step):
+        return Metrics(True, tmp_path / "tensorboard", every=2, progress_bar=False, start_step=start_step,
+                       max_steps=4, tokens_per_step=1000, world_size=2, flops_per_token=6e9, peak_flops=1e13,
+                       device=torch.device("cpu"))
+
+    run = metrics(0)
+    run.step(2.0, data_wait=0.1, seconds=0.5)
+    run.step(4.0, data_wait=0.3, seconds=0.5)
+    run.log(2, 4, lr=1e-3, grad_norm=0.5, skipped=0, tokens_seen=2000)
+    run.step(1.0, data_wait=0.0, seconds=1.0)
+    run.step(1.0, data_wait=0.0, seconds=1.0)
+    run.log(4, 4, lr=1e-3, grad_norm=math.inf, skipped=1, tokens_seen=4000)
+    run.close()
+    tps = 2000 / 1.0 / 2   # per device: 2 steps of 1000 tokens in 1 s, over 2 devices
+    expected = {"train/loss": {2: 3.0, 4: 1.0}, "train/ppl": {2: math.exp(3.0), 4: math.exp(1.0)},
+                "perf/tps": {2: tps, 4: tps / 2}, "perf/tflops": {2: tps * 6e9 / 1e12, 4: tps / 2 * 6e9 / 1e12},
+                "perf/mfu": {2: 100 * tps * 6e9 / 1e13, 4: 100 * tps / 2 * 6e9 / 1e13},
+                "perf/data_wait_s": {2: 0.2, 4: 0.0}, "train/skipped_steps": {2: 0, 4: 1}}
+    for tag, values in expected.items():
+        assert scalars(tmp_path, tag) == pytest.approx(values), tag
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"step 2/4 | loss 3.0000 | ppl {math.exp(3):.2f} | lr 1.00e-03 | grad_norm 0.500 | "
+                               f"tps 1,000 (2,000 total) | tflops 6.00 | mfu 60.0% | mem ")
+    assert lines[0].endswith(" GiB | data_wait 0.200 s | skipped 0") and lines[1].endswith("skipped 1")
+
+    resumed = metrics(2)   # from the checkpoint of step 2: step 4 of the first run is history that did not happen
+    resumed.step(5.0, data_wait=0.0, seconds=1.0)
+    resumed.log(3, 4, lr=1e-3, grad_norm=0.5, skipped=0, tokens_seen=3000)
+    resumed.validation(3, 1000.0)   # a diverged run: its perplexity is logged, not an OverflowError
+    resumed.close()
+    assert scalars(tmp_path, "train/loss") == {2: 3.0, 3: 5.0}
+    assert 1e20 < scalars(tmp_path, "val/ppl")[3] < math.inf
 
 
 @pytest.mark.slow
@@ -829,6 +1105,31 @@ def test_an_export_into_checkpoints_or_from_a_wrong_folder_stops_with_one_line(t
     assert err.startswith(f"error: {message.format(**names)}") and err.count("\n") == 1
     assert sorted(p.name for p in step.parent.iterdir()) == ["step-00000001"]
     assert sorted(p.name for p in step.iterdir()) == ["meta.json", "mp_rank_00_model_states.pt"]
+
+
+def test_an_export_holds_the_latest_checkpoints_weights_progress_and_tokenizer(tmp_path, capsys):
+    from training import export
+
+    first = fake_run(tmp_path / "run")
+    latest = first.parent / "step-00000002"   # a later checkpoint, of other weights
+    latest.mkdir()
+    torch.manual_seed(1)
+    weights = build_model({"arch": "memmamba", "size": "tiny", "notes": False}).state_dict()
+    torch.save({"module": {f"model.{k}": v for k, v in weights.items()}}, latest / "mp_rank_00_model_states.pt")
+    meta = {**json.loads((first / "meta.json").read_text()), "state": {"step": 2, "tokens_seen": 128},
+            "tokenizer_checksum": "a" * 64}
+    (latest / "meta.json").write_text(json.dumps(meta))
+    (latest / "tokenizer.model").write_bytes(b"pieces")
+
+    out = tmp_path / "out"
+    assert export.main([str(first.parent), str(out)]) == 0 and capsys.readouterr().out == f"exported {out}\n"
+    config = json.loads((out / "config.json").read_text())
+    assert {key: config[key] for key in ("step", "tokens_seen", "tokenizer_checksum", "checkpoint")} == {
+        "step": 2, "tokens_seen": 128, "tokenizer_checksum": "a" * 64, "checkpoint": str(latest)}
+    assert (out / "tokenizer.model").read_bytes() == b"pieces"
+    exported = load_pretrained(out).state_dict()
+    assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights)
+    assert export.trained_tokenizer(out) == export.trained_tokenizer(first.parent) == "a" * 64
 
 
 def test_a_checkpoint_whose_weights_disagree_with_its_model_section_names_the_tensor(tmp_path, capsys):
