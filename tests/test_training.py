@@ -29,14 +29,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data_pipeline import DataError
 from model import ConfigError, build_model, load_pretrained, save_pretrained
-from training import data
-from training import checkpoint
+from training import checkpoint, data, flops
 from training.checkpoint import (FORMAT, CheckpointError, check_no_later, check_shapes, check_tokenizer,
                                  complete_checkpoints, needs_universal, read_meta, remove_partial, resolve_resume)
 from training.config import OptimizerConfig, apply_override, batch_layout, config_from_dict, load_config
 from training.distributed import free_port
 from training.export import load_model
-from training import flops
 from training.flops import forward_flops_per_token, train_flops_per_token
 from training.loss import lm_loss
 from training.metrics import Metrics
