@@ -681,7 +681,7 @@ def test_two_ranks_learn_log_and_checkpoint(straight_run):
     assert {"meta.json", "rank-00000.pt", "rank-00001.pt", "tokenizer.model"} <= {p.name for p in latest.iterdir()}
     meta = json.loads((latest / "meta.json").read_text())
     assert meta["state"] == {"step": STEPS, "consumed_samples": STEPS * 8, "tokens_seen": STEPS * 8 * 64,
-                             "skipped_steps": 0}
+                             "skipped_steps": 0, "skipped_in_a_row": 0}
     assert meta["world_size"] == 2 and meta["zero_stage"] == 1
 
 
