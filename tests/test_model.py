@@ -225,7 +225,8 @@ def reference_weights(model: MemMambaLM) -> dict:
 
 
 # norm_eps 1e-2: larger than the mean square of the embeddings (std 0.02), so a norm that ignored it would show
-@pytest.mark.parametrize("overrides", POLICIES[:5] + [dict(norm_eps=1e-2)], ids=lambda o: "-".join(map(str, o.values())))
+@pytest.mark.parametrize("overrides", POLICIES[:5] + [dict(norm_eps=1e-2)],
+                         ids=lambda o: "-".join(map(str, o.values())))
 def test_forward_equals_the_reference_written_from_the_design(overrides):
     from tests.reference import memmamba_lm_reference
     model = make_model(**overrides)

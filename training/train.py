@@ -184,8 +184,9 @@ def fit(run: Run) -> None:
             metrics.print(f"step {state.step}: skipped (loss {loss:.4g}, grad_norm {grad_norm:.4g})")
         if state.skipped_in_a_row >= cfg.train.max_skipped_steps:
             raise TrainingError(f"{state.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
-                                f"(step {state.step}, loss {loss:.4g}); lower optimizer.lr, check the data, or resume from an "
-                                f"earlier checkpoint (train.max_skipped_steps={cfg.train.max_skipped_steps})")
+                                f"(step {state.step}, loss {loss:.4g}); lower optimizer.lr, check the data, or "
+                                f"resume from an earlier checkpoint "
+                                f"(train.max_skipped_steps={cfg.train.max_skipped_steps})")
         last = state.step == cfg.train.max_steps
         if state.step % cfg.logging.every == 0 or last or stop:
             metrics.log(state.step, cfg.train.max_steps, lr, grad_norm, state.skipped_steps,
