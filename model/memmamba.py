@@ -109,9 +109,9 @@ class MemMambaLayer(nn.Module):
             a_tok, a_lay = 1.0, None
         # `scale` by keyword: module hooks such as FlopCounterMode's see positional tensors, and a parameter's
         # element taken under no_grad (a_lay) is a tensor that requires grad yet has no grad_fn, which they reject.
-        xbar = u + self.token_attention(queries[0], [view], scale=a_tok * state_gate * active)
+        xbar = self.token_attention(queries[0], [view], u, scale=a_tok * state_gate * active)
         if self.has_cross_layer:
-            xbar = xbar + self.layer_attention(queries[1], [*views, view][-self.span:], scale=a_lay)
+            xbar = self.layer_attention(queries[1], [*views, view][-self.span:], xbar, scale=a_lay)
         return xbar
 
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> LayerState:

@@ -219,11 +219,12 @@ class MemoryAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.kv_proj = nn.Linear(summary_dim, 2 * attn_dim, bias=False)
-        self.out_proj = nn.Linear(attn_dim, d_model, bias=False)
+        self.out_proj = ResidualLinear(attn_dim, d_model, bias=False)
 
-    def forward(self, q: Tensor, views: list[PoolView], scale: Tensor | None = None) -> Tensor:
-        """q [B, T, A] -> [B, T, D], times `scale` ([B, T, 1] or a scalar) if given. Each token attends over
-        its epoch's pool in every view (the union of pools); 0 where they are all empty. Cost O(T K), not O(T M).
+    def forward(self, q: Tensor, views: list[PoolView], residual: Tensor, scale: Tensor | None = None) -> Tensor:
+        """q [B, T, A] -> residual [B, T, D] + the attention's output, times `scale` ([B, T, 1] or a scalar) if
+        given. Each token attends over its epoch's pool in every view (the union of pools); it adds 0 where they
+        are all empty. Cost O(T K), not O(T M).
         """
         B, T, A = q.shape
         lead, width, n_epochs = views[0].lead, views[0].width, views[0].members.shape[1]
@@ -244,7 +245,16 @@ class MemoryAttention(nn.Module):
         out = (out * anything.view(B * n_epochs, 1, 1, 1)).transpose(1, 2).reshape(B, n_epochs * width, A)
         out = out[:, lead:lead + T]
         # The projection is linear: scaling its A-wide input costs less than scaling its D-wide output.
-        return self.out_proj(out if scale is None else out * scale)
+        return self.out_proj(out if scale is None else out * scale, residual)
+
+
+class ResidualLinear(nn.Linear):
+    """residual + W x as one product (addmm): it writes one [..., out] tensor where a linear layer and an addition
+    write two. A module of its own so that ZeRO-3 gathers its weight. Parameters as nn.Linear's, without bias."""
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), self.weight.t())
+        return out.view(residual.shape)
 
 
 def _cat(tensors: list[Tensor], dim: int) -> Tensor:
