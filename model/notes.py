@@ -219,7 +219,7 @@ class MemoryAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.kv_proj = nn.Linear(summary_dim, 2 * attn_dim, bias=False)
-        self.out_proj = ResidualLinear(attn_dim, d_model, bias=False)
+        self.out_proj = ResidualLinear(attn_dim, d_model)
 
     def forward(self, q: Tensor, views: list[PoolView], residual: Tensor, scale: Tensor | None = None) -> Tensor:
         """q [B, T, A] -> residual [B, T, D] + the attention's output, times `scale` ([B, T, 1] or a scalar) if
@@ -251,6 +251,9 @@ class MemoryAttention(nn.Module):
 class ResidualLinear(nn.Linear):
     """residual + W x as one product (addmm): it writes one [..., out] tensor where a linear layer and an addition
     write two. A module of its own so that ZeRO-3 gathers its weight. Parameters as nn.Linear's, without bias."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
         out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), self.weight.t())
