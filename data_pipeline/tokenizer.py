@@ -242,7 +242,8 @@ def existing_tokenizer(output, requested, train_books=None):
                  if info["training"].get(key) != value}
     if different:
         detail = ", ".join(f"{key}={old!r} (asked {new!r})" for key, (old, new) in different.items())
-        raise DataError(f"{display(fs, model_path)}: trained with {detail}; use another --output or remove it")
+        raise DataError(f"{display(fs, model_path)}: trained with {detail}; use another --output, or remove "
+                        "tokenizer.model and tokenizer.json to train a new one")
     trained_on = info["training"].get("train_books_sha256")  # absent from older tokenizer.json files
     if train_books is not None and trained_on is not None and trained_on != train_books:
         raise DataError(f"{display(fs, model_path)}: trained on other train books ({info['training']['input']}); "

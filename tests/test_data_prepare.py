@@ -135,7 +135,8 @@ def test_tokenizer_training_is_reproducible(pg19_mini):
 
 
 def test_settings_that_differ_from_existing_output_are_refused(pg19_mini, pg19_shards):
-    with pytest.raises(DataError, match=r"tokenizer.model: trained with vocab_size=1024 \(asked 2048\)"):
+    with pytest.raises(DataError, match=r"tokenizer.model: trained with vocab_size=1024 \(asked 2048\); use another "
+                                        "--output, or remove tokenizer.model and tokenizer.json to train a new one$"):
         prepare(pg19_mini, pg19_shards.root, vocab_size=2048, sample_bytes=2_000_000, progress=False)
     settings = {**pg19_shards.settings, "tokens_per_shard": 123}
     with pytest.raises(DataError, match=r"train/manifest.json: made with a different tokens_per_shard"):
