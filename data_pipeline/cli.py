@@ -5,6 +5,7 @@ Problems with the data end the command with a one-line message and exit status 1
 
 import argparse
 import hashlib
+import math
 import shlex
 import signal
 import sys
@@ -67,8 +68,8 @@ def _check_arguments(args):
     for name in ("workers", "tokens_per_shard", "vocab_size"):
         if getattr(args, name, 1) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if getattr(args, "sample_mb", 1) <= 0:
-        raise DataError(f"--sample-mb must be more than 0, got {args.sample_mb:g}")
+    if not 0 < getattr(args, "sample_mb", 1) < math.inf:  # argparse's float() also reads "nan" and "inf"
+        raise DataError(f"--sample-mb must be more than 0 and finite, got {args.sample_mb:g}")
     check_folder(args.output)
     for split in getattr(args, "splits", []):
         check_folder(join(args.output, split))

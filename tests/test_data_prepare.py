@@ -388,8 +388,10 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, pg19_shards):
                           (["--output", "/proc/nope"], "/proc/nope: cannot be made, /proc is not writable"),
                           (["--output", tmp_path, "--splits", "train"], f"{afile.parent / 'train'}: is a file"),
                           (["--output", tmp_path / "out", "--workers", 0], "--workers must be at least 1, got 0"),
-                          (["--output", tmp_path / "out", "--sample-mb", 0], "--sample-mb must be more than 0, got 0"),
-                          (["--output", tmp_path / "out", "--sample-mb", -1], "--sample-mb must be more than 0")]:
+                          (["--output", tmp_path / "out", "--sample-mb", 0], "--sample-mb must be more than 0"),
+                          (["--output", tmp_path / "out", "--sample-mb", -1], "--sample-mb must be more than 0"),
+                          (["--output", tmp_path / "out", "--sample-mb", "nan"], "--sample-mb must be more than 0"),
+                          (["--output", tmp_path / "out", "--sample-mb", "inf"], "--sample-mb must be more than 0")]:
         (tmp_path / "train").write_text("x")
         refused = run_cli("prepare", "--input", pg19_shards.root, *args)
         assert (refused.returncode, refused.stderr.startswith(f"error: {message}")) == (1, True), refused.stderr
