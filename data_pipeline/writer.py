@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import shlex
 import sys
@@ -143,16 +144,35 @@ def _tokenize_all(books, tokenizer, fs, gutenberg, workers):
         for book in books:
             yield _tokenize(book, tokenizer, fs, gutenberg)
         return
+    before = set(multiprocessing.active_children())
     with children_ignore_ctrl_c():
         pool = SPAWN.Pool(workers, initializer=_start_worker, initargs=(tokenizer, fs, gutenberg))
+    started = [process for process in multiprocessing.active_children() if process not in before]
+    split = books[0].split
     with pool:
         pending = collections.deque()
         for book in books:
             pending.append(pool.apply_async(_tokenize_in_worker, (book,)))
             if len(pending) >= READ_AHEAD_PER_WORKER * workers:
-                yield pending.popleft().get()
+                yield _result(pending.popleft(), started, split)
         while pending:
-            yield pending.popleft().get()
+            yield _result(pending.popleft(), started, split)
+
+
+def _result(result, workers, split):
+    """The result of a book sent to the pool, or an error once one of its workers has died.
+
+    A pool replaces a worker that dies (the kernel's out-of-memory killer, a `kill -9`) but never answers for the
+    book it held, so waiting for that book alone would wait forever.
+    """
+    while not result.ready():
+        result.wait(1.0)
+        died = next((process.exitcode for process in workers if process.exitcode is not None), None)
+        if died is not None:
+            raise DataError(f"{split}: a tokenizing process died (exit status {died}: killed, or out of memory?); "
+                            "run the same command again to go on where it stopped, with fewer --workers if memory "
+                            "is short")
+    return result.get()
 
 
 def _start_or_resume(fs, split_dir, settings, report):

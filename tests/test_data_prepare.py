@@ -483,6 +483,25 @@ def test_a_signal_stops_tokenizer_training_at_once(pg19_mini, tmp_path, signum):
     assert "Traceback" not in stderr and not (tmp_path / "tokenizer.model").exists()
 
 
+def test_a_tokenizing_process_that_dies_stops_the_run_with_one_line(pg19_mini, pg19_shards, output_with_tokenizer,
+                                                                    tokenizer_settings):
+    arguments = ["prepare", "--input", pg19_mini, "--output", output_with_tokenizer, "--splits", "train",
+                 "--workers", 2, "--tokens-per-shard", 1_000_000, *cli_settings(tokenizer_settings)]
+    run = start_cli(*arguments)
+    while run.poll() is None and not list((output_with_tokenizer / "train").glob(".shard-*.partial")):
+        time.sleep(0.01)  # until the pool is tokenizing
+    children = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
+    worker = next(int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes())
+    os.kill(worker, signal.SIGKILL)  # as the kernel's out-of-memory killer does
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 1 and "Traceback" not in stderr, stderr
+    assert stderr.splitlines()[-1].startswith("error: train: a tokenizing process died (exit status -9")
+    assert run_cli(*arguments).returncode == 0
+    for shard in manifest_of(pg19_shards.root, "train")["shards"]:
+        name = f"train/{shard['name']}"
+        assert (output_with_tokenizer / name).read_bytes() == (pg19_shards.root / name).read_bytes()
+
+
 def test_long_phases_log_progress_lines(pg19_mini, pg19_shards, monkeypatch, capsys):
     monkeypatch.setattr(progress, "INTERVAL", 0.0)  # a line at every step (30 s apart in real runs)
     stream = io.StringIO()
