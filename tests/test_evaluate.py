@@ -381,9 +381,9 @@ def test_sigterm_ends_an_evaluation_as_ctrl_c_does_and_leaves_no_empty_results_f
     monkeypatch.setattr(perplexity, "evaluate", terminated)
     before = signal.getsignal(signal.SIGTERM)
     argv = ["ppl", "--checkpoint", checkpoints["mamba"], "--data", pg19_shards.root, "--lengths", 200,
-            "--out", tmp_path / "results"]
+            "--out", tmp_path / "eval" / "results"]   # as launch/eval.sh all: runs/eval/<name>/<task>
     assert run_cli(evaluate, argv, capsys)[::2] == (130, "interrupted\n")
-    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "eval").exists()
     assert signal.getsignal(signal.SIGTERM) == before   # given back as it was
 
 RESUMABLE = {

@@ -17,6 +17,7 @@ message and status 2).
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints += [random_model(spec, args.device, dtype) for spec in specs]
         work = TASKS[args.task].prepare(checkpoints, args)   # every model's inputs checked before any work
         try:
-            created = None if out.exists() else out
+            # the outermost folder it makes: launch/eval.sh all makes runs/eval/<name>/<task> on a first run
+            created = next((folder for folder in [*reversed(out.parents), out] if not folder.exists()), None)
             out.mkdir(parents=True, exist_ok=True)   # only now: an error leaves no empty folder behind
         except OSError as error:
             raise EvalError(f"--out {out}: cannot be a results folder ({error.strerror})") from None
@@ -113,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"interrupted; what was finished is kept in {partial.path}, and the same command goes on "
                   "from there", file=sys.stderr)
         else:   # nothing to keep, and no empty folder left behind
-            if created is not None and not any(created.iterdir()):
-                created.rmdir()
+            if created is not None and not any(path.is_file() for path in created.rglob("*")):
+                shutil.rmtree(created)
             print("interrupted", file=sys.stderr)
         return 130
     finally:
