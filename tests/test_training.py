@@ -1140,6 +1140,26 @@ def test_a_checkpoint_whose_weights_disagree_with_its_model_section_names_the_te
 
 
 @pytest.mark.slow
+def test_a_damaged_latest_checkpoint_stops_the_resume_with_one_line(pg19_shards, tmp_path):
+    train(1, pg19_shards.root, tmp_path / "run", "train.max_steps=1")
+    for damage in ("truncated", "missing", "missing rank file"):
+        output = tmp_path / damage
+        shutil.copytree(tmp_path / "run", output)
+        latest = output / "checkpoints" / "step-00000001"
+        weights = latest / ("rank-00000.pt" if damage == "missing rank file" else "mp_rank_00_model_states.pt")
+        if damage == "truncated":
+            weights.write_bytes(weights.read_bytes()[:1000])
+        else:
+            weights.unlink()
+        result = train(1, pg19_shards.root, output, "train.max_steps=2", check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {latest}: damaged ("), errors
+        assert errors[0].endswith(f"); move it out of {latest.parent} to resume from the checkpoint before it")
+        assert checkpoints(output) == ["step-00000001"]
+
+
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_trained_weights(pg19_shards, straight_run, tmp_path):
     # A learning rate too small to move anything: the new run's weights are those it started from.
     source = straight_run / "checkpoints"
