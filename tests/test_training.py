@@ -1140,7 +1140,9 @@ def test_a_checkpoint_whose_weights_disagree_with_its_model_section_names_the_te
 
 
 @pytest.mark.slow
-def test_a_damaged_latest_checkpoint_stops_the_resume_with_one_line(pg19_shards, tmp_path):
+def test_a_damaged_latest_checkpoint_stops_the_resume_and_the_export_with_one_line(pg19_shards, tmp_path, capsys):
+    from training import export
+
     train(1, pg19_shards.root, tmp_path / "run", "train.max_steps=1")
     for damage in ("truncated", "missing", "missing rank file"):
         output = tmp_path / damage
@@ -1157,6 +1159,9 @@ def test_a_damaged_latest_checkpoint_stops_the_resume_with_one_line(pg19_shards,
         assert len(errors) == 1 and errors[0].startswith(f"error: {latest}: damaged ("), errors
         assert errors[0].endswith(f"); move it out of {latest.parent} to resume from the checkpoint before it")
         assert checkpoints(output) == ["step-00000001"]
+        if damage != "missing rank file":   # which an export does not read
+            assert export.main([str(latest), str(tmp_path / "export")]) == 1
+            assert capsys.readouterr().err.startswith(f"error: {latest}: cannot load the model (")
 
 
 @pytest.mark.slow
