@@ -128,12 +128,14 @@ def test_missing_sections_and_keys_are_named():
 def test_a_config_file_that_cannot_be_read_is_named(tmp_path):
     (tmp_path / "latin1.json").write_bytes(b"\xff\xfe{}")
     (tmp_path / "broken.json").write_text('{\n  "train": {"max_steps": 1,}\n}')
+    (tmp_path / "list.json").write_text("[]")
     for path, message in [(tmp_path / "absent.json", "no such config file"), (tmp_path, "a folder, not a config file"),
                           (tmp_path / "latin1.json", "not valid JSON ('utf-8' codec can't decode byte 0xff"),
                           (tmp_path / "broken.json", "not valid JSON (Expecting property name enclosed in double "
-                                                     "quotes: line 2 column 28")]:
+                                                     "quotes: line 2 column 28"),
+                          (tmp_path / "list.json", "not a JSON object of sections, got list")]:
         with pytest.raises(ConfigError) as error:
-            load_config(path)
+            load_config(path, ["output_dir=runs/x"])
         assert str(error.value).startswith(f"{path}: {message}")
 
 

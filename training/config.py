@@ -223,6 +223,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(f"{path}: a folder, not a config file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict):   # the overrides set keys in it
+        raise ConfigError(f"{path}: not a JSON object of sections, got {type(raw).__name__}")
     for override in overrides:
         apply_override(raw, override)
     return config_from_dict(raw)
