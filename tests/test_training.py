@@ -39,7 +39,7 @@ from training.flops import forward_flops_per_token, train_flops_per_token
 from training.loss import lm_loss
 from training.metrics import Metrics
 from training.optim import AdamW, apply_settings, build_optimizer, param_groups
-from training.train import _report
+from training.train import _check_deepspeed_config, _report
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -108,6 +108,7 @@ def tiny_config(**sections):
     ({"checkpoint.keep": 0}, "checkpoint.keep must be a positive integer, got 0"),
     ({"logging.peak_tflops": 0}, "logging.peak_tflops must be positive, got 0"),
     ({"deepspeed.seed": 1}, "deepspeed.seed is set from train.seed"),
+    ({"deepspeed.checkpoint": 5}, "deepspeed.checkpoint must be a JSON object"),
 ])
 def test_bad_values_raise_one_error_naming_the_key(change, message):
     with pytest.raises(ConfigError) as error:
@@ -123,6 +124,18 @@ def test_missing_sections_and_keys_are_named():
     del raw["output_dir"]
     with pytest.raises(ConfigError, match="missing key output_dir"):
         config_from_dict(raw)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"flops_profiler": 5}, "deepspeed.flops_profiler: a value of the wrong type ("),
+    ({"communication_data_type": 5}, "deepspeed.communication_data_type: a value of the wrong type ("),
+    ({"checkpoint": {"tag_validation": "often"}}, "deepspeed section: Checkpoint config contains invalid "
+                                                  "tag_validation value of OFTEN"),
+])
+def test_deepspeeds_own_errors_in_its_section_are_one_config_error(section, message):
+    with pytest.raises(ConfigError) as error:
+        _check_deepspeed_config({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, **section})
+    assert str(error.value).startswith(message)
 
 
 def test_a_config_file_that_cannot_be_read_is_named(tmp_path):

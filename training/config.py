@@ -172,6 +172,8 @@ class RunConfig:
                 raise ConfigError(f"deepspeed.{key} is set from {instead}; remove it from the deepspeed section")
         if not isinstance(self.deepspeed.get("zero_optimization", {}), dict):
             raise ConfigError("deepspeed.zero_optimization must be a JSON object such as {\"stage\": 1}")
+        if not isinstance(self.deepspeed.get("checkpoint", {}), dict):   # the trainer adds a key to it
+            raise ConfigError("deepspeed.checkpoint must be a JSON object such as {\"tag_validation\": \"warn\"}")
         if type(self.zero_stage) is not int or self.zero_stage not in (0, 1, 2, 3):   # (True == 1 in Python)
             raise ConfigError(f"deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         P = self.parallel.sequence_parallel_size

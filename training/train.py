@@ -24,6 +24,7 @@ import deepspeed
 import pydantic
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.config import DeepSpeedConfigError
 
 from data_pipeline import DataError
 from data_pipeline.storage import join, local_folder_problem
@@ -409,19 +410,19 @@ def _check_deepspeed_config(ds_config: dict) -> None:
     DeepSpeed's sections reject keys they do not know, but a top-level key it never reads (a misspelt
     "zero_optimisation") it ignores: the run would go on without it.
     """
-    read = set()
+    read = []
 
     class Recording(dict):
         def get(self, key, default=None):
-            read.add(key)
+            read.append(key)
             return super().get(key, default)
 
         def __contains__(self, key):
-            read.add(key)
+            read.append(key)
             return super().__contains__(key)
 
         def __getitem__(self, key):
-            read.add(key)
+            read.append(key)
             return super().__getitem__(key)
 
     try:
@@ -433,9 +434,11 @@ def _check_deepspeed_config(ds_config: dict) -> None:
                         and problem["loc"][0] in value), None)
         where = f"deepspeed.{section}.{key}" if section else f"deepspeed section ({error.title}): {key}"
         raise ConfigError(f"{where}: {problem['msg']}, got {problem.get('input')!r}") from None
-    except (ValueError, AssertionError) as error:
+    except (ValueError, AssertionError, DeepSpeedConfigError) as error:
         raise ConfigError(f"deepspeed section: {str(error).strip().splitlines()[0]}") from None
-    unread = sorted(set(ds_config) - read)
+    except (TypeError, AttributeError) as error:   # a section of the wrong type, used as soon as it is read
+        raise ConfigError(f"deepspeed.{read[-1]}: a value of the wrong type ({error})") from None
+    unread = sorted(set(ds_config) - set(read))
     if unread:
         raise ConfigError(f"unknown key deepspeed.{unread[0]}: DeepSpeed does not read it")
 
