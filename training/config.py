@@ -146,6 +146,7 @@ OWNED_DEEPSPEED_KEYS = {
     "scheduler": "optimizer.warmup_steps",
     "bf16": "train.precision (parameters stay fp32; bf16 is autocast)",
     "fp16": "train.precision",
+    "torch_autocast": "train.precision",
     "seed": "train.seed",
 }
 
