@@ -39,7 +39,7 @@ from training.flops import forward_flops_per_token, train_flops_per_token
 from training.loss import lm_loss
 from training.metrics import Metrics
 from training.optim import AdamW, apply_settings, build_optimizer, param_groups
-from training.train import _check_deepspeed_config, _report
+from training.train import _check_deepspeed_config, _check_output_dir, _report
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -137,6 +137,14 @@ def test_deepspeeds_own_errors_in_its_section_are_one_config_error(section, mess
     with pytest.raises(ConfigError) as error:
         _check_deepspeed_config({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, **section})
     assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("taken", ["checkpoints", "tensorboard"])
+def test_a_file_where_the_run_puts_a_folder_is_named(tmp_path, taken):
+    (tmp_path / taken).write_text("")
+    with pytest.raises(ConfigError) as error:
+        _check_output_dir(config_from_dict(tiny_config(output_dir=str(tmp_path))))
+    assert str(error.value) == f"output_dir {tmp_path / taken}: {tmp_path / taken} is a file"
 
 
 def test_a_config_file_that_cannot_be_read_is_named(tmp_path):

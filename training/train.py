@@ -88,7 +88,7 @@ class Run:
 def setup(config_path: str, overrides: list[str], stop_signal: list[str]) -> Run:
     """stop_signal: the list that `_catch_stop_signals` fills; fit stops after its step once it holds a signal."""
     cfg = load_config(config_path, overrides)
-    _check_output_dir(Path(cfg.output_dir))
+    _check_output_dir(cfg)
     place = init_distributed()
     layout = batch_layout(cfg.train, place.world_size, cfg.parallel.sequence_parallel_size)
     dp_rank = place.rank // cfg.parallel.sequence_parallel_size
@@ -443,11 +443,12 @@ def _check_deepspeed_config(ds_config: dict) -> None:
         raise ConfigError(f"unknown key deepspeed.{unread[0]}: DeepSpeed does not read it")
 
 
-def _check_output_dir(folder: Path) -> None:
-    """That the run's folder can be made and written, without making it: a failed check leaves nothing behind."""
-    problem = local_folder_problem(folder)
-    if problem:
-        raise ConfigError(f"output_dir {folder}: {problem}")
+def _check_output_dir(cfg: RunConfig) -> None:
+    """That the run's folders can be made and written, without making them: a failed check leaves nothing behind."""
+    for folder in (Path(cfg.output_dir), cfg.checkpoint_dir, cfg.tensorboard_dir):
+        problem = local_folder_problem(folder)
+        if problem:
+            raise ConfigError(f"output_dir {folder}: {problem}")
 
 
 def _peak_flops(cfg: RunConfig, device: torch.device) -> float:
