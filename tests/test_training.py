@@ -39,7 +39,7 @@ from training.flops import forward_flops_per_token, train_flops_per_token
 from training.loss import lm_loss
 from training.metrics import Metrics
 from training.optim import AdamW, apply_settings, build_optimizer, param_groups
-from training.train import _report
+from training.train import _check_deepspeed_config, _check_output_dir, _report
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -86,6 +86,7 @@ def tiny_config(**sections):
     ({"deepspeed.zero_optimization.stage": 4}, "deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got 4"),
     ({"deepspeed.gradient_clipping": 0.5}, "deepspeed.gradient_clipping is set from train.grad_clip"),
     ({"deepspeed.bf16": {"enabled": True}}, "deepspeed.bf16 is set from train.precision"),
+    ({"deepspeed.torch_autocast": {"enabled": True}}, "deepspeed.torch_autocast is set from train.precision"),
     ({"parallel.sequence_parallel_size": 3}, "data.seq_len (256) must be divisible by "
                                              "parallel.sequence_parallel_size (3)"),
     ({"parallel.sequence_parallel_size": 2, "model": {"arch": "transformer", "size": "tiny"}},
@@ -108,6 +109,7 @@ def tiny_config(**sections):
     ({"checkpoint.keep": 0}, "checkpoint.keep must be a positive integer, got 0"),
     ({"logging.peak_tflops": 0}, "logging.peak_tflops must be positive, got 0"),
     ({"deepspeed.seed": 1}, "deepspeed.seed is set from train.seed"),
+    ({"deepspeed.checkpoint": 5}, "deepspeed.checkpoint must be a JSON object"),
 ])
 def test_bad_values_raise_one_error_naming_the_key(change, message):
     with pytest.raises(ConfigError) as error:
@@ -125,15 +127,37 @@ def test_missing_sections_and_keys_are_named():
         config_from_dict(raw)
 
 
+@pytest.mark.parametrize("section, message", [
+    ({"flops_profiler": 5}, "deepspeed.flops_profiler: a value of the wrong type ("),
+    ({"communication_data_type": 5}, "deepspeed.communication_data_type: a value of the wrong type ("),
+    ({"checkpoint": {"tag_validation": "often"}}, "deepspeed section: Checkpoint config contains invalid "
+                                                  "tag_validation value of OFTEN"),
+])
+def test_deepspeeds_own_errors_in_its_section_are_one_config_error(section, message):
+    with pytest.raises(ConfigError) as error:
+        _check_deepspeed_config({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, **section})
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("taken", ["checkpoints", "tensorboard"])
+def test_a_file_where_the_run_puts_a_folder_is_named(tmp_path, taken):
+    (tmp_path / taken).write_text("")
+    with pytest.raises(ConfigError) as error:
+        _check_output_dir(config_from_dict(tiny_config(output_dir=str(tmp_path))))
+    assert str(error.value) == f"output_dir {tmp_path / taken}: {tmp_path / taken} is a file"
+
+
 def test_a_config_file_that_cannot_be_read_is_named(tmp_path):
     (tmp_path / "latin1.json").write_bytes(b"\xff\xfe{}")
     (tmp_path / "broken.json").write_text('{\n  "train": {"max_steps": 1,}\n}')
+    (tmp_path / "list.json").write_text("[]")
     for path, message in [(tmp_path / "absent.json", "no such config file"), (tmp_path, "a folder, not a config file"),
                           (tmp_path / "latin1.json", "not valid JSON ('utf-8' codec can't decode byte 0xff"),
                           (tmp_path / "broken.json", "not valid JSON (Expecting property name enclosed in double "
-                                                     "quotes: line 2 column 28")]:
+                                                     "quotes: line 2 column 28"),
+                          (tmp_path / "list.json", "not a JSON object of sections, got list")]:
         with pytest.raises(ConfigError) as error:
-            load_config(path)
+            load_config(path, ["output_dir=runs/x"])
         assert str(error.value).startswith(f"{path}: {message}")
 
 
@@ -1137,6 +1161,31 @@ def test_a_checkpoint_whose_weights_disagree_with_its_model_section_names_the_te
     assert export.main([str(step), str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.startswith(f"error: {step}: weights do not match its model section (size "
                                               "mismatch for layers.0.mixer.A_log")
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_stops_the_resume_and_the_export_with_one_line(pg19_shards, tmp_path, capsys):
+    from training import export
+
+    train(1, pg19_shards.root, tmp_path / "run", "train.max_steps=1")
+    for damage in ("truncated", "missing", "missing rank file"):
+        output = tmp_path / damage
+        shutil.copytree(tmp_path / "run", output)
+        latest = output / "checkpoints" / "step-00000001"
+        weights = latest / ("rank-00000.pt" if damage == "missing rank file" else "mp_rank_00_model_states.pt")
+        if damage == "truncated":
+            weights.write_bytes(weights.read_bytes()[:1000])
+        else:
+            weights.unlink()
+        result = train(1, pg19_shards.root, output, "train.max_steps=2", check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {latest}: damaged ("), errors
+        assert errors[0].endswith(f"); move it out of {latest.parent} to resume from the checkpoint before it")
+        assert checkpoints(output) == ["step-00000001"]
+        if damage != "missing rank file":   # which an export does not read
+            assert export.main([str(latest), str(tmp_path / "export")]) == 1
+            assert capsys.readouterr().err.startswith(f"error: {latest}: cannot load the model (")
 
 
 @pytest.mark.slow

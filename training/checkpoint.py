@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -180,14 +181,20 @@ def needs_universal(path: Path, meta: dict, world_size: int, zero_stage: int) ->
 def load(engine, path: Path, meta: dict) -> dict | None:
     """Load the engine state on every rank (collective); returns this rank's rank file, or None if the
     checkpoint was written by another number of ranks (its per-rank state does not apply then)."""
-    if engine.load_universal_checkpoint():
-        engine.load_checkpoint(str(path), tag=universal(path).name)
-        _own_step_counts(engine.optimizer.optimizer)
-    else:
-        engine.load_checkpoint(str(path.parent), tag=path.name)
-    if meta["world_size"] != dist.get_world_size():
-        return None
-    return torch.load(path / f"rank-{dist.get_rank():05d}.pt", weights_only=False)
+    try:
+        if engine.load_universal_checkpoint():
+            engine.load_checkpoint(str(path), tag=universal(path).name)
+            _own_step_counts(engine.optimizer.optimizer)
+        else:
+            engine.load_checkpoint(str(path.parent), tag=path.name)
+        if meta["world_size"] != dist.get_world_size():
+            return None
+        return torch.load(path / f"rank-{dist.get_rank():05d}.pt", weights_only=False)
+    # A file truncated (torch.load's zip and pickle) or missing (DeepSpeed asserts that it finds its model states).
+    except (RuntimeError, EOFError, pickle.UnpicklingError, FileNotFoundError, AssertionError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else "its model states are missing"
+        raise CheckpointError(f"{path}: damaged ({detail}); move it out of {path.parent} to resume from the "
+                              f"checkpoint before it") from None
 
 
 def _own_step_counts(optimizer: torch.optim.Optimizer) -> None:

@@ -146,6 +146,7 @@ OWNED_DEEPSPEED_KEYS = {
     "scheduler": "optimizer.warmup_steps",
     "bf16": "train.precision (parameters stay fp32; bf16 is autocast)",
     "fp16": "train.precision",
+    "torch_autocast": "train.precision",
     "seed": "train.seed",
 }
 
@@ -172,6 +173,8 @@ class RunConfig:
                 raise ConfigError(f"deepspeed.{key} is set from {instead}; remove it from the deepspeed section")
         if not isinstance(self.deepspeed.get("zero_optimization", {}), dict):
             raise ConfigError("deepspeed.zero_optimization must be a JSON object such as {\"stage\": 1}")
+        if not isinstance(self.deepspeed.get("checkpoint", {}), dict):   # the trainer adds a key to it
+            raise ConfigError("deepspeed.checkpoint must be a JSON object such as {\"tag_validation\": \"warn\"}")
         if type(self.zero_stage) is not int or self.zero_stage not in (0, 1, 2, 3):   # (True == 1 in Python)
             raise ConfigError(f"deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         P = self.parallel.sequence_parallel_size
@@ -223,6 +226,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(f"{path}: a folder, not a config file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict):   # the overrides set keys in it
+        raise ConfigError(f"{path}: not a JSON object of sections, got {type(raw).__name__}")
     for override in overrides:
         apply_override(raw, override)
     return config_from_dict(raw)

@@ -52,8 +52,9 @@ def export(checkpoint_dir: str | Path, out_folder: str | Path) -> Path:
     return out
 
 
-# What the readers raise on a truncated or corrupt file: safetensors, torch.load's zip and pickle, JSON.
-DAMAGED = (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, json.JSONDecodeError, UnicodeDecodeError)
+# What the readers raise on a truncated, corrupt or missing file: safetensors, torch.load's zip and pickle, JSON.
+DAMAGED = (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, json.JSONDecodeError, UnicodeDecodeError,
+           FileNotFoundError)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -24,6 +24,7 @@ import deepspeed
 import pydantic
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.config import DeepSpeedConfigError
 
 from data_pipeline import DataError
 from data_pipeline.storage import join, local_folder_problem
@@ -87,7 +88,7 @@ class Run:
 def setup(config_path: str, overrides: list[str], stop_signal: list[str]) -> Run:
     """stop_signal: the list that `_catch_stop_signals` fills; fit stops after its step once it holds a signal."""
     cfg = load_config(config_path, overrides)
-    _check_output_dir(Path(cfg.output_dir))
+    _check_output_dir(cfg)
     place = init_distributed()
     layout = batch_layout(cfg.train, place.world_size, cfg.parallel.sequence_parallel_size)
     dp_rank = place.rank // cfg.parallel.sequence_parallel_size
@@ -409,19 +410,19 @@ def _check_deepspeed_config(ds_config: dict) -> None:
     DeepSpeed's sections reject keys they do not know, but a top-level key it never reads (a misspelt
     "zero_optimisation") it ignores: the run would go on without it.
     """
-    read = set()
+    read = []
 
     class Recording(dict):
         def get(self, key, default=None):
-            read.add(key)
+            read.append(key)
             return super().get(key, default)
 
         def __contains__(self, key):
-            read.add(key)
+            read.append(key)
             return super().__contains__(key)
 
         def __getitem__(self, key):
-            read.add(key)
+            read.append(key)
             return super().__getitem__(key)
 
     try:
@@ -433,18 +434,21 @@ def _check_deepspeed_config(ds_config: dict) -> None:
                         and problem["loc"][0] in value), None)
         where = f"deepspeed.{section}.{key}" if section else f"deepspeed section ({error.title}): {key}"
         raise ConfigError(f"{where}: {problem['msg']}, got {problem.get('input')!r}") from None
-    except (ValueError, AssertionError) as error:
+    except (ValueError, AssertionError, DeepSpeedConfigError) as error:
         raise ConfigError(f"deepspeed section: {str(error).strip().splitlines()[0]}") from None
-    unread = sorted(set(ds_config) - read)
+    except (TypeError, AttributeError) as error:   # a section of the wrong type, used as soon as it is read
+        raise ConfigError(f"deepspeed.{read[-1]}: a value of the wrong type ({error})") from None
+    unread = sorted(set(ds_config) - set(read))
     if unread:
         raise ConfigError(f"unknown key deepspeed.{unread[0]}: DeepSpeed does not read it")
 
 
-def _check_output_dir(folder: Path) -> None:
-    """That the run's folder can be made and written, without making it: a failed check leaves nothing behind."""
-    problem = local_folder_problem(folder)
-    if problem:
-        raise ConfigError(f"output_dir {folder}: {problem}")
+def _check_output_dir(cfg: RunConfig) -> None:
+    """That the run's folders can be made and written, without making them: a failed check leaves nothing behind."""
+    for folder in (Path(cfg.output_dir), cfg.checkpoint_dir, cfg.tensorboard_dir):
+        problem = local_folder_problem(folder)
+        if problem:
+            raise ConfigError(f"output_dir {folder}: {problem}")
 
 
 def _peak_flops(cfg: RunConfig, device: torch.device) -> float:
