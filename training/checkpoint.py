@@ -190,6 +190,8 @@ def load(engine, path: Path, meta: dict) -> dict | None:
         if meta["world_size"] != dist.get_world_size():
             return None
         return torch.load(path / f"rank-{dist.get_rank():05d}.pt", weights_only=False)
+    except (torch.OutOfMemoryError, dist.DistError):   # RuntimeErrors too, but not the checkpoint's fault
+        raise
     # A file truncated (torch.load's zip and pickle) or missing (DeepSpeed asserts that it finds its model states).
     except (RuntimeError, EOFError, pickle.UnpicklingError, FileNotFoundError, AssertionError) as error:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else "its model states are missing"

@@ -437,7 +437,9 @@ def _check_deepspeed_config(ds_config: dict) -> None:
     except (ValueError, AssertionError, DeepSpeedConfigError) as error:
         raise ConfigError(f"deepspeed section: {str(error).strip().splitlines()[0]}") from None
     except (TypeError, AttributeError) as error:   # a section of the wrong type, used as soon as it is read
-        raise ConfigError(f"deepspeed.{read[-1]}: a value of the wrong type ({error})") from None
+        key = next((key for key in reversed(read) if key in ds_config), None)
+        where = f"deepspeed.{key}" if key else "deepspeed section"
+        raise ConfigError(f"{where}: a value of the wrong type ({error})") from None
     unread = sorted(set(ds_config) - set(read))
     if unread:
         raise ConfigError(f"unknown key deepspeed.{unread[0]}: DeepSpeed does not read it")
