@@ -249,34 +249,40 @@ def shard_split(corpus, split, tokenizer, output, tokens_per_shard=50_000_000, w
     warnings = corpus.warnings + corpus.ignored[split] if state["next_book"] == 0 else []
     todo = books[state["next_book"] :]
     workers = min(workers, len(todo))  # a process per book at most
-    tokenized = _tokenize_all(todo, tokenizer, corpus.fs, gutenberg, workers)
-    with Progress(split, len(todo), enabled=progress) as bar, contextlib.closing(tokenized) as results:
-        for position, result in enumerate(results, start=state["next_book"] + 1):
-            book = result.book
-            if corpus.metadata is not None and book.book_id not in corpus.metadata:  # a missing file: one warning
-                result.warnings.append(f"{book.name}: no row in metadata.csv")
-            warnings += result.warnings
-            if result.skipped:
-                skipped.append(f"{book.name}: {result.skipped}")
-            else:
-                writer = writer or ShardWriter(fs, split_dir, len(state["shards"]))
-                writer.add(book, result.tokens)
-                report.books += 1
-                report.tokens += len(result.tokens)
-            bar.update(0 if result.tokens is None else len(result.tokens), result.nbytes)
-            if writer is not None and writer.num_tokens >= tokens_per_shard:
-                _add_shard(state, writer, position, skipped, warnings, report)
-                manifest.save(fs, split_dir, state)
-                skipped, warnings, writer = [], [], None
-    if writer is None and not state["shards"]:   # say so now, not when training first opens the split
-        warnings.append(f"{split}: no book with text, so no shards: training and evaluation cannot read this split")
-    _add_shard(state, writer, len(books), skipped, warnings, report)
-    state.update(
-        complete=True,
-        num_books=sum(shard["num_samples"] for shard in state["shards"]),
-        num_tokens=sum(shard["num_tokens"] for shard in state["shards"]),
-    )
-    manifest.save(fs, split_dir, state)
+    try:
+        tokenized = _tokenize_all(todo, tokenizer, corpus.fs, gutenberg, workers)
+        with Progress(split, len(todo), enabled=progress) as bar, contextlib.closing(tokenized) as results:
+            for position, result in enumerate(results, start=state["next_book"] + 1):
+                book = result.book
+                if corpus.metadata is not None and book.book_id not in corpus.metadata:  # a missing file: one warning
+                    result.warnings.append(f"{book.name}: no row in metadata.csv")
+                warnings += result.warnings
+                if result.skipped:
+                    skipped.append(f"{book.name}: {result.skipped}")
+                else:
+                    writer = writer or ShardWriter(fs, split_dir, len(state["shards"]))
+                    writer.add(book, result.tokens)
+                    report.books += 1
+                    report.tokens += len(result.tokens)
+                bar.update(0 if result.tokens is None else len(result.tokens), result.nbytes)
+                if writer is not None and writer.num_tokens >= tokens_per_shard:
+                    _add_shard(state, writer, position, skipped, warnings, report)
+                    manifest.save(fs, split_dir, state)
+                    skipped, warnings, writer = [], [], None
+        if writer is None and not state["shards"]:   # say so now, not when training first opens the split
+            warnings.append(f"{split}: no book with text, so no shards: training and evaluation cannot read this split")
+        _add_shard(state, writer, len(books), skipped, warnings, report)
+        state.update(
+            complete=True,
+            num_books=sum(shard["num_samples"] for shard in state["shards"]),
+            num_tokens=sum(shard["num_tokens"] for shard in state["shards"]),
+        )
+        manifest.save(fs, split_dir, state)
+    except OSError as error:   # a full disk, a quota, a lost mount: the shards completed so far stay
+        _remove_partials(fs, split_dir)
+        where = display(fs, error.filename) if error.filename else display(fs, split_dir)
+        raise DataError(f"{where}: cannot write ({error.strerror or error}); the shards completed so far are kept, "
+                        "and the same command goes on from there") from None
     report.seconds = time.monotonic() - started
     return report
 

@@ -1,6 +1,7 @@
 """prepare: tokenizer training, shard writing, manifests, resuming, and the CLI, on pg19-mini."""
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
@@ -226,6 +227,38 @@ def test_a_lost_shard_is_noticed_and_the_split_redone(pg19_mini, output_with_tok
     assert report.warnings == [f"{shards[1]}: missing or changed since it was written; redoing validation"]
     assert (report.shards_kept, report.shards_written) == (0, 2)
     assert [shard.read_bytes() for shard in shards] == before
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_a_rerun_finishes(pg19_mini, output_with_tokenizer, tmp_path,
+                                                                       tokenizer_settings, monkeypatch, capsys):
+    reference = tmp_path / "reference"
+    shutil.copytree(output_with_tokenizer, reference)
+    arguments = ["shard", "--input", str(pg19_mini), "--splits", "validation", "--tokens-per-shard", "150000",
+                 "--workers", "1", "--quiet"]
+    assert cli.main([*arguments, "--output", str(reference)]) == 0
+    capsys.readouterr()
+
+    write = writer._HashingFile.write
+
+    def fill_up(self, data):   # the disk fills up in the middle of the second shard
+        if len(list((output_with_tokenizer / "validation").glob("shard-*.tar"))) == 1 and self.size > 100_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, data)
+
+    monkeypatch.setattr(writer._HashingFile, "write", fill_up)
+    assert cli.main([*arguments, "--output", str(output_with_tokenizer)]) == 1
+    split = output_with_tokenizer / "validation"
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {split}: cannot write (No space left on device); the shards completed so far are kept, and the "
+        "same command goes on from there"]
+    assert sorted(path.name for path in split.iterdir()) == ["manifest.json", "shard-000000.tar"]  # no partial
+    assert len(manifest_of(output_with_tokenizer, "validation")["shards"]) == 1
+
+    monkeypatch.setattr(writer._HashingFile, "write", write)
+    assert cli.main([*arguments, "--output", str(output_with_tokenizer)]) == 0
+    for shard in manifest_of(reference, "validation")["shards"]:
+        name = f"validation/{shard['name']}"
+        assert (output_with_tokenizer / name).read_bytes() == (reference / name).read_bytes()
 
 
 def test_a_shard_is_closed_by_the_book_that_brings_it_to_tokens_per_shard(pg19_mini, pg19_shards,
