@@ -4,7 +4,8 @@
 #   launch/eval.sh TASK [options]                  ppl | passkey | retrieval | fidelity | latency  (TASK --help)
 #   launch/eval.sh all CHECKPOINT [DATA] [OUT]     ppl, passkey, retrieval and fidelity, paper settings
 #
-# Paths are relative to the repository root. DATA defaults to data/pg19-mini (the --output of
+# Paths are relative to the repository root. Python: $PYTHON, else the repository's .venv (made by `make`), else
+# python3. DATA defaults to data/pg19-mini (the --output of
 # launch/preprocess.sh), OUT to runs/eval/<name>, where <name> is the run's for its checkpoints folder
 # (runs/x/checkpoints: x), the run's and the step's for one checkpoint (runs/x/checkpoints/step-00001000:
 # x/step-00001000, as training.evaluate names its row) and the folder's own otherwise; each task writes
@@ -13,11 +14,13 @@
 # Latency needs no data: launch/eval.sh latency --model memmamba:200m --model transformer:200m
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python=${PYTHON:-.venv/bin/python}
+venv=.venv/bin/python
+[[ -x $venv ]] || venv=python3
+python=${PYTHON:-$venv}
 if [[ "${1:-}" == "all" ]]; then
   usage="usage: launch/eval.sh all CHECKPOINT [DATA] [OUT]"
-  checkpoint=${2:?$usage}
-  if (( $# > 4 )); then echo "$usage" >&2; exit 1; fi
+  if (( $# < 2 || $# > 4 )); then echo "$usage" >&2; exit 2; fi
+  checkpoint=$2
   data=${3:-data/pg19-mini}
   name=$(basename "$checkpoint")
   [[ $name == checkpoints ]] && name=$(basename "$(dirname "$checkpoint")")

@@ -617,12 +617,13 @@ def eval_sh(*argv):
     return subprocess.run(["bash", script, *argv], capture_output=True, text=True, env={**os.environ, "PYTHON": "echo"})
 
 
-def test_eval_sh_all_names_the_results_after_the_run_and_refuses_extra_arguments():
+def test_eval_sh_all_names_the_results_after_the_run_and_refuses_wrong_arguments():
     commands = eval_sh("all", "runs/x/checkpoints/step-00001000").stdout.splitlines()
     assert all(line.endswith(" --skip-done") for line in commands)
     outs = [line.split("--out ")[1].split()[0] for line in commands]
     assert outs == [f"runs/eval/x/step-00001000/{task}" for task in ("ppl", "passkey", "retrieval", "fidelity")]
     assert eval_sh("all", "runs/x/checkpoints").stdout.split("--out ")[1].startswith("runs/eval/x/ppl")
-    extra = eval_sh("all", "exports/200m", "data/pg19", "runs/eval/a", "runs/eval/b")
-    assert extra.returncode == 1 and extra.stdout == ""
-    assert extra.stderr == "usage: launch/eval.sh all CHECKPOINT [DATA] [OUT]\n"
+    for wrong in [("all",), ("all", "exports/200m", "data/pg19", "runs/eval/a", "runs/eval/b")]:
+        refused = eval_sh(*wrong)
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert refused.stderr == "usage: launch/eval.sh all CHECKPOINT [DATA] [OUT]\n"
