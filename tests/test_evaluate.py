@@ -218,7 +218,7 @@ def test_every_evaluation_runs_end_to_end_on_tiny_checkpoints(pg19_shards, check
     runs = {
         "ppl": [*data, "--lengths", 64, 128, "--windows-per-book", 2, "--scored", 20, "--chunk-len", 50],
         "passkey": [*data, "--lengths", 100, 200, "--depths", 0, 1, "--samples", 1, "--batch-size", 2],
-        "retrieval": [*data, "--distractors", 1, 2, "--samples", 2],
+        "retrieval": [*data, "--distractors", 1, 2, 1, "--samples", 2],   # a value given twice is one column
         "fidelity": [*data, "--length", 96, "--windows", 2, "--gaps", 1, 2, 5, "--chunk-len", 40],
     }
     for task, argv in runs.items():
@@ -233,6 +233,8 @@ def test_every_evaluation_runs_end_to_end_on_tiny_checkpoints(pg19_shards, check
     assert all(1 < entry["ppl"] < 2000 and entry["windows"] == 6 for r in ppl.values() for entry in r)
     passkey_run = json.loads((tmp_path / "passkey" / "passkey.json").read_text())["results"]["mamba"]
     assert [e["length"] for e in passkey_run["lengths"]] == [100, 200] and len(passkey_run["predictions"]) == 4
+    retrieval = json.loads((tmp_path / "retrieval" / "retrieval.json").read_text())["results"]
+    assert all([e["distractors"] for e in entries] == [1, 2] for entries in retrieval.values())
     fidelity = json.loads((tmp_path / "fidelity" / "fidelity.json").read_text())["results"]
     assert fidelity["memmamba"]["eclmf"]["5"] is None and len(fidelity["memmamba"]["eclmf_per_layer"]["1"]) == 3
     assert all(-1 <= r["etmf"][d] <= 1 for r in fidelity.values() for d in ("0", "8", "16", "32"))

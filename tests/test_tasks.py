@@ -176,6 +176,9 @@ def test_passages_load_from_json_lines_and_bad_lines_are_named(tmp_path, tokeniz
     path.write_text('{"text": "fine"}\n{"question": "no text"}\n')
     with pytest.raises(ValueError, match=r"squad.jsonl:2: "):
         load_passages(path)
+    path.write_text('{"text": "a paragraph"}\n{"text": "another"}\n')
+    with pytest.raises(ValueError, match=r"squad.jsonl: no line has a \"question\""):
+        load_passages(path)
 
 
 def test_distractors_are_distinct_documents_when_a_paragraph_has_several_questions(tokenizer):

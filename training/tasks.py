@@ -272,6 +272,8 @@ def load_passages(path) -> list[Passage]:
             raise ValueError(f"{path}:{number}: not a JSON object with a \"text\" field") from None
     if not passages:
         raise ValueError(f"{path}: no passages")
+    if not any(passage.question for passage in passages):
+        raise ValueError(f"{path}: no line has a \"question\", so no passage can be the gold document")
     return passages
 
 

@@ -64,6 +64,7 @@ def prepare(checkpoints, args):
         raise EvalError("retrieval needs --passages FILE.jsonl or --data (book paragraphs as passages)")
     if args.samples < 1 or min(args.distractors) < 0:
         raise EvalError("--samples must be positive and --distractors non-negative")
+    args.distractors = list(dict.fromkeys(args.distractors))   # one column each
     from_file = load_passages(args.passages) if args.passages else None
     tasks = {}
     for checkpoint in checkpoints:
