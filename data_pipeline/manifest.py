@@ -19,6 +19,8 @@ from data_pipeline.storage import display, join, write_bytes
 
 FORMAT = "memmamba-shards/1"
 NAME = "manifest.json"
+# what the readers of a complete manifest use besides its format
+COMPLETE_KEYS = ("complete", "tokenizer_checksum", "dtype", "shards", "num_books", "num_tokens")
 
 
 def shard_name(index):
@@ -36,10 +38,14 @@ def load(fs, split_dir):
         raise DataError(f"{display(fs, path)}: missing (run `python -m data_pipeline prepare` first)") from None
     except json.JSONDecodeError as error:
         raise DataError(f"{display(fs, path)}: not valid JSON ({error})") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{display(fs, path)}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    if not manifest["complete"]:
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != FORMAT:
+        raise DataError(f"{display(fs, path)}: format {found!r}, expected {FORMAT!r}")
+    if not manifest.get("complete", True):
         raise DataError(f"{display(fs, path)}: unfinished (its prepare run stopped early; run it again)")
+    missing = [key for key in COMPLETE_KEYS if key not in manifest]
+    if missing:   # edited by hand
+        raise DataError(f"{display(fs, path)}: no {', '.join(missing)}; prepare the split again")
     return manifest
 
 

@@ -312,6 +312,12 @@ def test_missing_and_unfinished_splits_are_refused(copy, tmp_path):
     path.write_text(json.dumps({**manifest, "complete": True, "format": "memmamba-shards/0"}))
     with pytest.raises(DataError, match=f"^{path}: format 'memmamba-shards/0', expected 'memmamba-shards/1'$"):
         ShardedBooks(copy, "validation")
+    path.write_text("[]")
+    with pytest.raises(DataError, match=f"^{path}: format None, expected 'memmamba-shards/1'$"):
+        ShardedBooks(copy, "validation")
+    path.write_text(json.dumps({key: value for key, value in manifest.items() if key not in ("dtype", "num_books")}))
+    with pytest.raises(DataError, match=f"^{path}: no dtype, num_books; prepare the split again$"):
+        ShardedBooks(copy, "validation")
     path.write_text(json.dumps({**manifest, "shards": []}))
     with pytest.raises(DataError, match=f"^{copy}/validation: no shards$"):
         ShardedBooks(copy, "validation")
