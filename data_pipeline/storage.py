@@ -7,6 +7,7 @@ buckets (gs:// with gcsfs, s3:// with s3fs) go through the same code.
 import contextlib
 import fcntl
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -68,19 +69,25 @@ def output_lock(url):
     """Hold <output>/.lock while a run writes into a local output, and refuse a second run into it meanwhile.
 
     Two runs would delete each other's partial files. The lock is the kernel's (flock), so it goes with the process
-    however that ends; the empty file stays. Object stores have no such lock: there, one run at a time is up to you.
+    however that ends; the empty file stays, unless the run wrote nothing: then the folders it made go too.
+    Object stores have no such lock: there, one run at a time is up to you.
     """
     fs, path = resolve(url)
     if not is_local(fs):
         yield
         return
+    made = next((folder for folder in [*reversed(Path(path).parents), Path(path)] if not folder.exists()), None)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, ".lock"), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DataError(f"{path}: another run is writing into it (it holds {path}/.lock)") from None
-        yield
+        try:
+            yield
+        finally:   # while the lock is held, so that no other run is in the folder
+            if made is not None and [p.name for p in made.rglob("*") if p.is_file()] == [".lock"]:
+                shutil.rmtree(made)
 
 
 def join(path, *parts):

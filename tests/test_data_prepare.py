@@ -572,7 +572,8 @@ def test_a_train_split_without_text_cannot_train_a_tokenizer(tmp_path):
         if book is not None:
             (corpus / "train" / "1.txt").write_text(book)
         with pytest.raises(DataError, match=f"^{corpus}/train: no book with text to train the tokenizer on$"):
-            prepare(corpus, tmp_path / "out", splits=["train"], vocab_size=400, workers=1, progress=False)
+            prepare(corpus, tmp_path / "runs" / "out", splits=["train"], vocab_size=400, workers=1, progress=False)
+        assert not (tmp_path / "runs").exists()   # nor the folders made for it
 
 
 def test_books_without_a_row_are_warned_about_even_when_no_row_is_usable(pg19_mini, output_with_tokenizer, tmp_path,
