@@ -20,6 +20,7 @@ def tokenizer_for(corpus, output, vocab_size=32000, model_type="bpe", sample_byt
     if tokenizer is not None:
         log_line(log, f"tokenizer: using {tokenizer.name} ({tokenizer.checksum[:12]}...)")
         return tokenizer
+    corpus.check_splits(["train"])   # before saying that it trains on it
     log_line(log, f"tokenizer: training a {vocab_size}-piece {model_type} model on {sample_bytes / 1e6:g} MB of train "
              "text; reading the sample")
     tokenizer, training = train_tokenizer(corpus, **settings, log=log)

@@ -23,7 +23,7 @@ import webdataset
 from data_pipeline import DataError, cli, progress
 from data_pipeline.corpus import Corpus, read_book
 from data_pipeline.evaluation import iter_books
-from data_pipeline.prepare import prepare
+from data_pipeline.prepare import prepare, tokenizer_for
 from data_pipeline.progress import Progress
 from data_pipeline.stream import PackedWindows
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer, training_sample
@@ -147,7 +147,7 @@ def test_settings_that_differ_from_existing_output_are_refused(pg19_mini, pg19_s
 KILLER = """
 import json, os, signal, sys
 from data_pipeline import writer
-from data_pipeline.prepare import prepare
+from data_pipeline.prepare import prepare, tokenizer_for
 
 limit, written = int(sys.argv[3]), 0
 tokenizer_settings = json.loads(sys.argv[4])
@@ -574,6 +574,15 @@ def test_a_train_split_without_text_cannot_train_a_tokenizer(tmp_path):
         with pytest.raises(DataError, match=f"^{corpus}/train: no book with text to train the tokenizer on$"):
             prepare(corpus, tmp_path / "runs" / "out", splits=["train"], vocab_size=400, workers=1, progress=False)
         assert not (tmp_path / "runs").exists()   # nor the folders made for it
+
+
+def test_a_corpus_without_a_train_split_cannot_train_a_tokenizer_and_does_not_start_to(pg19_mini, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(pg19_mini / "validation", corpus / "validation")
+    log = io.StringIO()
+    with pytest.raises(DataError, match=f"^{corpus}/train: no such directory"):
+        tokenizer_for(Corpus(corpus), str(tmp_path / "out"), vocab_size=400, log=log)
+    assert log.getvalue() == ""
 
 
 def test_books_without_a_row_are_warned_about_even_when_no_row_is_usable(pg19_mini, output_with_tokenizer, tmp_path,
