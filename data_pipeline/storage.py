@@ -46,6 +46,11 @@ def check_folder(url):
         raise DataError(f"{path}: cannot be made, {problem}")
 
 
+def outermost_new_folder(path):
+    """The outermost folder that making the local folder `path` would create: it or a parent; None if it exists."""
+    return next((folder for folder in [*reversed(Path(path).parents), Path(path)] if not folder.exists()), None)
+
+
 def local_folder_problem(path):
     """Why a folder at a local path could not be made or written to, or None. Leaves nothing behind.
 
@@ -76,7 +81,7 @@ def output_lock(url):
     if not is_local(fs):
         yield
         return
-    made = next((folder for folder in [*reversed(Path(path).parents), Path(path)] if not folder.exists()), None)
+    made = outermost_new_folder(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, ".lock"), "a") as lock:
         try:

@@ -178,6 +178,10 @@ def needs_universal(path: Path, meta: dict, world_size: int, zero_stage: int) ->
     return saved != 0 and (saved != zero_stage or meta["world_size"] != world_size)
 
 
+# What torch.load raises on a file truncated (its zip and pickle readers) or missing.
+DAMAGED_TORCH_FILE = (RuntimeError, EOFError, pickle.UnpicklingError, FileNotFoundError)
+
+
 def load(engine, path: Path, meta: dict) -> dict | None:
     """Load the engine state on every rank (collective); returns this rank's rank file, or None if the
     checkpoint was written by another number of ranks (its per-rank state does not apply then)."""
@@ -192,8 +196,7 @@ def load(engine, path: Path, meta: dict) -> dict | None:
         return torch.load(path / f"rank-{dist.get_rank():05d}.pt", weights_only=False)
     except (torch.OutOfMemoryError, dist.DistError):   # RuntimeErrors too, but not the checkpoint's fault
         raise
-    # A file truncated (torch.load's zip and pickle) or missing (DeepSpeed asserts that it finds its model states).
-    except (RuntimeError, EOFError, pickle.UnpicklingError, FileNotFoundError, AssertionError) as error:
+    except (*DAMAGED_TORCH_FILE, AssertionError) as error:   # DeepSpeed asserts that it finds its model states
         detail = str(error).strip().splitlines()[0] if str(error).strip() else "its model states are missing"
         raise CheckpointError(f"{path}: damaged ({detail}); move it out of {path.parent} to resume from the "
                               f"checkpoint before it") from None

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from data_pipeline.errors import DataError
+from data_pipeline.storage import outermost_new_folder
 from model import ConfigError
 from training.checkpoint import CheckpointError
 from training.evaluation import fidelity, latency, passkey, perplexity, report, retrieval
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         work = TASKS[args.task].prepare(checkpoints, args)   # every model's inputs checked before any work
         try:
             # the outermost folder it makes: launch/eval.sh all makes runs/eval/<name>/<task> on a first run
-            created = next((folder for folder in [*reversed(out.parents), out] if not folder.exists()), None)
+            created = outermost_new_folder(out)
             out.mkdir(parents=True, exist_ok=True)   # only now: an error leaves no empty folder behind
         except OSError as error:
             raise EvalError(f"--out {out}: cannot be a results folder ({error.strerror})") from None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from torch import nn
 
 from data_pipeline.storage import local_folder_problem
 from model import build_model, load_pretrained, save_pretrained
-from training.checkpoint import META, CheckpointError, complete_checkpoints, read_meta
+from training.checkpoint import DAMAGED_TORCH_FILE, META, CheckpointError, complete_checkpoints, read_meta
 
 
 def export(checkpoint_dir: str | Path, out_folder: str | Path) -> Path:
@@ -52,9 +51,8 @@ def export(checkpoint_dir: str | Path, out_folder: str | Path) -> Path:
     return out
 
 
-# What the readers raise on a truncated, corrupt or missing file: safetensors, torch.load's zip and pickle, JSON.
-DAMAGED = (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, json.JSONDecodeError, UnicodeDecodeError,
-           FileNotFoundError)
+# What the readers raise on a truncated, corrupt or missing file: torch.load's, safetensors', JSON's.
+DAMAGED = (*DAMAGED_TORCH_FILE, SafetensorError, json.JSONDecodeError, UnicodeDecodeError)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
