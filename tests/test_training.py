@@ -87,6 +87,7 @@ def tiny_config(**sections):
     ({"deepspeed.gradient_clipping": 0.5}, "deepspeed.gradient_clipping is set from train.grad_clip"),
     ({"deepspeed.bf16": {"enabled": True}}, "deepspeed.bf16 is set from train.precision"),
     ({"deepspeed.torch_autocast": {"enabled": True}}, "deepspeed.torch_autocast is set from train.precision"),
+    ({"deepspeed.steps_per_print": 100}, "deepspeed.steps_per_print is set from logging.every"),
     ({"parallel.sequence_parallel_size": 3}, "data.seq_len (256) must be divisible by "
                                              "parallel.sequence_parallel_size (3)"),
     ({"parallel.sequence_parallel_size": 2, "model": {"arch": "transformer", "size": "tiny"}},

@@ -148,6 +148,7 @@ OWNED_DEEPSPEED_KEYS = {
     "fp16": "train.precision",
     "torch_autocast": "train.precision",
     "seed": "train.seed",
+    "steps_per_print": "logging.every",
 }
 
 
