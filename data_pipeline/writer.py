@@ -144,11 +144,15 @@ def _tokenize_all(books, tokenizer, fs, gutenberg, workers):
         for book in books:
             yield _tokenize(book, tokenizer, fs, gutenberg)
         return
-    before = set(multiprocessing.active_children())
-    with children_ignore_ctrl_c():
-        pool = SPAWN.Pool(workers, initializer=_start_worker, initargs=(tokenizer, fs, gutenberg))
-    started = [process for process in multiprocessing.active_children() if process not in before]
     split = books[0].split
+    before = set(multiprocessing.active_children())
+    try:
+        with children_ignore_ctrl_c():
+            pool = SPAWN.Pool(workers, initializer=_start_worker, initargs=(tokenizer, fs, gutenberg))
+    except OSError as error:   # a limit on processes or open files; not the output's fault (see shard_split)
+        raise DataError(f"{split}: cannot start {workers} tokenizing processes ({error.strerror or error}); "
+                        "try fewer --workers") from None
+    started = [process for process in multiprocessing.active_children() if process not in before]
     with pool:
         pending = collections.deque()
         for book in books:

@@ -261,6 +261,18 @@ def test_a_full_disk_stops_the_run_with_one_line_and_a_rerun_finishes(pg19_mini,
         assert (output_with_tokenizer / name).read_bytes() == (reference / name).read_bytes()
 
 
+def test_a_pool_that_cannot_start_is_not_called_a_write_error(pg19_mini, output_with_tokenizer, monkeypatch, capsys):
+    def no_more_processes(*args, **kwargs):
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(writer.SPAWN, "Pool", no_more_processes)
+    assert cli.main(["shard", "--input", str(pg19_mini), "--output", str(output_with_tokenizer), "--splits",
+                     "validation", "--workers", "2", "--quiet"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: validation: cannot start 2 tokenizing processes (Resource temporarily unavailable); try fewer "
+        "--workers"]
+
+
 def test_a_shard_is_closed_by_the_book_that_brings_it_to_tokens_per_shard(pg19_mini, pg19_shards,
                                                                            output_with_tokenizer, tokenizer_settings):
     lengths = [meta["num_tokens"] for meta, _ in iter_books(pg19_shards.root, "test")]
