@@ -283,9 +283,12 @@ def test_resume_takes_the_latest_complete_checkpoint_or_a_named_complete_one(tmp
         resolve_resume(str(root / "step-00000016"), root)
     assert str(error.value) == (f"{root}/step-00000016: not a complete checkpoint (no meta.json); complete ones "
                                 f"under {root}: ['step-00000004', 'step-00000012']")
-    # a run may start at the step of the latest checkpoint, not before it
-    check_no_later(root, 12)
-    with pytest.raises(CheckpointError, match=f"^{root}: holds checkpoints after step 4 \\(step-00000012\\), "):
+    # a run may start at the step of the latest checkpoint folder, complete or not, and not before it
+    check_no_later(root, 16)
+    with pytest.raises(CheckpointError, match=f"^{root}: holds checkpoints after step 12 \\(step-00000016\\), "):
+        check_no_later(root, 12)
+    with pytest.raises(CheckpointError, match=f"^{root}: holds checkpoints after step 4 "
+                                              "\\(step-00000012, step-00000016\\), "):
         check_no_later(root, 4)
 
 

@@ -67,8 +67,9 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
 def check_no_later(root: Path, step: int) -> None:
     """Refuse to start a run at `step` where root holds checkpoints of later steps: those of another run
     (checkpoint.resume=never), or the abandoned future of a rollback to an earlier checkpoint. The run's saves
-    would overwrite some of them and be pruned in favour of others, and a later resume=auto would pick one."""
-    later = [p.name for p in complete_checkpoints(root) if int(p.name.split("-")[1]) > step]
+    would overwrite some of them and be pruned in favour of others, and a later resume=auto would pick one.
+    Incomplete ones count too (a copy under way, a meta.json deleted): a save cannot take the name of a folder."""
+    later = sorted(p.name for p in root.glob("step-*") if p.name[5:].isdigit() and int(p.name[5:]) > step)
     if later:
         raise CheckpointError(f"{root}: holds checkpoints after step {step} ({', '.join(later)}), which this run's "
                               f"saves would mix with; move or delete them, or use another output_dir")
