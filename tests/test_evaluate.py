@@ -1,5 +1,6 @@
 """The evaluation runners and CLIs, on tiny checkpoints and pg19-mini."""
 import argparse
+import io
 import json
 import math
 import os
@@ -351,6 +352,15 @@ def test_generate_names_a_prompt_file_that_is_not_text_and_stops_on_ctrl_c(check
     code, _, err = run_cli(generate, ["--checkpoint", checkpoints["memmamba"], "--prompt", "It was a dark night",
                                       "--max-new-tokens", 12, "--greedy"], capsys)
     assert code == 130 and "3 new tokens" in err and err.endswith(", interrupted\n")
+
+
+@pytest.mark.parametrize("argv, source", [(["--prompt-file", "-"], "stdin"),
+                                          (["--prompt", os.fsdecode(b"abc\xff")], "--prompt")])
+def test_generate_names_a_prompt_on_stdin_or_the_command_line_that_is_not_text(checkpoints, capsys, monkeypatch,
+                                                                               argv, source):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"abc\xff")))
+    code, _, err = run_cli(generate, ["--checkpoint", checkpoints["mamba"], *argv], capsys)
+    assert code == 1 and err == f"error: {source}: not UTF-8 text (byte 3)\n"
 
 
 def test_generate_names_a_device_that_does_not_exist(checkpoints, capsys):

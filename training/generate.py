@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,15 +76,18 @@ def main(argv: list[str] | None = None) -> int:
                             ">= 0")
         device = pick_device(args.device)
         checkpoint = load_checkpoint(args.checkpoint, device, DTYPES[args.dtype], args.tokenizer)
+        # As bytes, decoded here: Python reads stdin and the command line with undecodable bytes turned into
+        # surrogates, which the tokenizer cannot take.
         if args.prompt_file == "-":
-            text = sys.stdin.read()
+            source, raw = "stdin", sys.stdin.buffer.read()
         elif args.prompt_file:
-            try:
-                text = Path(args.prompt_file).read_text(encoding="utf-8")
-            except UnicodeDecodeError as error:
-                raise EvalError(f"{args.prompt_file}: not UTF-8 text (byte {error.start})") from None
+            source, raw = args.prompt_file, Path(args.prompt_file).read_bytes()
         else:
-            text = args.prompt
+            source, raw = "--prompt", os.fsencode(args.prompt)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise EvalError(f"{source}: not UTF-8 text (byte {error.start})") from None
     except (EvalError, DataError, CheckpointError, ConfigError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
