@@ -275,6 +275,14 @@ def test_text_stream_reassembles_multibyte_characters(pg19_shards):
     assert "".join(stream.push(i) for i in ids) == text
 
 
+def test_text_stream_prints_bytes_that_make_no_character_rather_than_wait_for_ever(pg19_shards):
+    tokenizer = Tokenizer(str(pg19_shards.tokenizer_path))
+    stray = tokenizer.encode("漢")[-1]   # its last byte (byte fallback), which no character starts with
+    stream = generate.TextStream(tokenizer, tokenizer.encode("It was"))
+    assert "".join(stream.push(stray) for _ in range(8)) == "\ufffd" * 8
+    assert stream.push(tokenizer.encode("a")[-1]) == "a"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["ppl", "--checkpoint", "nowhere", "--data", "x"], "nowhere: no such checkpoint folder"),
     (["ppl", "--data", "x"], "give at least one --checkpoint"),

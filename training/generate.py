@@ -27,12 +27,14 @@ from training.evaluate import HelpFormatter
 from training.evaluation.common import DTYPES, EvalError, load_checkpoint, pick_device
 
 CONTEXT_TOKENS = 8   # printed tokens kept to decode the next one with its neighbours' spacing
+MAX_CHAR_BYTES = 4   # of the longest UTF-8 character
 
 
 class TextStream:
     """Text of tokens as they come: what a token adds is decode(context + token) minus
     decode(context). Bytes of a character split over several byte-fallback tokens wait
-    until the character is complete."""
+    until the character is complete; as many as the longest character has, and still no
+    character, they never will be one, and are printed as invalid (U+FFFD)."""
 
     def __init__(self, tokenizer, context: list[int]):
         self.tokenizer, self.context, self.pending = tokenizer, context[-CONTEXT_TOKENS:], []
@@ -40,7 +42,7 @@ class TextStream:
     def push(self, token: int) -> str:
         self.pending.append(token)
         text = self.tokenizer.decode(self.context + self.pending)
-        if text.endswith("\ufffd"):
+        if text.endswith("\ufffd") and len(self.pending) < MAX_CHAR_BYTES:
             return ""
         new = text[len(self.tokenizer.decode(self.context)):]
         self.context = (self.context + self.pending)[-CONTEXT_TOKENS:]
