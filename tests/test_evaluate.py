@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -369,6 +370,18 @@ def test_generate_names_a_prompt_on_stdin_or_the_command_line_that_is_not_text(c
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"abc\xff")))
     code, _, err = run_cli(generate, ["--checkpoint", checkpoints["mamba"], *argv], capsys)
     assert code == 1 and err == f"error: {source}: not UTF-8 text (byte 3)\n"
+
+
+def test_generate_into_a_pipe_that_closes_stops_quietly(checkpoints):
+    """As `python -m training.generate ... | head -c 1`."""
+    argv = ["-m", "training.generate", "--checkpoint", checkpoints["memmamba"], "--prompt", "It was", "--greedy",
+            "--max-new-tokens", 100_000, "--device", "cpu"]
+    with subprocess.Popen([sys.executable, *map(str, argv)], cwd=Path(__file__).resolve().parents[1],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        assert process.stdout.read(1)
+        process.stdout.close()
+        err = process.stderr.read()
+    assert process.returncode == 0 and err.startswith("[generate] ") and err.count("\n") == 1, err
 
 
 def test_generate_names_a_device_that_does_not_exist(checkpoints, capsys):

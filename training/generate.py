@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
     except KeyboardInterrupt:   # Ctrl-C: the text so far is the answer
         status = 130
+    except BrokenPipeError:   # the reader has all it wants (`| head`)
+        # The rest goes nowhere, so that neither the newline below nor Python's flush at exit fails again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     seconds = time.perf_counter() - start
     print()
     print(f"[generate] {len(prompt)} prompt tokens, {count} new tokens in {seconds:.1f} s"
