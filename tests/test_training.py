@@ -1163,6 +1163,16 @@ def test_a_checkpoint_whose_weights_disagree_with_its_model_section_names_the_te
                                               "mismatch for layers.0.mixer.A_log")
 
 
+def test_a_checkpoint_whose_model_section_cannot_be_built_names_its_meta_json(tmp_path, capsys):
+    from training import export
+
+    step = fake_run(tmp_path, {"arch": "memmamba", "size": "tiny", "window": 8})   # e.g. a later version's setting
+    assert export.main([str(step), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {step / 'meta.json'}: unknown key model.window") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_a_damaged_latest_checkpoint_stops_the_resume_and_the_export_with_one_line(pg19_shards, tmp_path, capsys):
     from training import export
