@@ -1129,6 +1129,17 @@ def test_an_export_into_checkpoints_or_from_a_wrong_folder_stops_with_one_line(t
     assert sorted(p.name for p in step.iterdir()) == ["meta.json", "mp_rank_00_model_states.pt"]
 
 
+def test_an_export_to_an_empty_path_is_refused_rather_than_written_into_the_working_folder(tmp_path, capsys,
+                                                                                           monkeypatch):
+    from training import export
+
+    step = fake_run(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    assert export.main([str(step), ""]) == 1
+    assert capsys.readouterr().err == "error: the folder to export to is an empty path\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_an_export_holds_the_latest_checkpoints_weights_progress_and_tokenizer(tmp_path, capsys):
     from training import export
 

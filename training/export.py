@@ -24,6 +24,8 @@ from training.checkpoint import DAMAGED_TORCH_FILE, META, CheckpointError, compl
 
 
 def export(checkpoint_dir: str | Path, out_folder: str | Path) -> Path:
+    if not str(out_folder):   # as Path, the working folder: an unset variable in a script would export there
+        raise CheckpointError("the folder to export to is an empty path")
     if (Path(checkpoint_dir) / "model.safetensors").is_file() and not (Path(checkpoint_dir) / META).is_file():
         raise CheckpointError(f"{checkpoint_dir}: already an exported model; copy the folder instead")
     path = _checkpoint(Path(checkpoint_dir))
