@@ -293,6 +293,9 @@ def test_a_checkpoint_of_another_format_model_or_tokenizer_is_refused_by_name(tm
     with pytest.raises(CheckpointError, match=f"^{tmp_path}/meta.json: format 'memmamba-checkpoint/0', expected "
                                               f"'{FORMAT}'$"):
         read_meta(tmp_path)
+    (tmp_path / "meta.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}/meta.json: format None, expected '{FORMAT}'$"):
+        read_meta(tmp_path)
     (tmp_path / "meta.json").write_text('{"format": ')
     with pytest.raises(CheckpointError, match=f"^{tmp_path}/meta.json: not valid JSON"):
         read_meta(tmp_path)
