@@ -286,6 +286,8 @@ def test_text_stream_prints_bytes_that_make_no_character_rather_than_wait_for_ev
 
 @pytest.mark.parametrize("argv, message", [
     (["ppl", "--checkpoint", "nowhere", "--data", "x"], "nowhere: no such checkpoint folder"),
+    (["ppl", "--checkpoint", "{memmamba}/model.safetensors", "--data", "x"],
+     "memmamba/model.safetensors: a file; give the checkpoint's folder"),
     (["ppl", "--data", "x"], "give at least one --checkpoint"),
     (["passkey", "--checkpoint", "{memmamba}", "--data", "{data}", "--lengths", "4x"], "'4x': not a length"),
     (["passkey", "--checkpoint", "{memmamba}", "--data", "{data}", "--lengths", "20"],
