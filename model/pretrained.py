@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.config import MemMambaConfig, TransformerConfig, model_config_from_dict, model_config_to_dict
+from model.config import (ConfigError, MemMambaConfig, TransformerConfig, model_config_from_dict,
+                          model_config_to_dict)
 from model.memmamba import MemMambaLM
 from model.transformer import TransformerLM
 
@@ -69,7 +70,10 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> n
     info = json.loads((folder / "config.json").read_text())
     if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
         raise ValueError(f"{folder / 'config.json'}: no \"model\" section (the model's settings)")
-    model = build_model(info["model"])
+    try:
+        model = build_model(info["model"])
+    except ConfigError as error:   # its message names the setting, not the file
+        raise ConfigError(f"{folder / 'config.json'}: {error}") from None
     tensors = load_file(str(folder / "model.safetensors"), device=str(device))
     # Named here: load_state_dict's own error says only which tensors, not that config.json disagrees.
     ours = model.state_dict()

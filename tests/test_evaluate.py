@@ -1,11 +1,13 @@
 """The evaluation runners and CLIs, on tiny checkpoints and pg19-mini."""
 import argparse
+import io
 import json
 import math
 import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -274,8 +276,18 @@ def test_text_stream_reassembles_multibyte_characters(pg19_shards):
     assert "".join(stream.push(i) for i in ids) == text
 
 
+def test_text_stream_prints_bytes_that_make_no_character_rather_than_wait_for_ever(pg19_shards):
+    tokenizer = Tokenizer(str(pg19_shards.tokenizer_path))
+    stray = tokenizer.encode("漢")[-1]   # its last byte (byte fallback), which no character starts with
+    stream = generate.TextStream(tokenizer, tokenizer.encode("It was"))
+    assert "".join(stream.push(stray) for _ in range(8)) == "\ufffd" * 8
+    assert stream.push(tokenizer.encode("a")[-1]) == "a"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["ppl", "--checkpoint", "nowhere", "--data", "x"], "nowhere: no such checkpoint folder"),
+    (["ppl", "--checkpoint", "{memmamba}/model.safetensors", "--data", "x"],
+     "memmamba/model.safetensors: a file; give the checkpoint's folder"),
     (["ppl", "--data", "x"], "give at least one --checkpoint"),
     (["passkey", "--checkpoint", "{memmamba}", "--data", "{data}", "--lengths", "4x"], "'4x': not a length"),
     (["passkey", "--checkpoint", "{memmamba}", "--data", "{data}", "--lengths", "20"],
@@ -351,6 +363,27 @@ def test_generate_names_a_prompt_file_that_is_not_text_and_stops_on_ctrl_c(check
     code, _, err = run_cli(generate, ["--checkpoint", checkpoints["memmamba"], "--prompt", "It was a dark night",
                                       "--max-new-tokens", 12, "--greedy"], capsys)
     assert code == 130 and "3 new tokens" in err and err.endswith(", interrupted\n")
+
+
+@pytest.mark.parametrize("argv, source", [(["--prompt-file", "-"], "stdin"),
+                                          (["--prompt", os.fsdecode(b"abc\xff")], "--prompt")])
+def test_generate_names_a_prompt_on_stdin_or_the_command_line_that_is_not_text(checkpoints, capsys, monkeypatch,
+                                                                               argv, source):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"abc\xff")))
+    code, _, err = run_cli(generate, ["--checkpoint", checkpoints["mamba"], *argv], capsys)
+    assert code == 1 and err == f"error: {source}: not UTF-8 text (byte 3)\n"
+
+
+def test_generate_into_a_pipe_that_closes_stops_quietly(checkpoints):
+    """As `python -m training.generate ... | head -c 1`."""
+    argv = ["-m", "training.generate", "--checkpoint", checkpoints["memmamba"], "--prompt", "It was", "--greedy",
+            "--max-new-tokens", 100_000, "--device", "cpu"]
+    with subprocess.Popen([sys.executable, *map(str, argv)], cwd=Path(__file__).resolve().parents[1],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        assert process.stdout.read(1)
+        process.stdout.close()
+        err = process.stderr.read()
+    assert process.returncode == 0 and err.startswith("[generate] ") and err.count("\n") == 1, err
 
 
 def test_generate_names_a_device_that_does_not_exist(checkpoints, capsys):

@@ -152,6 +152,7 @@ def test_load_names_the_missing_file(tmp_path):
                                                     "[1024, 32]"),
     (lambda info: info.pop("model"), 'config.json: no "model" section'),
     (lambda info: info.update(model=[1]), 'config.json: no "model" section'),
+    (lambda info: info["model"].update(window=8), "config.json: unknown key model.window"),   # e.g. a later version's
 ])
 def test_load_names_a_config_json_that_disagrees_with_its_weights(tmp_path, edit, message):
     save_pretrained(build_model({"arch": "memmamba", "size": "tiny"}), tmp_path)

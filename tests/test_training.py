@@ -297,6 +297,9 @@ def test_a_checkpoint_of_another_format_model_or_tokenizer_is_refused_by_name(tm
     with pytest.raises(CheckpointError, match=f"^{tmp_path}/meta.json: format 'memmamba-checkpoint/0', expected "
                                               f"'{FORMAT}'$"):
         read_meta(tmp_path)
+    (tmp_path / "meta.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}/meta.json: format None, expected '{FORMAT}'$"):
+        read_meta(tmp_path)
     (tmp_path / "meta.json").write_text('{"format": ')
     with pytest.raises(CheckpointError, match=f"^{tmp_path}/meta.json: not valid JSON"):
         read_meta(tmp_path)
@@ -1133,6 +1136,17 @@ def test_an_export_into_checkpoints_or_from_a_wrong_folder_stops_with_one_line(t
     assert sorted(p.name for p in step.iterdir()) == ["meta.json", "mp_rank_00_model_states.pt"]
 
 
+def test_an_export_to_an_empty_path_is_refused_rather_than_written_into_the_working_folder(tmp_path, capsys,
+                                                                                           monkeypatch):
+    from training import export
+
+    step = fake_run(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    assert export.main([str(step), ""]) == 1
+    assert capsys.readouterr().err == "error: the folder to export to is an empty path\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_an_export_holds_the_latest_checkpoints_weights_progress_and_tokenizer(tmp_path, capsys):
     from training import export
 
@@ -1165,6 +1179,16 @@ def test_a_checkpoint_whose_weights_disagree_with_its_model_section_names_the_te
     assert export.main([str(step), str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.startswith(f"error: {step}: weights do not match its model section (size "
                                               "mismatch for layers.0.mixer.A_log")
+
+
+def test_a_checkpoint_whose_model_section_cannot_be_built_names_its_meta_json(tmp_path, capsys):
+    from training import export
+
+    step = fake_run(tmp_path, {"arch": "memmamba", "size": "tiny", "window": 8})   # e.g. a later version's setting
+    assert export.main([str(step), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {step / 'meta.json'}: unknown key model.window") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

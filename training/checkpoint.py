@@ -80,8 +80,9 @@ def read_meta(path: Path) -> dict:
         meta = json.loads((path / META).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path / META}: not valid JSON ({error})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != FORMAT:
+        raise CheckpointError(f"{path / META}: format {found!r}, expected {FORMAT!r}")
     return meta
 
 

@@ -19,11 +19,13 @@ from safetensors import SafetensorError
 from torch import nn
 
 from data_pipeline.storage import local_folder_problem
-from model import build_model, load_pretrained, save_pretrained
+from model import ConfigError, build_model, load_pretrained, save_pretrained
 from training.checkpoint import DAMAGED_TORCH_FILE, META, CheckpointError, complete_checkpoints, read_meta
 
 
 def export(checkpoint_dir: str | Path, out_folder: str | Path) -> Path:
+    if not str(out_folder):   # as Path, the working folder: an unset variable in a script would export there
+        raise CheckpointError("the folder to export to is an empty path")
     if (Path(checkpoint_dir) / "model.safetensors").is_file() and not (Path(checkpoint_dir) / META).is_file():
         raise CheckpointError(f"{checkpoint_dir}: already an exported model; copy the folder instead")
     path = _checkpoint(Path(checkpoint_dir))
@@ -93,7 +95,10 @@ def _checkpoint(path: Path) -> Path:
 
 
 def _load_checkpoint(path: Path, meta: dict) -> nn.Module:
-    model = build_model(meta["model"])
+    try:
+        model = build_model(meta["model"])
+    except ConfigError as error:   # its message names the setting, not the file
+        raise CheckpointError(f"{path / META}: {error}") from None
     try:
         if meta["zero_stage"] == 3:  # the weights exist only as the optimizer's fp32 partitions
             # (imported here: deepspeed takes seconds to import, and only ZeRO-3 checkpoints need it)

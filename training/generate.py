@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,12 +27,14 @@ from training.evaluate import HelpFormatter
 from training.evaluation.common import DTYPES, EvalError, load_checkpoint, pick_device
 
 CONTEXT_TOKENS = 8   # printed tokens kept to decode the next one with its neighbours' spacing
+MAX_CHAR_BYTES = 4   # of the longest UTF-8 character
 
 
 class TextStream:
     """Text of tokens as they come: what a token adds is decode(context + token) minus
     decode(context). Bytes of a character split over several byte-fallback tokens wait
-    until the character is complete."""
+    until the character is complete; as many as the longest character has, and still no
+    character, they never will be one, and are printed as invalid (U+FFFD)."""
 
     def __init__(self, tokenizer, context: list[int]):
         self.tokenizer, self.context, self.pending = tokenizer, context[-CONTEXT_TOKENS:], []
@@ -39,7 +42,7 @@ class TextStream:
     def push(self, token: int) -> str:
         self.pending.append(token)
         text = self.tokenizer.decode(self.context + self.pending)
-        if text.endswith("\ufffd"):
+        if text.endswith("\ufffd") and len(self.pending) < MAX_CHAR_BYTES:
             return ""
         new = text[len(self.tokenizer.decode(self.context)):]
         self.context = (self.context + self.pending)[-CONTEXT_TOKENS:]
@@ -75,15 +78,18 @@ def main(argv: list[str] | None = None) -> int:
                             ">= 0")
         device = pick_device(args.device)
         checkpoint = load_checkpoint(args.checkpoint, device, DTYPES[args.dtype], args.tokenizer)
+        # As bytes, decoded here: Python reads stdin and the command line with undecodable bytes turned into
+        # surrogates, which the tokenizer cannot take.
         if args.prompt_file == "-":
-            text = sys.stdin.read()
+            source, raw = "stdin", sys.stdin.buffer.read()
         elif args.prompt_file:
-            try:
-                text = Path(args.prompt_file).read_text(encoding="utf-8")
-            except UnicodeDecodeError as error:
-                raise EvalError(f"{args.prompt_file}: not UTF-8 text (byte {error.start})") from None
+            source, raw = args.prompt_file, Path(args.prompt_file).read_bytes()
         else:
-            text = args.prompt
+            source, raw = "--prompt", os.fsencode(args.prompt)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise EvalError(f"{source}: not UTF-8 text (byte {error.start})") from None
     except (EvalError, DataError, CheckpointError, ConfigError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -105,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
     except KeyboardInterrupt:   # Ctrl-C: the text so far is the answer
         status = 130
+    except BrokenPipeError:   # the reader has all it wants (`| head`)
+        # The rest goes nowhere, so that neither the newline below nor Python's flush at exit fails again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     seconds = time.perf_counter() - start
     print()
     print(f"[generate] {len(prompt)} prompt tokens, {count} new tokens in {seconds:.1f} s"

@@ -68,6 +68,8 @@ def load_checkpoint(path: str, device: torch.device, dtype: torch.dtype = torch.
     tokenizer.model), a training checkpoint, or a folder of checkpoints (the latest).
     need_tokenizer=False: a missing tokenizer is no error, and the checkpoint has none."""
     folder = Path(path)
+    if folder.is_file():   # e.g. the model.safetensors of an export
+        raise EvalError(f"{path}: a file; give the checkpoint's folder")
     if not folder.is_dir():
         raise EvalError(f"{path}: no such checkpoint folder")
     model = load_model(folder, device).to(dtype).eval()
