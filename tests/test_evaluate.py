@@ -365,6 +365,15 @@ def test_generate_names_a_prompt_file_that_is_not_text_and_stops_on_ctrl_c(check
     assert code == 130 and "3 new tokens" in err and err.endswith(", interrupted\n")
 
 
+def test_generate_interrupted_while_the_model_loads_says_so_in_one_line(checkpoints, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "load_checkpoint", interrupted)
+    code, out, err = run_cli(generate, ["--checkpoint", checkpoints["mamba"]], capsys)
+    assert (code, out, err) == (130, "", "interrupted\n")
+
+
 @pytest.mark.parametrize("argv, source", [(["--prompt-file", "-"], "stdin"),
                                           (["--prompt", os.fsdecode(b"abc\xff")], "--prompt")])
 def test_generate_names_a_prompt_on_stdin_or_the_command_line_that_is_not_text(checkpoints, capsys, monkeypatch,

@@ -1147,6 +1147,20 @@ def test_an_export_to_an_empty_path_is_refused_rather_than_written_into_the_work
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_an_interrupted_export_leaves_no_folder_it_made(tmp_path, capsys, monkeypatch):
+    import model.pretrained
+    from training import export
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    step = fake_run(tmp_path / "run")
+    monkeypatch.setattr(model.pretrained, "save_file", interrupted)
+    assert export.main([str(step), str(tmp_path / "exports" / "tiny")]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_an_export_holds_the_latest_checkpoints_weights_progress_and_tokenizer(tmp_path, capsys):
     from training import export
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from data_pipeline.storage import local_folder_problem
+from data_pipeline.storage import local_folder_problem, outermost_new_folder
 from model import ConfigError, build_model, load_pretrained, save_pretrained
 from training.checkpoint import DAMAGED_TORCH_FILE, META, CheckpointError, complete_checkpoints, read_meta
 
@@ -44,12 +45,18 @@ def export(checkpoint_dir: str | Path, out_folder: str | Path) -> Path:
         raise CheckpointError(f"{out}: cannot be made ({problem})")
     model = _load_checkpoint(path, meta)
     tokenizer = path / "tokenizer.model"
-    save_pretrained(model, out, metadata={
-        "step": meta["state"]["step"],
-        "tokens_seen": meta["state"]["tokens_seen"],
-        "tokenizer_checksum": meta["tokenizer_checksum"],
-        "checkpoint": str(path),
-    }, files=(tokenizer,) if tokenizer.is_file() else ())
+    made = outermost_new_folder(out)
+    try:
+        save_pretrained(model, out, metadata={
+            "step": meta["state"]["step"],
+            "tokens_seen": meta["state"]["tokens_seen"],
+            "tokenizer_checksum": meta["tokenizer_checksum"],
+            "checkpoint": str(path),
+        }, files=(tokenizer,) if tokenizer.is_file() else ())
+    except BaseException:   # Ctrl-C, a full disk: an export that does not finish leaves no folder it made
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     return out
 
 
@@ -131,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     print(f"exported {out}")
     return 0
 

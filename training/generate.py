@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except (EvalError, DataError, CheckpointError, ConfigError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # while the model loads
+        print("interrupted", file=sys.stderr)
+        return 130
     tokenizer, model = checkpoint.tokenizer, checkpoint.model
     prompt = tokenizer.encode(text) or [EOS_ID]
     ids = torch.tensor([prompt], device=device)
