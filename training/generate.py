@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", default="", help="the text to continue (default: a new document)")
     prompt.add_argument("--prompt-file", help="read the prompt from a file, - for stdin")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
-    parser.add_argument("--temperature", type=float, default=0.8, help="of the sampling softmax")
+    parser.add_argument("--temperature", type=float, default=0.8, help="of the sampling softmax (0: greedy)")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0: all)")
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest token")
     parser.add_argument("--seed", type=int, default=0, help="of the sampling")
