@@ -1311,7 +1311,7 @@ def test_a_resume_with_another_global_batch_says_so_and_goes_on_with_the_next_sa
 @pytest.mark.slow
 @pytest.mark.parametrize("problem", ["missing key", "no shards", "vocabulary", "model shape", "another run",
                                      "rollback", "deepspeed key", "deepspeed value", "output is a file",
-                                     "sequence length", "zero stage"])
+                                     "sequence length", "zero stage", "output_dir in use"])
 def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, straight_run, tmp_path, monkeypatch):
     config = tmp_path / "config.json"
     raw = json.loads((CONFIGS / "tiny_cpu.json").read_text())
@@ -1324,6 +1324,10 @@ def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, str
     if problem in ("another run", "rollback"):   # checkpoints that this run's saves would overwrite or mix with
         for name in ("step-00000008", "step-00000016"):
             shutil.copytree(straight_run / "checkpoints" / name, saved / name)
+    if problem == "output_dir in use":   # as a run in progress holds it
+        saved.parent.mkdir()
+        lock = open(saved.parent / ".lock", "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)
     overrides, expected = {
         "missing key": ([], "error: missing key train.max_steps"),
         "no shards": ([f"data.path={tmp_path}"], f"error: {tmp_path}/train: no such directory"),
@@ -1346,10 +1350,12 @@ def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, str
         "zero stage": ([f"checkpoint.resume={latest}", ZERO3],
                        f"error: {latest}: written with ZeRO stage 1, which stage 3 cannot load; resume it with "
                        "deepspeed.zero_optimization.stage=1"),
+        "output_dir in use": ([], f"error: {saved.parent}: another run is writing into it"),
     }[problem]
-    # Two ranks where the error comes before the process group exists: it is still printed once, also when the
-    # first rank gets there last (the launcher kills every rank once one exits with an error).
-    ranks = 2 if problem in ("missing key", "output is a file") else 1
+    # Two ranks where the error comes before the process group exists, or only the first rank meets it: it is still
+    # printed once, also when the first rank gets there last (the launcher kills every rank once one exits with an
+    # error).
+    ranks = 2 if problem in ("missing key", "output is a file", "output_dir in use") else 1
     if ranks == 2:
         monkeypatch.setenv("PYTHONPATH", late_start(tmp_path / "late_start", "os.environ.get('RANK') == '0'"))
     result = train(ranks, pg19_shards.root, tmp_path / "run", *overrides, check=False, config=config)
