@@ -821,6 +821,23 @@ def test_a_signal_during_start_up_stops_the_run_after_its_first_step(pg19_shards
 
 
 @pytest.mark.slow
+def test_the_script_passes_a_signal_on_where_it_cannot_write_its_stop_file(pg19_shards, tmp_path):
+    command, env = as_bash_script(train_command(2, pg19_shards.root, tmp_path, "train.max_steps=40"))
+    env["TMPDIR"] = str(tmp_path / "absent")
+    script = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    output = ""
+    for line in script.stdout:
+        output += line
+        if line.startswith("step 2/"):
+            script.send_signal(signal.SIGTERM)
+            break
+    output += script.communicate(timeout=300)[0]
+    assert script.returncode == 0 and "stopped by SIGUSR1" in output, output[-3000:]
+    assert int(checkpoints(tmp_path)[-1].split("-")[1]) < 40
+
+
+@pytest.mark.slow
 def test_ctrl_c_on_a_run_without_a_launcher_checkpoints_and_stops(pg19_shards, tmp_path):
     process = subprocess.Popen(train_command(1, pg19_shards.root, tmp_path, "train.max_steps=40",
                                              "optimizer.warmup_steps=4"),
