@@ -899,6 +899,17 @@ def _rank_statuses(script_pid):
     return statuses
 
 
+def test_a_slurm_job_submitted_from_outside_the_repository_stops_with_one_line(tmp_path):
+    env = {**os.environ, "PATH": os.pathsep.join([str(ROOT / "tests" / "cluster"), os.environ["PATH"]]),
+           "FAKE_SLURM_DIR": str(tmp_path), "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "localhost",
+           "SLURM_SUBMIT_DIR": str(tmp_path)}
+    result = subprocess.run(["bash", str(ROOT / "launch" / "slurm_h800.sbatch")], env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 1 and result.stderr == (f"launch/slurm_h800.sbatch: submit it from the repository "
+                                                        f"root: {tmp_path} has no launch/train.sh\n")
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", ["time limit", "pre-emption"])
 def test_slurm_job_checkpoints_when_stopped_and_resumes(stop, pg19_shards, straight_run, tmp_path):
