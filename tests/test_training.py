@@ -101,6 +101,7 @@ def tiny_config(**sections):
     ({"deepspeed.zero_optimization.stage": True}, "deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got True"),
     ({"optimizer.lr": float("inf")}, "optimizer.lr must be finite, got inf"),
     ({"output_dir": ""}, "output_dir is empty"),
+    ({"data.path": " "}, "data.path is empty"),
     ({"data.num_workers": -1}, "data.num_workers must be >= 0, got -1"),
     ({"optimizer.eps": 0}, "optimizer.eps must be positive, got 0"),
     ({"optimizer.warmup_steps": -1}, "optimizer.warmup_steps must be >= 0, got -1"),
