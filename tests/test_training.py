@@ -880,6 +880,14 @@ def test_the_config_may_come_after_the_overrides(tmp_path):
         "error: expected one config file and KEY=VALUE overrides, got configs/tiny_cpu.json y\n")
 
 
+def test_a_launcher_option_after_the_script_is_refused_saying_where_it_goes():
+    result = subprocess.run([sys.executable, "launch/train.sh", "configs/tiny_cpu.json", "--num_gpus", "2"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.endswith(
+        "error: unrecognized arguments: --num_gpus 2 (launcher options such as --num_gpus go before "
+        "launch/train.sh, or in DEEPSPEED_ARGS for bash launch/train.sh)\n"), result.stderr
+
+
 def late_start(folder, condition):
     """A PYTHONPATH on which the processes that meet `condition` (a Python expression on os.environ) start 5 s
     late: a sitecustomize.py, which Python runs before anything else."""

@@ -274,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config values, e.g. --set train.micro_batch_size=2 data.path=/data/pg19")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (launcher options such as --num_gpus go before "
+                     f"launch/train.sh, or in DEEPSPEED_ARGS for bash launch/train.sh)")
     # --set takes every word after it, the config too when it comes last: the config is the word without '='.
     configs = [word for word in [args.config, *args.overrides] if word and "=" not in word]
     if not configs:
