@@ -12,6 +12,7 @@ own operations are `bench/op_count.py`'s subject; here they are the same in ever
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -32,11 +33,11 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as held:
         run = setup(args.config, [f"data.path={args.data}", f"data.seq_len={args.seq_len}", "data.num_workers=0",
                                   "train.micro_batch_size=1", "train.grad_accum=1", "train.global_batch_size=null",
                                   "validation.windows=1", "logging.progress_bar=false", "checkpoint.resume=never",
-                                  f"output_dir={tmp}", *args.overrides], stop_signal=[])
+                                  f"output_dir={tmp}", *args.overrides], stop_signal=[], held=held)
         train_step(run)   # warm-up: the optimizer's state is allocated in its first step
         engine, (window, loss_mask) = run.engine, next(run.batches)
         with OperationCount() as ops:

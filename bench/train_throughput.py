@@ -20,6 +20,7 @@ they are compared with each other.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import statistics
@@ -99,7 +100,7 @@ def main() -> None:
     model_section = json.loads(Path(args.config).read_text())["model"]
     runs, seconds, memory = {}, {name: [] for name in args.variants}, {name: 0.0 for name in args.variants}
     first_step = {}   # seconds: compiling, for the compiled variants
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as held:
         for name in args.variants:
             overrides = [f"data.path={args.data}", f"data.seq_len={args.seq_len}", "data.num_workers=0",
                          f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1", "train.global_batch_size=null",
@@ -107,7 +108,8 @@ def main() -> None:
                          f"output_dir={tmp}/{name}", *args.overrides, *variant_overrides(name, model_section)]
             print(f"# {name}: --set {shlex.join(overrides)}", flush=True)
             if name != "mamba_ssm":
-                runs[name] = setup(args.config, overrides, stop_signal=[])   # a benchmark is stopped by killing it
+                # a benchmark is stopped by killing it: no stop signals
+                runs[name] = setup(args.config, overrides, stop_signal=[], held=held)
             else:
                 model_config = load_config(args.config, overrides).model_config
                 runs[name] = MambaSsmStep(model_config, args.micro_batch, args.seq_len, torch.device("cuda"))

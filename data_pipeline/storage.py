@@ -5,6 +5,7 @@ buckets (gs:// with gcsfs, s3:// with s3fs) go through the same code.
 """
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -75,7 +76,7 @@ def output_lock(url):
 
     Two runs would delete each other's partial files. The lock is the kernel's (flock), so it goes with the process
     however that ends; the empty file stays, unless the run wrote nothing: then the folders it made go too.
-    Object stores have no such lock: there, one run at a time is up to you.
+    Object stores and file systems mounted without locks have none: there, one run at a time is up to you.
     """
     fs, path = resolve(url)
     if not is_local(fs):
@@ -88,6 +89,9 @@ def output_lock(url):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DataError(f"{path}: another run is writing into it (it holds {path}/.lock)") from None
+        except OSError as error:   # a file system mounted without locks (Lustre's noflock, NFS's nolock)
+            if error.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+                raise
         try:
             yield
         finally:   # while the lock is held, so that no other run is in the folder

@@ -5,7 +5,8 @@
 #   bash launch/quickstart.sh [--set KEY=VALUE ...]     extra arguments go to the training run
 #
 # Environment: PYTHON (default .venv/bin/python), CORPUS (../shared/data/pg19-mini), DATA (data/pg19-mini),
-# OUT (runs/quickstart).
+# OUT (runs/quickstart). Relative paths, these and those given with --set, are taken from the repository root,
+# wherever the script is called from.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHON=${PYTHON:-.venv/bin/python}

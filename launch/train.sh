@@ -31,7 +31,9 @@ trap 'rm -f "$MEMMAMBA_STOP_FILE"' EXIT
 set -m
 "$python" -m deepspeed.launcher.runner ${DEEPSPEED_ARGS:-} "$0" "$@" &
 run=$!
-set +m
+# From here on the script passes signals on and waits: a command of `stop` that fails (no stop file can be written
+# in TMPDIR, the run has just ended) must not end it, which would leave the ranks training without the signal.
+set +m +e
 # Every signal the script gets (SIGTERM, SIGUSR1, Ctrl-C, HUP) stops the run with a checkpoint: it goes on to the
 # group as SIGUSR1, which the per-node launcher leaves ignored, where after a SIGTERM it would kill the ranks 30 s
 # later, in the middle of a long step or save. The top launcher still gets a SIGTERM, which it ignores on one node

@@ -25,6 +25,7 @@ from data_pipeline.corpus import Corpus, read_book
 from data_pipeline.evaluation import iter_books
 from data_pipeline.prepare import prepare, tokenizer_for
 from data_pipeline.progress import Progress
+from data_pipeline.storage import output_lock
 from data_pipeline.stream import PackedWindows
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer, training_sample
 from data_pipeline import writer
@@ -671,6 +672,16 @@ def test_a_second_run_into_the_same_output_is_refused(pg19_mini, output_with_tok
                    "/.lock)\n")
     assert not (output_with_tokenizer / "test").exists()
     prepare(pg19_mini, output_with_tokenizer, splits=["test"], workers=1, progress=False, **tokenizer_settings)
+
+
+def test_an_output_on_a_file_system_without_locks_is_written_unlocked(tmp_path, monkeypatch):
+    def flock(file, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")   # as on Lustre mounted noflock
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with output_lock(tmp_path / "out"):
+        (tmp_path / "out" / "shard.tar").write_bytes(b"")
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [".lock", "shard.tar"]
 
 
 def test_no_more_worker_processes_than_books(pg19_mini, output_with_tokenizer, monkeypatch):

@@ -102,6 +102,7 @@ def tiny_config(**sections):
     ({"deepspeed.zero_optimization.stage": True}, "deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got True"),
     ({"optimizer.lr": float("inf")}, "optimizer.lr must be finite, got inf"),
     ({"output_dir": ""}, "output_dir is empty"),
+    ({"data.path": " "}, "data.path is empty"),
     ({"data.num_workers": -1}, "data.num_workers must be >= 0, got -1"),
     ({"optimizer.eps": 0}, "optimizer.eps must be positive, got 0"),
     ({"optimizer.warmup_steps": -1}, "optimizer.warmup_steps must be >= 0, got -1"),
@@ -828,6 +829,23 @@ def test_a_signal_during_start_up_stops_the_run_after_its_first_step(pg19_shards
 
 
 @pytest.mark.slow
+def test_the_script_passes_a_signal_on_where_it_cannot_write_its_stop_file(pg19_shards, tmp_path):
+    command, env = as_bash_script(train_command(2, pg19_shards.root, tmp_path, "train.max_steps=40"))
+    env["TMPDIR"] = str(tmp_path / "absent")
+    script = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    output = ""
+    for line in script.stdout:
+        output += line
+        if line.startswith("step 2/"):
+            script.send_signal(signal.SIGTERM)
+            break
+    output += script.communicate(timeout=300)[0]
+    assert script.returncode == 0 and "stopped by SIGUSR1" in output, output[-3000:]
+    assert int(checkpoints(tmp_path)[-1].split("-")[1]) < 40
+
+
+@pytest.mark.slow
 def test_ctrl_c_on_a_run_without_a_launcher_checkpoints_and_stops(pg19_shards, tmp_path):
     process = subprocess.Popen(train_command(1, pg19_shards.root, tmp_path, "train.max_steps=40",
                                              "optimizer.warmup_steps=4"),
@@ -869,6 +887,14 @@ def test_the_config_may_come_after_the_overrides(tmp_path):
         "error: expected one config file and KEY=VALUE overrides, got configs/tiny_cpu.json y\n")
 
 
+def test_a_launcher_option_after_the_script_is_refused_saying_where_it_goes():
+    result = subprocess.run([sys.executable, "launch/train.sh", "configs/tiny_cpu.json", "--num_gpus", "2"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.endswith(
+        "error: unrecognized arguments: --num_gpus 2 (launcher options such as --num_gpus go before "
+        "launch/train.sh, or in DEEPSPEED_ARGS for bash launch/train.sh)\n"), result.stderr
+
+
 def late_start(folder, condition):
     """A PYTHONPATH on which the processes that meet `condition` (a Python expression on os.environ) start 5 s
     late: a sitecustomize.py, which Python runs before anything else."""
@@ -887,6 +913,17 @@ def _rank_statuses(script_pid):
         except psutil.NoSuchProcess:   # a short-lived helper process of the launcher
             pass
     return statuses
+
+
+def test_a_slurm_job_submitted_from_outside_the_repository_stops_with_one_line(tmp_path):
+    env = {**os.environ, "PATH": os.pathsep.join([str(ROOT / "tests" / "cluster"), os.environ["PATH"]]),
+           "FAKE_SLURM_DIR": str(tmp_path), "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "localhost",
+           "SLURM_SUBMIT_DIR": str(tmp_path)}
+    result = subprocess.run(["bash", str(ROOT / "launch" / "slurm_h800.sbatch")], env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 1 and result.stderr == (f"launch/slurm_h800.sbatch: submit it from the repository "
+                                                        f"root: {tmp_path} has no launch/train.sh\n")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow
@@ -1353,7 +1390,7 @@ def test_a_resume_with_another_global_batch_says_so_and_goes_on_with_the_next_sa
 @pytest.mark.slow
 @pytest.mark.parametrize("problem", ["missing key", "no shards", "vocabulary", "model shape", "another run",
                                      "rollback", "deepspeed key", "deepspeed value", "output is a file",
-                                     "sequence length", "zero stage"])
+                                     "sequence length", "zero stage", "output_dir in use"])
 def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, straight_run, tmp_path, monkeypatch):
     config = tmp_path / "config.json"
     raw = json.loads((CONFIGS / "tiny_cpu.json").read_text())
@@ -1366,6 +1403,10 @@ def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, str
     if problem in ("another run", "rollback"):   # checkpoints that this run's saves would overwrite or mix with
         for name in ("step-00000008", "step-00000016"):
             shutil.copytree(straight_run / "checkpoints" / name, saved / name)
+    if problem == "output_dir in use":   # as a run in progress holds it
+        saved.parent.mkdir()
+        lock = open(saved.parent / ".lock", "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)
     overrides, expected = {
         "missing key": ([], "error: missing key train.max_steps"),
         "no shards": ([f"data.path={tmp_path}"], f"error: {tmp_path}/train: no such directory"),
@@ -1388,10 +1429,12 @@ def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, str
         "zero stage": ([f"checkpoint.resume={latest}", ZERO3],
                        f"error: {latest}: written with ZeRO stage 1, which stage 3 cannot load; resume it with "
                        "deepspeed.zero_optimization.stage=1"),
+        "output_dir in use": ([], f"error: {saved.parent}: another run is writing into it"),
     }[problem]
-    # Two ranks where the error comes before the process group exists: it is still printed once, also when the
-    # first rank gets there last (the launcher kills every rank once one exits with an error).
-    ranks = 2 if problem in ("missing key", "output is a file") else 1
+    # Two ranks where the error comes before the process group exists, or only the first rank meets it: it is still
+    # printed once, also when the first rank gets there last (the launcher kills every rank once one exits with an
+    # error).
+    ranks = 2 if problem in ("missing key", "output is a file", "output_dir in use") else 1
     if ranks == 2:
         monkeypatch.setenv("PYTHONPATH", late_start(tmp_path / "late_start", "os.environ.get('RANK') == '0'"))
     result = train(ranks, pg19_shards.root, tmp_path / "run", *overrides, check=False, config=config)

@@ -44,6 +44,8 @@ class DataConfig:
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)   # for data.source="passkey"
 
     def __post_init__(self):
+        if not self.path.strip():   # --set data.path=$DATA with DATA unset
+            raise ConfigError("data.path is empty: name the --output of launch/preprocess.sh, e.g. data/pg19")
         _positive("data", self, "seq_len")
         _non_negative("data", self, "num_workers")
 

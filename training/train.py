@@ -12,6 +12,7 @@ scan stay fp32 inside the model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from deepspeed.runtime.config import DeepSpeedConfigError
 
 from data_pipeline import DataError
-from data_pipeline.storage import join, local_folder_problem
+from data_pipeline.storage import join, local_folder_problem, output_lock
 from data_pipeline.tokenizer import Tokenizer
 from model import build_model, compile_layers
 from model.config import model_config_to_dict
@@ -85,11 +86,13 @@ class Run:
         self.batches = None
 
 
-def setup(config_path: str, overrides: list[str], stop_signal: list[str]) -> Run:
-    """stop_signal: the list that `_catch_stop_signals` fills; fit stops after its step once it holds a signal."""
+def setup(config_path: str, overrides: list[str], stop_signal: list[str], held: contextlib.ExitStack) -> Run:
+    """stop_signal: the list that `_catch_stop_signals` fills; fit stops after its step once it holds a signal.
+    held: takes rank 0's hold on output_dir, which the caller releases when the run ends."""
     cfg = load_config(config_path, overrides)
     _check_output_dir(cfg)
     place = init_distributed()
+    _hold_output_dir(cfg, held)
     layout = batch_layout(cfg.train, place.world_size, cfg.parallel.sequence_parallel_size)
     dp_rank = place.rank // cfg.parallel.sequence_parallel_size
 
@@ -271,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config values, e.g. --set train.micro_batch_size=2 data.path=/data/pg19")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the DeepSpeed launcher
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (launcher options such as --num_gpus go before "
+                     f"launch/train.sh, or in DEEPSPEED_ARGS for bash launch/train.sh)")
     # --set takes every word after it, the config too when it comes last: the config is the word without '='.
     configs = [word for word in [args.config, *args.overrides] if word and "=" not in word]
     if not configs:
@@ -282,10 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     stop_signal = _catch_stop_signals()
     run = None
     try:
-        run = setup(configs[0], overrides, stop_signal)
-        fit(run)
-        # Ranks leave together: a rank that tears gloo down while another still uses it can abort at exit.
-        dist.barrier()
+        with contextlib.ExitStack() as held:
+            run = setup(configs[0], overrides, stop_signal, held)
+            fit(run)
+            # Ranks leave together: a rank that tears gloo down while another still uses it can abort at exit.
+            dist.barrier()
     except (ConfigError, DataError, checkpoint.CheckpointError, TrainingError) as error:
         _report(error, stop_signal)
         return 1
@@ -451,6 +458,20 @@ def _check_output_dir(cfg: RunConfig) -> None:
         problem = local_folder_problem(folder)
         if problem:
             raise ConfigError(f"output_dir {folder}: {problem}")
+
+
+def _hold_output_dir(cfg: RunConfig, held: contextlib.ExitStack) -> None:
+    """Rank 0 locks output_dir: two runs in one would delete and overwrite each other's checkpoints. Every rank stops
+    if another run holds it, rather than wait for a rank 0 that has left."""
+    taken = [None]
+    if dist.get_rank() == 0:
+        try:
+            held.enter_context(output_lock(cfg.output_dir))
+        except DataError as error:
+            taken[0] = str(error)
+    dist.broadcast_object_list(taken, src=0)
+    if taken[0] is not None:
+        raise DataError(taken[0])
 
 
 def _peak_flops(cfg: RunConfig, device: torch.device) -> float:
