@@ -1,0 +1,47 @@
+"""The benchmark scripts that drive the training stack run end to end on the tiny config and print their tables.
+
+No figure is checked against a target (that is what the scripts are for); the tests keep them runnable as the
+stack under them changes.
+"""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(script: str, *args) -> str:
+    done = subprocess.run([sys.executable, ROOT / "bench" / script, *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def rows(table: str) -> dict[str, list[str]]:
+    """{first cell: the other cells} of a printed markdown table, header and rule left out."""
+    lines = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+
+
+def test_train_throughput_steps_each_variant_and_compares_memmamba_with_mamba(pg19_shards):
+    out = bench("train_throughput.py", "--data", pg19_shards.root, "--seq-len", 64, "--warmup", 1, "--steps", 2,
+                "--variants", "memmamba", "mamba")
+    table = rows(out)
+    assert table.keys() == {"memmamba", "mamba"}
+    assert all(float(cells[0].replace(",", "")) > 0 for cells in table.values())   # tokens/s
+    assert table["mamba"][3] == "1.00x"
+    assert re.search(r"^bar: MemMamba >= 0.85x Mamba tokens/s: \d+\.\d\dx, (met|MISSED)$", out, re.M)
+
+
+def test_step_overhead_counts_the_operations_of_each_phase(pg19_shards):
+    table = rows(bench("step_overhead.py", "--config", ROOT / "configs" / "tiny_cpu.json", "--data",
+                       pg19_shards.root))
+    assert table.keys() == {"forward", "backward", "step"}
+    assert all(int(cells[0]) > 0 for cells in table.values())
+
+
+def test_op_count_finds_the_note_block_adds_operations_to_a_mamba_layer():
+    table = rows(bench("op_count.py", "--config", ROOT / "configs" / "tiny_cpu.json", "--seq-len", 64))
+    memmamba, mamba = (list(map(int, table[name][0].split(" / "))) for name in ("MemMamba", "Mamba"))
+    assert memmamba[0] > mamba[0] > 0 and memmamba[1] > mamba[1] > 0
