@@ -937,7 +937,7 @@ def test_slurm_job_checkpoints_when_stopped_and_resumes(stop, pg19_shards, strai
     env = {**_env(), "PATH": os.pathsep.join([str(ROOT / "tests" / "cluster"), str(Path(sys.executable).parent),
                                               os.environ["PATH"]]),
            "FAKE_SLURM_DIR": str(tmp_path), "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": "localhost,127.0.0.1",
-           "SLURM_SUBMIT_DIR": str(ROOT), "CONFIG": "configs/tiny_cpu.json", "GPUS_PER_NODE": "1",
+           "SLURM_SUBMIT_DIR": str(ROOT), "CONFIG": "configs/tiny_cpu.json", "SLURM_GPUS_ON_NODE": "1",
            "MASTER_PORT": str(free_port())}
     expected_requeues = f"{job_id}\n" if stop == "time limit" else ""   # a pre-empted job: Slurm's to requeue
 
