@@ -1220,7 +1220,7 @@ def test_an_export_holds_the_latest_checkpoints_weights_progress_and_tokenizer(t
     assert (out / "tokenizer.model").read_bytes() == b"pieces"
     exported = load_pretrained(out).state_dict()
     assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights)
-    assert export.trained_tokenizer(out) == export.trained_tokenizer(first.parent) == "a" * 64
+    assert export.trained_tokenizer_checksum(out) == export.trained_tokenizer_checksum(first.parent) == "a" * 64
 
 
 def test_a_checkpoint_whose_weights_disagree_with_its_model_section_names_the_tensor(tmp_path, capsys):

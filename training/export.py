@@ -76,7 +76,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     return _load_checkpoint(path, read_meta(path)).to(device)
 
 
-def trained_tokenizer(path: str | Path) -> str | None:
+def trained_tokenizer_checksum(path: str | Path) -> str | None:
     """The checksum of the tokenizer that the weights at `path` (as for load_model) were trained with."""
     path = Path(path)
     if (path / "model.safetensors").is_file():

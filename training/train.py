@@ -317,7 +317,7 @@ def _initialise_from(model: torch.nn.Module, path: str, shapes: dict, tokenizer_
     source = export.load_model(path)
     checkpoint.check_shapes(Path(path), checkpoint.parameter_shapes(source), shapes,
                             model_config_to_dict(source.config), model_config_to_dict(model.config))
-    checkpoint.check_tokenizer(Path(path), export.trained_tokenizer(path), tokenizer_checksum)
+    checkpoint.check_tokenizer(Path(path), export.trained_tokenizer_checksum(path), tokenizer_checksum)
     model.load_state_dict(source.state_dict())
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from data_pipeline.tokenizer import Tokenizer
 from model import build_model
 from training.checkpoint import complete_checkpoints
-from training.export import load_model, trained_tokenizer
+from training.export import load_model, trained_tokenizer_checksum
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,7 +73,7 @@ def load_checkpoint(path: str, device: torch.device, dtype: torch.dtype = torch.
     if not folder.is_dir():
         raise EvalError(f"{path}: no such checkpoint folder")
     model = load_model(folder, device).to(dtype).eval()
-    expected = trained_tokenizer(folder)
+    expected = trained_tokenizer_checksum(folder)
     tokenizer_file = Path(tokenizer_path) if tokenizer_path else _tokenizer_next_to(folder)
     if tokenizer_file is None and not need_tokenizer:
         return Checkpoint(name or folder.name, str(folder), model, None)
