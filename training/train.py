@@ -250,7 +250,8 @@ def validate(run: Run) -> float:
 
 def save_checkpoint(run: Run) -> Path:
     cfg, state = run.cfg, run.state
-    path = checkpoint.save(run.engine, cfg.checkpoint_dir, state.step, meta={
+    stream = data.stream_state(run.dataset, state.consumed_samples)
+    return checkpoint.save(run.engine, cfg.checkpoint_dir, state.step, meta={
         "state": asdict(state),
         "world_size": run.place.world_size,
         "zero_stage": cfg.zero_stage,
@@ -258,14 +259,12 @@ def save_checkpoint(run: Run) -> Path:
         "model": model_config_to_dict(cfg.model_config),
         "parameter_shapes": run.parameter_shapes,
         "tokenizer_checksum": run.tokenizer.checksum,
-        "data_stream": data.stream_state(run.dataset, state.consumed_samples),
+        "data_stream": stream,
         "config": cfg.to_dict(),
     }, rank_state={
         "rng": checkpoint.rng_state(),
-        "data_stream": {**data.stream_state(run.dataset, state.consumed_samples), "dp_rank": run.dp_rank,
-                        "dp_world": run.layout.dp_world},
+        "data_stream": {**stream, "dp_rank": run.dp_rank, "dp_world": run.layout.dp_world},
     }, keep=cfg.checkpoint.keep, files={"tokenizer.model": _tokenizer_path(cfg)})
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
