@@ -62,8 +62,7 @@ class OptimizerConfig:
     def __post_init__(self):
         if not self.lr > 0:
             raise ConfigError(f"optimizer.lr must be positive, got {self.lr}")
-        if not self.weight_decay >= 0:
-            raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        _non_negative("optimizer", self, "weight_decay")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
         if not self.eps > 0:
