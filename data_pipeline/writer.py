@@ -123,8 +123,8 @@ def _tokenize(book, tokenizer, fs, gutenberg):
     except OSError as error:
         return _Tokenized(book, None, skipped=f"unreadable ({error})")
     if not text or text.isspace():
-        return _Tokenized(book, None, nbytes, "empty", warnings)
-    return _Tokenized(book, tokenizer.encode_array(text), nbytes, None, warnings)
+        return _Tokenized(book, None, nbytes, skipped="empty", warnings=warnings)
+    return _Tokenized(book, tokenizer.encode_array(text), nbytes, warnings=warnings)
 
 
 _worker = {}  # set in each pool process by _start_worker
