@@ -157,11 +157,11 @@ def setup(config_path: str, overrides: list[str], stop_signal: list[str], held: 
     else:
         checkpoint.seed_everything(cfg.train.seed + place.rank + state.step)
 
-    seq_len = cfg.data.seq_len
-    metrics = Metrics(place.rank == 0, cfg.tensorboard_dir, cfg.logging.every, cfg.logging.progress_bar,
-                      state.step, cfg.train.max_steps, layout.global_batch_size * seq_len, place.world_size,
-                      train_flops_per_token(cfg.model_config, seq_len), _peak_flops(cfg, place.device),
-                      place.device)
+    metrics = Metrics(place.rank == 0, cfg.tensorboard_dir, every=cfg.logging.every,
+                      progress_bar=cfg.logging.progress_bar, start_step=state.step, max_steps=cfg.train.max_steps,
+                      tokens_per_step=layout.global_batch_size * cfg.data.seq_len, world_size=place.world_size,
+                      flops_per_token=train_flops_per_token(cfg.model_config, cfg.data.seq_len),
+                      peak_flops=_peak_flops(cfg, place.device), device=place.device)
     batches = iter(data.train_batches(dataset, cfg, dp_rank, layout.dp_world, state.consumed_samples,
                                       pin_memory=place.device.type == "cuda"))
     run = Run(cfg, place, dp_rank, layout, engine, state, dataset, batches, val_batches,
