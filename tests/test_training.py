@@ -591,6 +591,17 @@ def train(ranks, shards, output_dir, *overrides, check=True, config="configs/tin
     return result
 
 
+def output_stopped_at(process, step, stop):
+    """All that a training process prints, `stop()` called (to signal it) once it has logged `step`."""
+    output = ""
+    for line in process.stdout:
+        output += line
+        if line.startswith(f"step {step}/"):
+            stop()
+            break
+    return output + process.communicate(timeout=300)[0]
+
+
 def scalars(output_dir, tag):
     events = EventAccumulator(str(Path(output_dir) / "tensorboard"))
     events.Reload()
@@ -771,16 +782,10 @@ def test_stopped_by_sigterm_and_resumed_equals_the_straight_run(started_by, pg19
         command, env = as_bash_script(command)
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
-    output = ""
-    for line in process.stdout:
-        output += line
-        if line.startswith("step 4/"):
-            if started_by == "deepspeed":   # whose launcher passes no signal on: to every process, as Slurm does
-                os.killpg(process.pid, signal.SIGTERM)
-            else:                           # to the script alone, as `kill PID` or a container's stop does
-                process.send_signal(signal.SIGTERM)
-            break
-    output += process.communicate(timeout=300)[0]
+    if started_by == "deepspeed":   # whose launcher passes no signal on: to every process, as Slurm does
+        output = output_stopped_at(process, 4, lambda: os.killpg(process.pid, signal.SIGTERM))
+    else:                           # to the script alone, as `kill PID` or a container's stop does
+        output = output_stopped_at(process, 4, lambda: process.send_signal(signal.SIGTERM))
     if started_by == "deepspeed":
         assert "stopped by SIGTERM" in output, output[-3000:]
     else:   # the script outlived the signal, passed it on as SIGUSR1, and waited for the ranks
@@ -834,13 +839,7 @@ def test_the_script_passes_a_signal_on_where_it_cannot_write_its_stop_file(pg19_
     env["TMPDIR"] = str(tmp_path / "absent")
     script = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True)
-    output = ""
-    for line in script.stdout:
-        output += line
-        if line.startswith("step 2/"):
-            script.send_signal(signal.SIGTERM)
-            break
-    output += script.communicate(timeout=300)[0]
+    output = output_stopped_at(script, 2, lambda: script.send_signal(signal.SIGTERM))
     assert script.returncode == 0 and "stopped by SIGUSR1" in output, output[-3000:]
     assert int(checkpoints(tmp_path)[-1].split("-")[1]) < 40
 
@@ -850,13 +849,7 @@ def test_ctrl_c_on_a_run_without_a_launcher_checkpoints_and_stops(pg19_shards, t
     process = subprocess.Popen(train_command(1, pg19_shards.root, tmp_path, "train.max_steps=40",
                                              "optimizer.warmup_steps=4"),
                                cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = ""
-    for line in process.stdout:
-        output += line
-        if line.startswith("step 2/"):
-            process.send_signal(signal.SIGINT)
-            break
-    output += process.communicate(timeout=300)[0]
+    output = output_stopped_at(process, 2, lambda: process.send_signal(signal.SIGINT))
     assert process.returncode == 0 and "Traceback" not in output, output[-3000:]
     step = int(re.search(r"stopped by SIGINT at step (\d+)", output).group(1))
     assert checkpoints(tmp_path) == [f"step-{step:08d}"] and step < 40
@@ -944,23 +937,20 @@ def test_slurm_job_checkpoints_when_stopped_and_resumes(stop, pg19_shards, strai
     def requeues():
         return (tmp_path / "requeued").read_text() if (tmp_path / "requeued").exists() else ""
 
+    def slurm_stops(job):
+        if stop == "time limit":   # --signal=B:USR1@300
+            job.send_signal(signal.SIGUSR1)
+        else:
+            job.send_signal(signal.SIGTERM)
+            subprocess.run(["scancel", "--signal=TERM", f"{job_id}.0"], env=env, check=True)
+
     output = tmp_path / "run"
     command = ["bash", "launch/slurm_h800.sbatch", "--set", *TINY, f"data.path={pg19_shards.root}",
                f"output_dir={output}", f"train.max_steps={STEPS}"]
     try:
         job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
-        log = ""
-        for line in job.stdout:
-            log += line
-            if line.startswith("step 4/"):
-                if stop == "time limit":   # --signal=B:USR1@300
-                    job.send_signal(signal.SIGUSR1)
-                else:
-                    job.send_signal(signal.SIGTERM)
-                    subprocess.run(["scancel", "--signal=TERM", f"{job_id}.0"], env=env, check=True)
-                break
-        log += job.communicate(timeout=300)[0]
+        log = output_stopped_at(job, 4, lambda: slurm_stops(job))
         if stop == "time limit":
             assert job.returncode == 0 and "stopped by SIGUSR1" in log, log[-3000:]
         else:   # the script outlived SIGTERM and waited for the ranks
