@@ -163,7 +163,7 @@ def _tokenize_all(books, tokenizer, fs, gutenberg, workers):
             yield _result(pending.popleft(), started, split)
 
 
-def _result(result, workers, split):
+def _result(result, processes, split):
     """The result of a book sent to the pool, or an error once one of its workers has died.
 
     A pool replaces a worker that dies (the kernel's out-of-memory killer, a `kill -9`) but never answers for the
@@ -171,7 +171,7 @@ def _result(result, workers, split):
     """
     while not result.ready():
         result.wait(1.0)
-        died = next((process.exitcode for process in workers if process.exitcode is not None), None)
+        died = next((process.exitcode for process in processes if process.exitcode is not None), None)
         if died is not None:
             raise DataError(f"{split}: a tokenizing process died (exit status {died}: killed, or out of memory?); "
                             "run the same command again to go on where it stopped, with fewer --workers if memory "
