@@ -1007,6 +1007,24 @@ def test_resume_on_one_rank_and_back_on_two_continues_the_data_order(run, zero, 
 
 
 @pytest.mark.slow
+def test_a_stop_signal_during_the_conversion_of_a_checkpoint_stops_the_run_after_its_first_step(pg19_shards,
+                                                                                             straight_run, tmp_path):
+    """Slurm and `kill -- -PGID` signal every process, the conversion to the universal format too: it must finish."""
+    shutil.copytree(straight_run / "checkpoints" / "step-00000008", tmp_path / "checkpoints" / "step-00000008")
+    process = subprocess.Popen(train_command(1, pg19_shards.root, tmp_path, f"train.max_steps={STEPS}"), cwd=ROOT,
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    while not _runs_a_child(process.pid, "deepspeed.checkpoint.ds_to_universal"):
+        assert process.poll() is None
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0 and "stopped by SIGTERM at step 9;" in output, output[-3000:]
+    assert checkpoints(tmp_path) == ["step-00000008", "step-00000009"]
+    assert scalars(tmp_path, "train/loss") == {9: pytest.approx(scalars(straight_run, "train/loss")[9], rel=1e-4)}
+
+
+@pytest.mark.slow
 def test_the_transformer_baseline_trains_exports_and_resumes_bit_for_bit(pg19_shards, tmp_path):
     """The paper's comparison model through the same loop (configs/transformer_200m_8k.json, at the tiny size)."""
     from training import export
@@ -1475,6 +1493,16 @@ def test_quickstart_prepares_data_trains_and_says_where_the_logs_are(tmp_path):
     assert (tmp_path / "data" / "train" / "manifest.json").is_file()
     assert f"TensorBoard logs: {tmp_path / 'run' / 'tensorboard'}" in result.stdout
     assert sorted(scalars(tmp_path / "run", "train/loss")) == [2]
+
+
+def _runs_a_child(pid, word):
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if word in child.cmdline():
+                return True
+        except psutil.Error:   # a child that has just ended
+            pass
+    return False
 
 
 def _env():

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipeline.stream import ignore_stop_signals
+
 FORMAT = "memmamba-checkpoint/1"
 META = "meta.json"
 PARTIAL = ".partial-"
@@ -221,13 +223,15 @@ def universal(path: Path) -> Path:
     if dist.get_rank() == 0 and not out.is_dir():
         tmp = path / (PARTIAL + "universal")
         shutil.rmtree(tmp, ignore_errors=True)
+        # A stop signal to the whole process group during setup stops the run after its first step, which needs
+        # the conversion to finish.
         converted = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                                     str(path), "--output_folder", str(tmp), "--inject_missing_state",
                                     "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                                   capture_output=True, text=True)
+                                   capture_output=True, text=True, preexec_fn=ignore_stop_signals)
         if converted.returncode:
-            failure[0] = (f"{path}: conversion to DeepSpeed's universal format failed: "
-                          f"{converted.stderr.strip().splitlines()[-1:]}")
+            detail = (converted.stderr.strip().splitlines() or [f"exit status {converted.returncode}"])[-1]
+            failure[0] = f"{path}: conversion to DeepSpeed's universal format failed: {detail}"
         else:
             os.replace(tmp, out)
     dist.broadcast_object_list(failure, src=0)   # so that the other ranks stop too, rather than wait for rank 0
