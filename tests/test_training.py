@@ -1286,6 +1286,21 @@ def test_a_damaged_latest_checkpoint_stops_the_resume_and_the_export_with_one_li
 
 
 @pytest.mark.slow
+def test_a_file_of_another_rank_damaged_stops_every_rank_with_one_line(pg19_shards, straight_run, tmp_path):
+    """Rank 1's optimizer state truncated (a copy that did not finish): rank 0 loads its own and must not go on to
+    wait for rank 1 in the first step's all-reduce."""
+    latest = tmp_path / "checkpoints" / "step-00000016"
+    shutil.copytree(straight_run / "checkpoints" / "step-00000016", latest)
+    optimizer = latest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
+    result = train(2, pg19_shards.root, tmp_path, f"train.max_steps={STEPS + 1}", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {latest}: damaged ({optimizer.name} is truncated); move it out of {latest.parent} "
+                      "to resume from the checkpoint before it"], result.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_trained_weights(pg19_shards, straight_run, tmp_path):
     # A learning rate too small to move anything: the new run's weights are those it started from.
     source = straight_run / "checkpoints"

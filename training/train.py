@@ -112,6 +112,7 @@ def setup(config_path: str, overrides: list[str], stop_signal: list[str], held: 
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
     if resume_from is not None:
         meta = checkpoint.read_meta(resume_from)
+        checkpoint.check_files(resume_from, meta)
         checkpoint.check_compatible(resume_from, meta, parameter_shapes, model_config_to_dict(cfg.model_config),
                                     checksum)
         if place.rank == 0:
