@@ -875,6 +875,8 @@ def test_a_run_resumed_at_or_past_max_steps_trains_nothing(pg19_shards, straight
     assert past.returncode == 1 and past.stderr.strip().splitlines()[-1].endswith(
         "is at step 8, past train.max_steps=5: raise train.max_steps to train on")
     assert checkpoints(tmp_path) == ["step-00000008"] and not (tmp_path / "tensorboard").exists()
+    # a checkpoint of two ranks, not converted for one: nothing was to be loaded
+    assert not (tmp_path / "checkpoints" / "step-00000008" / "universal").exists()
 
 
 def test_the_config_may_come_after_the_overrides(tmp_path):
