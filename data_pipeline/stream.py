@@ -138,10 +138,10 @@ def train_loader(dataset, micro_batch_size, dp_rank, dp_world, consumed_samples=
     """
     sampler = RankBatches(micro_batch_size, dp_rank, dp_world, consumed_samples)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      collate_fn=collate_fn, worker_init_fn=_ignore_stop_signals)
+                      collate_fn=collate_fn, worker_init_fn=ignore_stop_signals)
 
 
-def _ignore_stop_signals(worker_id):
+def ignore_stop_signals(worker_id=None):
     # A launcher or Slurm signals the whole process group; the training process must outlive the signal long
     # enough to finish its step and checkpoint, so its loader workers leave the stopping to it.
     for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):

@@ -868,6 +868,8 @@ def test_a_run_resumed_at_or_past_max_steps_trains_nothing(pg19_shards, straight
     assert past.returncode == 1 and past.stderr.strip().splitlines()[-1].endswith(
         "is at step 8, past train.max_steps=5: raise train.max_steps to train on")
     assert checkpoints(tmp_path) == ["step-00000008"] and not (tmp_path / "tensorboard").exists()
+    # a checkpoint of two ranks, not converted for one: nothing was to be loaded
+    assert not (tmp_path / "checkpoints" / "step-00000008" / "universal").exists()
 
 
 def test_the_config_may_come_after_the_overrides(tmp_path):
@@ -994,6 +996,24 @@ def test_resume_on_one_rank_and_back_on_two_continues_the_data_order(run, zero, 
         assert torch.allclose(resumed[name], straight[name], rtol=0, atol=2e-6), name
     meta = json.loads((tmp_path / "checkpoints" / "step-00000012" / "meta.json").read_text())
     assert meta["state"]["consumed_samples"] == 12 * 8 and meta["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_stop_signal_during_the_conversion_of_a_checkpoint_stops_the_run_after_its_first_step(pg19_shards,
+                                                                                             straight_run, tmp_path):
+    """Slurm and `kill -- -PGID` signal every process, the conversion to the universal format too: it must finish."""
+    shutil.copytree(straight_run / "checkpoints" / "step-00000008", tmp_path / "checkpoints" / "step-00000008")
+    process = subprocess.Popen(train_command(1, pg19_shards.root, tmp_path, f"train.max_steps={STEPS}"), cwd=ROOT,
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    while not _runs_a_child(process.pid, "deepspeed.checkpoint.ds_to_universal"):
+        assert process.poll() is None
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0 and "stopped by SIGTERM at step 9;" in output, output[-3000:]
+    assert checkpoints(tmp_path) == ["step-00000008", "step-00000009"]
+    assert scalars(tmp_path, "train/loss") == {9: pytest.approx(scalars(straight_run, "train/loss")[9], rel=1e-4)}
 
 
 @pytest.mark.slow
@@ -1258,6 +1278,21 @@ def test_a_damaged_latest_checkpoint_stops_the_resume_and_the_export_with_one_li
 
 
 @pytest.mark.slow
+def test_a_file_of_another_rank_damaged_stops_every_rank_with_one_line(pg19_shards, straight_run, tmp_path):
+    """Rank 1's optimizer state truncated (a copy that did not finish): rank 0 loads its own and must not go on to
+    wait for rank 1 in the first step's all-reduce."""
+    latest = tmp_path / "checkpoints" / "step-00000016"
+    shutil.copytree(straight_run / "checkpoints" / "step-00000016", latest)
+    optimizer = latest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
+    result = train(2, pg19_shards.root, tmp_path, f"train.max_steps={STEPS + 1}", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {latest}: damaged ({optimizer.name} is truncated); move it out of {latest.parent} "
+                      "to resume from the checkpoint before it"], result.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_trained_weights(pg19_shards, straight_run, tmp_path):
     # A learning rate too small to move anything: the new run's weights are those it started from.
     source = straight_run / "checkpoints"
@@ -1465,6 +1500,16 @@ def test_quickstart_prepares_data_trains_and_says_where_the_logs_are(tmp_path):
     assert (tmp_path / "data" / "train" / "manifest.json").is_file()
     assert f"TensorBoard logs: {tmp_path / 'run' / 'tensorboard'}" in result.stdout
     assert sorted(scalars(tmp_path / "run", "train/loss")) == [2]
+
+
+def _runs_a_child(pid, word):
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if word in child.cmdline():
+                return True
+        except psutil.Error:   # a child that has just ended
+            pass
+    return False
 
 
 def _env():

@@ -23,12 +23,15 @@ import random
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from data_pipeline.stream import ignore_stop_signals
 
 FORMAT = "memmamba-checkpoint/1"
 META = "meta.json"
@@ -84,6 +87,33 @@ def read_meta(path: Path) -> dict:
     if found != FORMAT:
         raise CheckpointError(f"{path / META}: format {found!r}, expected {FORMAT!r}")
     return meta
+
+
+def check_files(path: Path, meta: dict) -> None:
+    """Refuse a checkpoint with a file missing or truncated, on every rank before any loads (collective): a rank
+    that met it alone while loading would leave the others waiting for it. Rank 0 looks at the files, named as
+    DeepSpeed names them for the checkpoint's ZeRO stage."""
+    problem = [None]
+    if dist.get_rank() == 0:
+        ranks, stage = range(meta["world_size"]), meta["zero_stage"]
+        names = [f"rank-{rank:05d}.pt" for rank in ranks]
+        if stage == 3:
+            names += [f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in ranks]
+        else:
+            names.append("mp_rank_00_model_states.pt")
+        if stage > 0:
+            names += [f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in ranks]
+        for name in names:
+            if not (path / name).is_file():
+                problem[0] = f"{name} is missing"
+            elif not zipfile.is_zipfile(path / name):   # torch.save writes a zip, whose directory is at the end
+                problem[0] = f"{name} is truncated"
+            if problem[0]:
+                break
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise CheckpointError(f"{path}: damaged ({problem[0]}); move it out of {path.parent} to resume from the "
+                              f"checkpoint before it")
 
 
 def parameter_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
@@ -221,13 +251,15 @@ def universal(path: Path) -> Path:
     if dist.get_rank() == 0 and not out.is_dir():
         tmp = path / (PARTIAL + "universal")
         shutil.rmtree(tmp, ignore_errors=True)
+        # A stop signal to the whole process group during setup stops the run after its first step, which needs
+        # the conversion to finish.
         converted = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                                     str(path), "--output_folder", str(tmp), "--inject_missing_state",
                                     "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                                   capture_output=True, text=True)
+                                   capture_output=True, text=True, preexec_fn=ignore_stop_signals)
         if converted.returncode:
-            failure[0] = (f"{path}: conversion to DeepSpeed's universal format failed: "
-                          f"{converted.stderr.strip().splitlines()[-1:]}")
+            detail = (converted.stderr.strip().splitlines() or [f"exit status {converted.returncode}"])[-1]
+            failure[0] = f"{path}: conversion to DeepSpeed's universal format failed: {detail}"
         else:
             os.replace(tmp, out)
     dist.broadcast_object_list(failure, src=0)   # so that the other ranks stop too, rather than wait for rank 0

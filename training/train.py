@@ -112,14 +112,13 @@ def setup(config_path: str, overrides: list[str], stop_signal: list[str], held: 
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
     if resume_from is not None:
         meta = checkpoint.read_meta(resume_from)
+        checkpoint.check_files(resume_from, meta)
         checkpoint.check_compatible(resume_from, meta, parameter_shapes, model_config_to_dict(cfg.model_config),
                                     checksum)
         if place.rank == 0:
             _note_changes(meta, cfg)
         data.check_stream_state(dataset, meta["data_stream"], resume_from)
         universal = checkpoint.needs_universal(resume_from, meta, place.world_size, cfg.zero_stage)
-        if universal:
-            checkpoint.universal(resume_from)   # a conversion on the CPU: before the model reaches the accelerator
         state = TrainState(**meta["state"])
         if state.step > cfg.train.max_steps:
             raise ConfigError(f"{resume_from} is at step {state.step}, past train.max_steps={cfg.train.max_steps}: "
@@ -130,6 +129,8 @@ def setup(config_path: str, overrides: list[str], stop_signal: list[str], held: 
     elif cfg.train.init_from is not None:
         _initialise_from(model, cfg.train.init_from, parameter_shapes, checksum)
     checkpoint.check_no_later(cfg.checkpoint_dir, state.step)
+    if universal:   # after every check: it can take minutes, and writes into the checkpoint; on the CPU, before the
+        checkpoint.universal(resume_from)   # model reaches the accelerator
 
     ds_config = _deepspeed_config(cfg, layout, universal, place.device)
     _check_deepspeed_config(ds_config)
