@@ -19,7 +19,7 @@ from data_pipeline.tokenizer import Tokenizer
 from model import build_model, save_pretrained
 from model.config import model_config_to_dict
 from training import evaluate, generate
-from training.checkpoint import FORMAT
+from training.checkpoint import FORMAT, META_KEYS
 from data_pipeline import DataError
 from training.export import load_model
 from training.evaluation import common, passkey, perplexity, report
@@ -323,7 +323,7 @@ def write_training_checkpoint(model, step_folder):
     torch.save({"module": {f"model.{k}": v for k, v in model.state_dict().items()}},
                step_folder / "mp_rank_00_model_states.pt")
     (step_folder / "meta.json").write_text(json.dumps({
-        "format": FORMAT, "model": model_config_to_dict(model.config), "zero_stage": 1,
+        **dict.fromkeys(META_KEYS), "format": FORMAT, "model": model_config_to_dict(model.config), "zero_stage": 1,
         "tokenizer_checksum": "0" * 64}))
 
 

@@ -30,8 +30,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from data_pipeline import DataError
 from model import ConfigError, build_model, load_pretrained, save_pretrained
 from training import checkpoint, data, flops
-from training.checkpoint import (FORMAT, CheckpointError, check_no_later, check_shapes, check_tokenizer,
-                                 complete_checkpoints, needs_universal, read_meta, remove_partial, resolve_resume)
+from training.checkpoint import (FORMAT, META_KEYS, CheckpointError, check_no_later, check_shapes,
+                                 check_tokenizer, complete_checkpoints, needs_universal, read_meta, remove_partial,
+                                 resolve_resume)
 from training.config import OptimizerConfig, apply_override, batch_layout, config_from_dict, load_config
 from training.distributed import free_port
 from training.export import load_model
@@ -103,6 +104,8 @@ def tiny_config(**sections):
     ({"optimizer.lr": float("inf")}, "optimizer.lr must be finite, got inf"),
     ({"output_dir": ""}, "output_dir is empty"),
     ({"data.path": " "}, "data.path is empty"),
+    ({"checkpoint.resume": ""}, "checkpoint.resume is empty: auto, never or a checkpoint's path"),
+    ({"train.init_from": ""}, "train.init_from is empty"),
     ({"data.num_workers": -1}, "data.num_workers must be >= 0, got -1"),
     ({"optimizer.eps": 0}, "optimizer.eps must be positive, got 0"),
     ({"optimizer.warmup_steps": -1}, "optimizer.warmup_steps must be >= 0, got -1"),
@@ -254,12 +257,13 @@ def test_saves_appear_complete_under_their_final_name_and_only_the_latest_keep_r
     root = tmp_path / "checkpoints"
     (tmp_path / "tokenizer.model").write_bytes(b"pieces")
     for step in (4, 8, 12, 16):   # steps of different digit counts: the latest must still sort last
-        path = checkpoint.save(_Engine(), root, step, {"state": {"step": step}}, {"rng": step}, keep=3,
+        meta = {**dict.fromkeys(META_KEYS), "state": {"step": step}}
+        path = checkpoint.save(_Engine(), root, step, meta, {"rng": step}, keep=3,
                                files={"tokenizer.model": str(tmp_path / "tokenizer.model")})
         assert resolve_resume("auto", root) == path
     assert [p.name for p in complete_checkpoints(root)] == ["step-00000008", "step-00000012", "step-00000016"]
     assert sorted(p.name for p in root.iterdir()) == ["step-00000008", "step-00000012", "step-00000016"]
-    assert read_meta(path) == {"format": FORMAT, "state": {"step": 16}}
+    assert read_meta(path) == {"format": FORMAT, **meta}
     assert torch.load(path / "rank-00000.pt") == {"rng": 16} and (path / "tokenizer.model").read_bytes() == b"pieces"
 
     # a save that fails half-way leaves the last complete checkpoint the one to resume from, and is cleared away
@@ -300,6 +304,11 @@ def test_a_checkpoint_of_another_format_model_or_tokenizer_is_refused_by_name(tm
         read_meta(tmp_path)
     (tmp_path / "meta.json").write_text("[]")
     with pytest.raises(CheckpointError, match=f"^{tmp_path}/meta.json: format None, expected '{FORMAT}'$"):
+        read_meta(tmp_path)
+    edited = {**dict.fromkeys(META_KEYS), "format": FORMAT}
+    del edited["data_stream"], edited["config"]
+    (tmp_path / "meta.json").write_text(json.dumps(edited))
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}/meta.json: no data_stream, config$"):
         read_meta(tmp_path)
     (tmp_path / "meta.json").write_text('{"format": ')
     with pytest.raises(CheckpointError, match=f"^{tmp_path}/meta.json: not valid JSON"):
@@ -725,7 +734,7 @@ def test_two_ranks_learn_log_and_checkpoint(straight_run):
     meta = json.loads((latest / "meta.json").read_text())
     assert meta["state"] == {"step": STEPS, "consumed_samples": STEPS * 8, "tokens_seen": STEPS * 8 * 64,
                              "skipped_steps": 0, "skipped_in_a_row": 0}
-    assert meta["world_size"] == 2 and meta["zero_stage"] == 1
+    assert meta.keys() == {"format", *META_KEYS} and meta["world_size"] == 2 and meta["zero_stage"] == 1
 
 
 @pytest.mark.slow
@@ -1153,7 +1162,8 @@ def fake_run(root, section=None):
     torch.save({"module": {f"model.{k}": v for k, v in model.state_dict().items()}},
                step / "mp_rank_00_model_states.pt")
     (step / "meta.json").write_text(json.dumps({
-        "format": FORMAT, "model": section or {"arch": "memmamba", "size": "tiny", "notes": False}, "zero_stage": 1,
+        **dict.fromkeys(META_KEYS), "format": FORMAT,
+        "model": section or {"arch": "memmamba", "size": "tiny", "notes": False}, "zero_stage": 1,
         "tokenizer_checksum": "0" * 64, "state": {"step": 1, "tokens_seen": 64}}))
     return step
 

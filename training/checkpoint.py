@@ -78,6 +78,11 @@ def check_no_later(root: Path, step: int) -> None:
                               f"saves would mix with; move or delete them, or use another output_dir")
 
 
+# What training's save_checkpoint writes into meta.json besides the format: a reader may read any of them.
+META_KEYS = ("state", "world_size", "zero_stage", "global_batch_size", "model", "parameter_shapes",
+             "tokenizer_checksum", "data_stream", "config")
+
+
 def read_meta(path: Path) -> dict:
     try:
         meta = json.loads((path / META).read_text())
@@ -86,6 +91,9 @@ def read_meta(path: Path) -> dict:
     found = meta.get("format") if isinstance(meta, dict) else None
     if found != FORMAT:
         raise CheckpointError(f"{path / META}: format {found!r}, expected {FORMAT!r}")
+    missing = [key for key in META_KEYS if key not in meta]
+    if missing:   # edited by hand
+        raise CheckpointError(f"{path / META}: no {', '.join(missing)}")
     return meta
 
 

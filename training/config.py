@@ -93,6 +93,8 @@ class TrainConfig:
                 _positive("train", self, key)
         if not self.grad_clip >= 0:
             raise ConfigError(f"train.grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
+        if self.init_from is not None and not self.init_from.strip():   # --set train.init_from=$X with X unset
+            raise ConfigError("train.init_from is empty: an export, a checkpoint or a folder of them; or null")
 
 
 @dataclass
@@ -135,6 +137,8 @@ class CheckpointConfig:
     def __post_init__(self):
         _positive("checkpoint", self, "every")
         _positive("checkpoint", self, "keep")
+        if not self.resume.strip():
+            raise ConfigError("checkpoint.resume is empty: auto, never or a checkpoint's path")
 
 
 # Keys of the deepspeed section that this stack sets from its own sections: one obvious place for each.
