@@ -129,8 +129,10 @@ def setup(config_path: str, overrides: list[str], stop_signal: list[str], held: 
     elif cfg.train.init_from is not None:
         _initialise_from(model, cfg.train.init_from, parameter_shapes, checksum)
     checkpoint.check_no_later(cfg.checkpoint_dir, state.step)
-    if universal:   # after every check: it can take minutes, and writes into the checkpoint; on the CPU, before the
-        checkpoint.universal(resume_from)   # model reaches the accelerator
+    # The conversion comes after every check (it can take minutes, and writes into the checkpoint) and before the
+    # model reaches the accelerator (it runs on the CPU).
+    if universal:
+        checkpoint.universal(resume_from)
 
     ds_config = _deepspeed_config(cfg, layout, universal, place.device)
     _check_deepspeed_config(ds_config)
