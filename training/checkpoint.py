@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.stream import ignore_stop_signals
+from training.distributed import raise_on_every_rank
 
 FORMAT = "memmamba-checkpoint/1"
 META = "meta.json"
@@ -101,7 +102,7 @@ def check_files(path: Path, meta: dict) -> None:
     """Refuse a checkpoint with a file missing or truncated, on every rank before any loads (collective): a rank
     that met it alone while loading would leave the others waiting for it. Rank 0 looks at the files, named as
     DeepSpeed names them for the checkpoint's ZeRO stage."""
-    problem = [None]
+    problem = None
     if dist.get_rank() == 0:
         ranks, stage = range(meta["world_size"]), meta["zero_stage"]
         names = [f"rank-{rank:05d}.pt" for rank in ranks]
@@ -111,17 +112,15 @@ def check_files(path: Path, meta: dict) -> None:
             names.append("mp_rank_00_model_states.pt")
         if stage > 0:
             names += [f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in ranks]
-        for name in names:
-            if not (path / name).is_file():
-                problem[0] = f"{name} is missing"
-            elif not zipfile.is_zipfile(path / name):   # torch.save writes a zip, whose directory is at the end
-                problem[0] = f"{name} is truncated"
-            if problem[0]:
-                break
-    dist.broadcast_object_list(problem, src=0)
-    if problem[0] is not None:
-        raise CheckpointError(f"{path}: damaged ({problem[0]}); move it out of {path.parent} to resume from the "
-                              f"checkpoint before it")
+        # torch.save writes a zip, whose directory is at the end; is_zipfile is False for a missing file too
+        damaged = next((name for name in names if not zipfile.is_zipfile(path / name)), None)
+        if damaged is not None:
+            problem = _damaged(path, f"{damaged} is {'truncated' if (path / damaged).is_file() else 'missing'}")
+    raise_on_every_rank(problem, CheckpointError)
+
+
+def _damaged(path: Path, detail: str) -> str:
+    return f"{path}: damaged ({detail}); move it out of {path.parent} to resume from the checkpoint before it"
 
 
 def parameter_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
@@ -238,8 +237,7 @@ def load(engine, path: Path, meta: dict) -> dict | None:
         raise
     except (*DAMAGED_TORCH_FILE, AssertionError) as error:   # DeepSpeed asserts that it finds its model states
         detail = str(error).strip().splitlines()[0] if str(error).strip() else "its model states are missing"
-        raise CheckpointError(f"{path}: damaged ({detail}); move it out of {path.parent} to resume from the "
-                              f"checkpoint before it") from None
+        raise CheckpointError(_damaged(path, detail)) from None
 
 
 def _own_step_counts(optimizer: torch.optim.Optimizer) -> None:
@@ -255,7 +253,7 @@ def universal(path: Path) -> Path:
     """The checkpoint in DeepSpeed's universal format (ZeRO partitions merged per parameter), made once by rank 0
     (collective: every rank returns, or raises, once it is there)."""
     out = path / "universal"
-    failure = [None]
+    failure = None
     if dist.get_rank() == 0 and not out.is_dir():
         tmp = path / (PARTIAL + "universal")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -267,10 +265,8 @@ def universal(path: Path) -> Path:
                                    capture_output=True, text=True, preexec_fn=ignore_stop_signals)
         if converted.returncode:
             detail = (converted.stderr.strip().splitlines() or [f"exit status {converted.returncode}"])[-1]
-            failure[0] = f"{path}: conversion to DeepSpeed's universal format failed: {detail}"
+            failure = f"{path}: conversion to DeepSpeed's universal format failed: {detail}"
         else:
             os.replace(tmp, out)
-    dist.broadcast_object_list(failure, src=0)   # so that the other ranks stop too, rather than wait for rank 0
-    if failure[0] is not None:
-        raise CheckpointError(failure[0])
+    raise_on_every_rank(failure, CheckpointError)
     return out

@@ -11,7 +11,6 @@ import os
 import socket
 from dataclasses import dataclass
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -26,6 +25,8 @@ class Placement:
 
 
 def init_distributed() -> Placement:
+    import deepspeed   # here: it takes seconds to import, and the checkpoint readers need only raise_on_every_rank
+
     _fill_environment()
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
@@ -43,6 +44,15 @@ def init_distributed() -> Placement:
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_size))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return Placement(dist.get_rank(), dist.get_world_size(), device)
+
+
+def raise_on_every_rank(problem: str | None, error: type[Exception]) -> None:
+    """Raise error(problem) on every rank when rank 0 found a problem (collective; the other ranks pass None): a rank
+    that stopped alone would leave the others waiting for it in their next collective."""
+    shared = [problem]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise error(shared[0])
 
 
 def process_rank() -> int:

@@ -35,7 +35,8 @@ from model.config import model_config_to_dict
 from model.sequence_parallel import SequenceParallel
 from training import checkpoint, data, export
 from training.config import BatchLayout, ConfigError, RunConfig, batch_layout, load_config
-from training.distributed import Placement, init_distributed, process_rank, sequence_parallel_group
+from training.distributed import (Placement, init_distributed, process_rank, raise_on_every_rank,
+                                  sequence_parallel_group)
 from training.flops import measure_peak_flops, peak_flops, train_flops_per_token
 from training.loss import LanguageModelObjective
 from training.metrics import Metrics
@@ -465,15 +466,13 @@ def _check_output_dir(cfg: RunConfig) -> None:
 def _hold_output_dir(cfg: RunConfig, held: contextlib.ExitStack) -> None:
     """Rank 0 locks output_dir: two runs in one would delete and overwrite each other's checkpoints. Every rank stops
     if another run holds it, rather than wait for a rank 0 that has left."""
-    taken = [None]
+    taken = None
     if dist.get_rank() == 0:
         try:
             held.enter_context(output_lock(cfg.output_dir))
         except DataError as error:
-            taken[0] = str(error)
-    dist.broadcast_object_list(taken, src=0)
-    if taken[0] is not None:
-        raise DataError(taken[0])
+            taken = str(error)
+    raise_on_every_rank(taken, DataError)
 
 
 def _peak_flops(cfg: RunConfig, device: torch.device) -> float:
