@@ -216,6 +216,19 @@ def test_the_papers_run_and_its_variants():
         load_config(path)
 
 
+def test_the_documented_slurm_commands_start_runs_of_the_h800_global_batch():
+    """Every `sbatch --nodes=N launch/slurm_h800.sbatch [--set ...]` of the docs, on N 8-GPU nodes, lays out the
+    config's global batch of 32 (a layout that does not divide stops every rank at start-up)."""
+    commands = []
+    for doc in (ROOT / "README.md", ROOT / "docs" / "training.md", ROOT / "launch" / "slurm_h800.sbatch"):
+        text = doc.read_text().replace("\n", " ")
+        commands += re.findall(r"sbatch --nodes=(\d+) launch/slurm_h800\.sbatch((?: --set \S+=[^\s`]+)?)", text)
+    assert len(commands) >= 3, commands
+    for nodes, overrides in commands:
+        cfg = load_config(CONFIGS / "200m_8k_h800.json", overrides.split()[1:])
+        assert batch_layout(cfg.train, int(nodes) * 8).global_batch_size == 32, (nodes, overrides)
+
+
 def test_a_resume_on_another_zero_stage_or_world_size_takes_the_universal_format():
     def needs(saved_stage, saved_ranks, stage, ranks):
         return needs_universal(Path("ckpt"), {"zero_stage": saved_stage, "world_size": saved_ranks}, ranks, stage)
