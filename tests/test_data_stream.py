@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,8 @@ from data_pipeline.evaluation import iter_books, validation_windows
 from data_pipeline.reader import ShardedBooks
 from data_pipeline.stream import PackedWindows, RankBatches, train_loader
 from data_pipeline.tokenizer import EOS_ID
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "data_pipeline.md"
 
 
 def packed_stream(root, split, book_order=None):
@@ -136,6 +140,8 @@ def test_resume_on_same_and_different_rank_counts(pg19_shards):
 
     state = ds.state_dict(consumed_samples=9 * global_batch)  # a checkpoint after 9 steps
     assert json.loads(json.dumps(state)) == state and state["consumed_samples"] == 72
+    documented = re.search(r"`state_dict\(consumed_samples\)` is `\{(.*?)\}`", DOCS.read_text(), re.S).group(1)
+    assert state.keys() == set(re.findall(r'"(\w+)"', documented))
     for dp_world, micro, accum, workers in [(2, 2, 2, 2), (4, 1, 2, 1), (1, 4, 2, 0), (8, 1, 1, 0)]:
         restarted = PackedWindows(pg19_shards.root, "validation", seq_len=4096, seed=11)
         consumed = restarted.load_state_dict(state)
