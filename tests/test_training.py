@@ -103,6 +103,8 @@ def tiny_config(**sections):
     ({"deepspeed.zero_optimization.stage": True}, "deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got True"),
     ({"optimizer.lr": float("inf")}, "optimizer.lr must be finite, got inf"),
     ({"output_dir": ""}, "output_dir is empty"),
+    ({"output_dir": "file:///runs/x"}, "output_dir must be a local path (a shared file system for several nodes), "
+                                       "got the URL file:///runs/x"),
     ({"data.path": " "}, "data.path is empty"),
     ({"checkpoint.resume": ""}, "checkpoint.resume is empty: auto, never or a checkpoint's path"),
     ({"train.init_from": ""}, "train.init_from is empty"),

@@ -173,6 +173,9 @@ class RunConfig:
     def __post_init__(self):
         if not self.output_dir.strip():
             raise ConfigError("output_dir is empty: name the run's folder, e.g. runs/200m_8k")
+        if "://" in self.output_dir:   # as a Path, file:///runs/x would be the folder file:/runs/x under this one
+            raise ConfigError(f"output_dir must be a local path (a shared file system for several nodes), "
+                              f"got the URL {self.output_dir}")
         self.model_config = model_config_from_dict(self.model)
         for key, instead in OWNED_DEEPSPEED_KEYS.items():
             if key in self.deepspeed:
