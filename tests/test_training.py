@@ -103,11 +103,15 @@ def tiny_config(**sections):
     ({"deepspeed.zero_optimization.stage": True}, "deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got True"),
     ({"optimizer.lr": float("inf")}, "optimizer.lr must be finite, got inf"),
     ({"output_dir": ""}, "output_dir is empty"),
-    ({"output_dir": "file:///runs/x"}, "output_dir must be a local path (a shared file system for several nodes), "
-                                       "got the URL file:///runs/x"),
+    ({"output_dir": "file:///runs/x"}, "output_dir must be a local path (the run's folder on a local or shared file "
+                                       "system, e.g. runs/200m_8k), got the URL file:///runs/x"),
     ({"data.path": " "}, "data.path is empty"),
     ({"checkpoint.resume": ""}, "checkpoint.resume is empty: auto, never or a checkpoint's path"),
     ({"train.init_from": ""}, "train.init_from is empty"),
+    ({"train.init_from": "gs://b/runs/x"}, "train.init_from must be a local path (an export, a checkpoint or a "
+                                           "folder of them; or null), got the URL gs://b/runs/x"),
+    ({"checkpoint.resume": "file:///runs/x/checkpoints"}, "checkpoint.resume must be a local path (auto, never or a "
+                                                          "checkpoint's path), got the URL file:///runs/x/checkpoints"),
     ({"data.num_workers": -1}, "data.num_workers must be >= 0, got -1"),
     ({"optimizer.eps": 0}, "optimizer.eps must be positive, got 0"),
     ({"optimizer.warmup_steps": -1}, "optimizer.warmup_steps must be >= 0, got -1"),

@@ -93,8 +93,8 @@ class TrainConfig:
                 _positive("train", self, key)
         if not self.grad_clip >= 0:
             raise ConfigError(f"train.grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
-        if self.init_from is not None and not self.init_from.strip():   # --set train.init_from=$X with X unset
-            raise ConfigError("train.init_from is empty: an export, a checkpoint or a folder of them; or null")
+        if self.init_from is not None:
+            _local_path("train.init_from", self.init_from, "an export, a checkpoint or a folder of them; or null")
 
 
 @dataclass
@@ -137,8 +137,7 @@ class CheckpointConfig:
     def __post_init__(self):
         _positive("checkpoint", self, "every")
         _positive("checkpoint", self, "keep")
-        if not self.resume.strip():
-            raise ConfigError("checkpoint.resume is empty: auto, never or a checkpoint's path")
+        _local_path("checkpoint.resume", self.resume, "auto, never or a checkpoint's path")
 
 
 # Keys of the deepspeed section that this stack sets from its own sections: one obvious place for each.
@@ -171,11 +170,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
-        if not self.output_dir.strip():
-            raise ConfigError("output_dir is empty: name the run's folder, e.g. runs/200m_8k")
-        if "://" in self.output_dir:   # as a Path, file:///runs/x would be the folder file:/runs/x under this one
-            raise ConfigError(f"output_dir must be a local path (a shared file system for several nodes), "
-                              f"got the URL {self.output_dir}")
+        _local_path("output_dir", self.output_dir, "the run's folder on a local or shared file system, e.g. "
+                    "runs/200m_8k")
         self.model_config = model_config_from_dict(self.model)
         for key, instead in OWNED_DEEPSPEED_KEYS.items():
             if key in self.deepspeed:
@@ -294,6 +290,15 @@ def _build(cls, values, where: str):
 def _positive(section: str, obj, key: str) -> None:
     if not getattr(obj, key) > 0:
         raise ConfigError(f"{section}.{key} must be a positive integer, got {getattr(obj, key)}")
+
+
+def _local_path(key: str, value: str, what: str) -> None:
+    """Refuse an empty value (--set KEY=$X with X unset) and a URL: as a Path, file:///runs/x would be the folder
+    file:/runs/x under the working one."""
+    if not value.strip():
+        raise ConfigError(f"{key} is empty: {what}")
+    if "://" in value:
+        raise ConfigError(f"{key} must be a local path ({what}), got the URL {value}")
 
 
 def _non_negative(section: str, obj, key: str) -> None:
