@@ -523,6 +523,16 @@ def test_passkey_source_gives_masked_batches_and_a_masked_loss(pg19_shards):
     assert masked.item() == pytest.approx(nll[mask].mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("key", ["data.train_split", "validation.split"])
+def test_a_split_the_data_lacks_is_named_with_the_key_that_chose_it(pg19_shards, key):
+    # as a corpus prepared with `prepare --splits train` lacks its validation split
+    cfg = config_from_dict(tiny_config(**{"data.path": str(pg19_shards.root), key: "dev"}))
+    with pytest.raises(DataError) as error:
+        data.train_dataset(cfg, pg19_shards.checksum)
+        data.validation_batches(cfg, pg19_shards.checksum, dp_rank=0, dp_world=1)
+    assert str(error.value) == f"{pg19_shards.root}/dev: no such directory ({key}='dev')"
+
+
 def test_train_batches_are_the_ranks_samples_of_the_seeds_order_as_windows_without_a_mask(pg19_shards):
     def config(**changes):
         return config_from_dict(tiny_config(**{"data.path": str(pg19_shards.root), "data.seq_len": 64,
@@ -1463,7 +1473,8 @@ def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, str
         fcntl.flock(lock, fcntl.LOCK_EX)
     overrides, expected = {
         "missing key": ([], "error: missing key train.max_steps"),
-        "no shards": ([f"data.path={tmp_path}"], f"error: {tmp_path}/train: no such directory"),
+        "no shards": ([f"data.path={tmp_path}"],
+                      f"error: {tmp_path}/train: no such directory (data.train_split='train')"),
         "vocabulary": (["model.vocab_size=512"], "error: model.vocab_size (512) is smaller than the tokenizer's"),
         "model shape": ([f"checkpoint.resume={latest}", "model.d_model=32"],
                         f"error: {latest}: checkpoint of a different model: parameter embedding.weight is "

@@ -5,6 +5,7 @@ for tasks that score only some targets (a passkey's answer). Every batch comes o
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ Batch = tuple[Tensor, "Tensor | None"]
 
 
 def train_dataset(cfg: RunConfig, tokenizer_checksum: str | None) -> Dataset:
-    return _dataset(cfg, cfg.data.train_split, cfg.train.seed, tokenizer_checksum)
+    with _split_named("data.train_split", cfg.data.train_split):
+        return _dataset(cfg, cfg.data.train_split, cfg.train.seed, tokenizer_checksum)
 
 
 def validation_batches(cfg: RunConfig, tokenizer_checksum: str | None, dp_rank: int, dp_world: int
@@ -32,12 +34,13 @@ def validation_batches(cfg: RunConfig, tokenizer_checksum: str | None, dp_rank: 
     resumes on another number of ranks. Every rank runs as many forward passes as the others (ZeRO-3 needs it):
     a rank short of windows pads its share with ones it does not score (an all-False loss mask).
     """
-    if cfg.data.source == "shards":
-        items = list(validation_windows(cfg.data.path, cfg.validation.split, cfg.data.seq_len,
-                                        cfg.validation.windows, tokenizer_checksum))
-    else:  # a task's first windows of its validation split, always the same ones
-        dataset = _dataset(cfg, cfg.validation.split, 0, tokenizer_checksum)
-        items = [dataset[k] for k in range(cfg.validation.windows)]
+    with _split_named("validation.split", cfg.validation.split):
+        if cfg.data.source == "shards":
+            items = list(validation_windows(cfg.data.path, cfg.validation.split, cfg.data.seq_len,
+                                            cfg.validation.windows, tokenizer_checksum))
+        else:  # a task's first windows of its validation split, always the same ones
+            dataset = _dataset(cfg, cfg.validation.split, 0, tokenizer_checksum)
+            items = [dataset[k] for k in range(cfg.validation.windows)]
     per_rank = -(-len(items) // dp_world)
     mine = [_with_mask(item, scored=True) for item in items[dp_rank * per_rank:(dp_rank + 1) * per_rank]]
     mine += [_with_mask(items[0], scored=False)] * (per_rank - len(mine))
@@ -92,6 +95,16 @@ def _with_mask(item, scored: bool) -> tuple[Tensor, Tensor]:
     """A dataset item as (ids, loss mask); an unscored item's mask is all False."""
     ids, mask = (item, torch.ones(len(item) - 1, dtype=torch.bool)) if isinstance(item, Tensor) else item
     return ids, mask if scored else torch.zeros_like(mask)
+
+
+@contextlib.contextmanager
+def _split_named(key: str, split: str):
+    """Adds the config key that chose the split to a data error about it: a corpus prepared without that split
+    (prepare --splits train) is fixed there, or by preparing the split."""
+    try:
+        yield
+    except DataError as error:
+        raise DataError(f"{error} ({key}={split!r})") from None
 
 
 def _dataset(cfg: RunConfig, split: str, seed: int, tokenizer_checksum: str | None) -> Dataset:
