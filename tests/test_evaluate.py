@@ -239,6 +239,18 @@ def run_cli(module, argv, capsys):
     return code, out.out, out.err
 
 
+def test_a_passkey_depth_given_twice_is_one_row(pg19_shards, checkpoints, tmp_path, capsys):
+    argv = ["passkey", "--checkpoint", checkpoints["memmamba"], "--data", pg19_shards.root, "--lengths", 100,
+            "--depths", 1, 0, 1.0, "--samples", 1, "--out", tmp_path]
+    code, out, _ = run_cli(evaluate, argv, capsys)
+    assert code == 0
+    rows = [line.split(" |")[0] for line in out.splitlines() if line.startswith("| depth")]
+    assert rows == ["| depth 1", "| depth 0"]
+    result = json.loads((tmp_path / "passkey.json").read_text())
+    assert result["settings"]["depths"] == [1.0, 0.0]
+    assert [p["depth"] for p in result["results"]["memmamba"]["predictions"]] == [1.0, 0.0]
+
+
 def test_every_evaluation_runs_end_to_end_on_tiny_checkpoints(pg19_shards, checkpoints, tmp_path, capsys):
     models = [arg for kind in SPECS for arg in ("--checkpoint", checkpoints[kind])]
     data = ["--data", pg19_shards.root]

@@ -74,6 +74,7 @@ def prepare(checkpoints, args):
     lengths = parse_lengths(args.lengths)
     if not all(0 <= d <= 1 for d in args.depths):
         raise EvalError(f"--depths must lie in [0, 1], got {args.depths}")
+    args.depths = list(dict.fromkeys(d + 0.0 for d in args.depths))   # each once (-0.0 as 0.0), as rows of a table
     if args.samples < 1 or args.batch_size < 1:
         raise EvalError("--samples and --batch-size must be positive")
     if not 1 <= args.key_digits <= MAX_KEY_DIGITS:
