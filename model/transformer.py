@@ -48,18 +48,29 @@ def rotary(x: Tensor, positions: Tensor, base: float) -> Tensor:
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).to(x.dtype)
 
 
+# Scores (batch x head x query x key) that masked attention off CUDA holds at once: 256 MiB in fp32. There the
+# mask and the scores are materialised, so a chunk of 4,096 queries over a 400k-token cache with 16 heads would
+# take 100 GiB; the queries are taken in blocks instead, which leaves the arithmetic as it is.
+ATTENTION_SCORES = 2 ** 26
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal attention of the last q.shape[1] positions over all k.shape[1]; [B, T, H, d]."""
-    Tq, Tk = q.shape[1], k.shape[1]
+    B, Tq, H = q.shape[:3]
+    Tk = k.shape[1]
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return flash_attn_func(q, k, v, causal=True)   # aligns the causal mask bottom-right
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if Tq == Tk:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
-        mask = torch.arange(Tk, device=q.device)[None, :] <= torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    rows = Tq if q.is_cuda else max(1, ATTENTION_SCORES // (B * H * Tk))   # CUDA's kernels do not materialise
+    out = []
+    for start in range(0, Tq, rows):
+        end = min(start + rows, Tq)
+        positions = torch.arange(Tk - Tq + start, Tk - Tq + end, device=q.device)
+        mask = torch.arange(Tk, device=q.device)[None, :] <= positions[:, None]
+        out.append(F.scaled_dot_product_attention(q[:, :, start:end], k, v, attn_mask=mask))
+    return torch.cat(out, 2).transpose(1, 2)
 
 
 class Block(nn.Module):

@@ -4,6 +4,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -119,6 +120,30 @@ def test_progress_counts_tokens_so_the_time_left_holds_when_long_windows_come_la
     assert "100/900 tokens (11%)" in lines[1] and "left" in lines[1] and "window 2/2 of 50 tokens" in lines[1]
     assert "900/900 tokens (100%)" in lines[-1] and "left" not in lines[-1]
 
+def test_a_long_window_shows_progress_chunk_by_chunk_before_it_ends(checkpoints, pg19_shards, capsys, monkeypatch,
+                                                                     tmp_path):
+    class EveryChunk(common.Progress):   # a log line whenever one is due, not every 30 s
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, interval=0.0)
+    monkeypatch.setattr(perplexity, "Progress", EveryChunk)
+    monkeypatch.setattr(passkey, "Progress", EveryChunk)
+    checkpoint = load_checkpoint(str(checkpoints["memmamba"]), torch.device("cpu"))
+    args = argparse.Namespace(windows_per_book=1, scored=20, batch_size=1, chunk_len=64, device="cpu")
+    perplexity_evaluate(checkpoint, Books(201), [200], args, report.PartialResults(tmp_path, "ppl", {}))
+    lines = [line.split(": ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    # one window of 200 tokens read in chunks of 64, 64, 64 and 8: a line after each, the last one once
+    assert [line.split(" tokens")[0] for line in lines] == ["64/200", "128/200", "192/200", "200/200"]
+    assert all(line.endswith(", window 1/1 of 200 tokens") for line in lines)
+
+    task = PasskeyTask(checkpoint.tokenizer, BookFiller(ShardedBooks(pg19_shards.root, "test")))
+    args = argparse.Namespace(samples=1, batch_size=1, chunk_len=64, device="cpu", seed=0)
+    passkey.evaluate(checkpoint, task, [150], [0.5], args, report.PartialResults(tmp_path, "passkey", {}))
+    lines = [line.split(": ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    assert [line.split(" tokens")[0] for line in lines] == ["64/150", "128/150", "150/150", "150/150"]
+    assert lines[2].endswith(", sample 1/1 of 150 tokens")   # the prompt read, the key not yet decoded
+    assert re.search(r", sample 1/1 of 150 tokens, [01]\.00 correct$", lines[3])
+
+
 def test_greedy_decoding_with_a_chunked_prefill_equals_generate(pg19_shards, checkpoints):
     for kind in SPECS:
         model = load_checkpoint(str(checkpoints[kind]), torch.device("cpu")).model
@@ -212,6 +237,18 @@ def run_cli(module, argv, capsys):
     code = module.main([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def test_a_passkey_depth_given_twice_is_one_row(pg19_shards, checkpoints, tmp_path, capsys):
+    argv = ["passkey", "--checkpoint", checkpoints["memmamba"], "--data", pg19_shards.root, "--lengths", 100,
+            "--depths", 1, 0, 1.0, "--samples", 1, "--out", tmp_path]
+    code, out, _ = run_cli(evaluate, argv, capsys)
+    assert code == 0
+    rows = [line.split(" |")[0] for line in out.splitlines() if line.startswith("| depth")]
+    assert rows == ["| depth 1", "| depth 0"]
+    result = json.loads((tmp_path / "passkey.json").read_text())
+    assert result["settings"]["depths"] == [1.0, 0.0]
+    assert [p["depth"] for p in result["results"]["memmamba"]["predictions"]] == [1.0, 0.0]
 
 
 def test_every_evaluation_runs_end_to_end_on_tiny_checkpoints(pg19_shards, checkpoints, tmp_path, capsys):

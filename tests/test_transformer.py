@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model import TransformerConfig, TransformerLM
+from model import TransformerConfig, TransformerLM, transformer
 
 
 def make():
@@ -26,6 +26,26 @@ def test_chunked_and_step_forms_equal_one_pass():
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-5, atol=1e-5)
     assert cache.position == state.position == 30 and cache.layers[0][0].shape[1] == 30
+
+
+def test_a_chunk_over_a_long_cache_attends_in_query_blocks_of_bounded_scores(monkeypatch):
+    """Off CUDA the mask and the scores of a chunk's attention are materialised: a chunk of 4,096 queries over a
+    400k-token cache would hold 4096 x 400k scores per head. Its queries go in blocks of at most
+    ATTENTION_SCORES scores, with the outputs of one pass."""
+    model = make()
+    ids = torch.randint(0, 50, (2, 30))
+    with torch.no_grad():
+        full, _ = model(ids)
+        _, cache = model(ids[:, :18])
+        # 5 queries over 30 keys, 2 sequences x 4 heads
+        monkeypatch.setattr(transformer, "ATTENTION_SCORES", 2 * 4 * 30 * 5, raising=False)
+        calls = []
+        sdpa = transformer.F.scaled_dot_product_attention
+        monkeypatch.setattr(transformer.F, "scaled_dot_product_attention",
+                            lambda q, k, v, **kw: calls.append((q.shape[2], k.shape[2])) or sdpa(q, k, v, **kw))
+        rest, _ = model(ids[:, 18:], cache)
+    assert calls == [(5, 30), (5, 30), (2, 30)] * 2   # 12 queries per layer, 2 layers
+    torch.testing.assert_close(rest, full[:, 18:], rtol=1e-5, atol=1e-5)
 
 
 def test_causality():

@@ -12,6 +12,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -134,8 +135,9 @@ def unique_names(paths: list[str]) -> list[str]:
 
 @torch.no_grad()
 def chunked_hidden(model: nn.Module, ids: Tensor, chunk_len: int, keep: tuple[int, int] | None = None,
-                   state=None):
-    """Run ids [B, T] chunk by chunk, carrying the state.
+                   state=None, on_chunk: Callable[[int], None] | None = None):
+    """Run ids [B, T] chunk by chunk, carrying the state; `on_chunk(tokens)` after each chunk (B x its length),
+    so that progress shows inside an input that takes minutes.
 
     Returns (the final hidden states of positions [keep[0], keep[1]) as [B, n, D], or None
     without `keep`; the state after the last token).
@@ -144,17 +146,21 @@ def chunked_hidden(model: nn.Module, ids: Tensor, chunk_len: int, keep: tuple[in
     for start in range(0, ids.shape[1], chunk_len):
         end = min(start + chunk_len, ids.shape[1])
         hidden, state = model.hidden_states(ids[:, start:end], state)
+        if on_chunk is not None:
+            on_chunk(ids.shape[0] * (end - start))
         if keep is not None and max(keep[0], start) < min(keep[1], end):
             kept.append(hidden[:, max(keep[0], start) - start:min(keep[1], end) - start])
     return (torch.cat(kept, 1) if keep is not None else None), state
 
 
 @torch.no_grad()
-def greedy(model: nn.Module, ids: Tensor, new_tokens: int, chunk_len: int, vocab_size: int | None = None) -> Tensor:
-    """ids [B, T] -> the next `new_tokens` greedy tokens [B, new_tokens]: a chunked prefill,
-    then one `step` per token. `vocab_size`: only ids below it (a tokenizer smaller than the model's vocabulary)."""
+def greedy(model: nn.Module, ids: Tensor, new_tokens: int, chunk_len: int, vocab_size: int | None = None,
+           on_chunk: Callable[[int], None] | None = None) -> Tensor:
+    """ids [B, T] -> the next `new_tokens` greedy tokens [B, new_tokens]: a chunked prefill (`on_chunk` as for
+    chunked_hidden), then one `step` per token. `vocab_size`: only ids below it (a tokenizer smaller than the
+    model's vocabulary)."""
     T = ids.shape[1]
-    hidden, state = chunked_hidden(model, ids, chunk_len, keep=(T - 1, T))
+    hidden, state = chunked_hidden(model, ids, chunk_len, keep=(T - 1, T), on_chunk=on_chunk)
     logits = model.lm_head(hidden[:, -1])
     out = []
     for i in range(new_tokens):
@@ -259,17 +265,27 @@ class Progress:
     def __init__(self, total: int, label: str, unit: str = "sample", interval: float = 30.0):
         self.total, self.label, self.unit, self.interval = total, label, unit, interval
         self.done, self.start = 0, time.monotonic()
-        self.last = self.start
+        self.last, self.shown = self.start, None
         self.bar = tqdm(total=total, desc=label, unit=unit, unit_scale=True, file=sys.stderr,
                         dynamic_ncols=True) if sys.stderr.isatty() else None
 
     def update(self, n: int = 1, status: str = "") -> None:
+        """`n` more done, at the end of an item: the last item's update gives the final line."""
+        self._count(n, status, self.done + n == self.total)
+
+    def advance(self, n: int, status: str = "") -> None:
+        """`n` more done inside an item (a chunk of a long window): a line only when the interval has passed,
+        so that an item of minutes or hours still shows progress, and the item's `update` has the final say."""
+        self._count(n, status, False)
+
+    def _count(self, n: int, status: str, final: bool) -> None:
         self.done += n
         if self.bar is not None:
             self.bar.set_postfix_str(status, refresh=False)
             self.bar.update(n)
-        elif time.monotonic() - self.last >= self.interval or self.done == self.total:
-            self.last = time.monotonic()
+            return
+        if (time.monotonic() - self.last >= self.interval or final) and (self.done, status) != self.shown:
+            self.last, self.shown = time.monotonic(), (self.done, status)
             log(f"{self.label}: {self.describe()}" + (f", {status}" if status else ""))
 
     def describe(self) -> str:

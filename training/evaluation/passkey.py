@@ -50,15 +50,15 @@ def evaluate(checkpoint, task: PasskeyTask, lengths: list[int], depths: list[flo
         for first in range(0, len(samples), args.batch_size):
             batch = samples[first:first + args.batch_size]
             ids = torch.from_numpy(np.stack([s.ids for s in batch])).to(args.device)
+            running = f"sample {len(correct) + len(batch)}/{per_length} of {L} tokens"
             new = greedy(checkpoint.model, ids, max(len(s.answer) for s in batch) + 1, args.chunk_len,
-                         task.tokenizer.vocab_size).cpu()
+                         task.tokenizer.vocab_size, lambda tokens: progress.advance(tokens, running)).cpu()
             for sample, tokens in zip(batch, new):
                 text = task.tokenizer.decode(tokens.tolist())
                 correct.append(task.is_correct(sample, text))
                 predictions.append({"length": L, "depth": sample.depth, "key": sample.key,
                                     "continuation": text, "correct": correct[-1]})
-            progress.update(L * len(batch), f"sample {len(correct)}/{per_length} of {L} tokens, "
-                                            f"{np.mean(correct):.2f} correct")
+            progress.update(0, f"{running}, {np.mean(correct):.2f} correct")
         by_depth = np.array(correct).reshape(len(depths), args.samples).mean(1)
         partial.add(checkpoint.name, L, {"length": L, "accuracy": float(np.mean(correct)),
                                          "by_depth": {str(d): float(a) for d, a in zip(depths, by_depth)},
@@ -74,6 +74,7 @@ def prepare(checkpoints, args):
     lengths = parse_lengths(args.lengths)
     if not all(0 <= d <= 1 for d in args.depths):
         raise EvalError(f"--depths must lie in [0, 1], got {args.depths}")
+    args.depths = list(dict.fromkeys(d + 0.0 for d in args.depths))   # each once (-0.0 as 0.0), as rows of a table
     if args.samples < 1 or args.batch_size < 1:
         raise EvalError("--samples and --batch-size must be positive")
     if not 1 <= args.key_digits <= MAX_KEY_DIGITS:

@@ -11,6 +11,7 @@ interval over windows, exp(mean window NLL +- 1.96 standard errors).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -44,10 +45,11 @@ def window_starts(book_tokens: int, length: int, count: int) -> list[int]:
 
 
 @torch.no_grad()
-def scored_nll(model: nn.Module, windows: Tensor, scored: int, chunk_len: int) -> Tensor:
+def scored_nll(model: nn.Module, windows: Tensor, scored: int, chunk_len: int,
+               on_chunk: Callable[[int], None] | None = None) -> Tensor:
     """windows [B, L + 1] -> NLL [B, scored] (float64) of the last `scored` tokens given all before."""
     L = windows.shape[1] - 1
-    hidden, _ = chunked_hidden(model, windows[:, :-1], chunk_len, keep=(L - scored, L))
+    hidden, _ = chunked_hidden(model, windows[:, :-1], chunk_len, keep=(L - scored, L), on_chunk=on_chunk)
     logits = model.lm_head(hidden).float()
     targets = windows[:, L - scored + 1:]
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).double()
@@ -78,11 +80,13 @@ def evaluate(checkpoint, books: ShardedBooks, lengths: list[int], args, partial:
         for first in range(0, len(windows), args.batch_size):
             batch = windows[first:first + args.batch_size]
             ids = torch.from_numpy(np.stack([books.tokens(i, s, s + L + 1).astype(np.int64) for i, s in batch]))
-            nll = scored_nll(checkpoint.model, ids.to(args.device), args.scored, args.chunk_len).cpu()
+            status = f"window {first + len(batch)}/{len(windows)} of {L} tokens"
+            nll = scored_nll(checkpoint.model, ids.to(args.device), args.scored, args.chunk_len,
+                             lambda tokens: progress.advance(tokens, status)).cpu()
             for (i, _), row in zip(batch, nll):
                 window_nll.append(row)
                 per_book.setdefault(books.books[i]["book_id"], []).append(float(row.mean()))
-            progress.update(L * len(batch), f"window {first + len(batch)}/{len(windows)} of {L} tokens")
+            progress.update(0, status)
         skipped = int((books.num_tokens < L + 1).sum())
         partial.add(checkpoint.name, L, _summary(window_nll, per_book, skipped, L))
     progress.close()
