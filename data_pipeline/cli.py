@@ -30,6 +30,7 @@ def _parser():
         command.add_argument("--output", required=True, help="folder or fsspec URL for tokenizer and shards")
         command.add_argument("--gutenberg", action="store_true",
                              help="strip Project Gutenberg licence header/footer (raw downloads; PG19 needs none)")
+        command.add_argument("--quiet", action="store_true", help="no progress output, only the final report")
 
     def tokenizer_args(command):
         command.add_argument("--vocab-size", type=int, default=32000, help="tokenizer pieces (default 32000)")
@@ -44,7 +45,6 @@ def _parser():
         command.add_argument("--tokens-per-shard", type=int, default=50_000_000,
                              help="a shard is closed after the book that reaches this (default 50,000,000)")
         command.add_argument("--workers", type=int, default=default_workers(), help="tokenizing processes (all cores)")
-        command.add_argument("--quiet", action="store_true", help="no progress output, only the final report")
 
     command = commands.add_parser("prepare", help="train the tokenizer (if needed) and shard every split")
     corpus_args(command), tokenizer_args(command), shard_args(command)
@@ -143,7 +143,8 @@ def main(argv=None):
         elif args.command == "tokenizer":
             corpus = Corpus(args.input)
             with output_lock(args.output):
-                tokenizer_for(corpus, args.output, gutenberg=args.gutenberg, log=sys.stderr, **tokenizer_settings)
+                tokenizer_for(corpus, args.output, gutenberg=args.gutenberg, log=None if args.quiet else sys.stderr,
+                              **tokenizer_settings)
         else:
             corpus = Corpus(args.input)
             corpus.check_splits(args.splits)

@@ -514,6 +514,15 @@ def ignores_ctrl_c(pid):
     return bool(int(ignored.split()[1], 16) & 1 << signal.SIGINT - 1)
 
 
+def test_the_tokenizer_command_logs_its_training_unless_quiet(pg19_mini, tmp_path):
+    settings = ["--input", pg19_mini, "--vocab-size", 512, "--sample-mb", 0.2]
+    logged = run_cli("tokenizer", *settings, "--output", tmp_path / "logged")
+    quiet = run_cli("tokenizer", *settings, "--output", tmp_path / "quiet", "--quiet")
+    assert logged.returncode == quiet.returncode == 0, logged.stderr + quiet.stderr
+    assert "tokenizer: training on " in logged.stderr and quiet.stderr == ""
+    assert (tmp_path / "quiet" / "tokenizer.model").read_bytes() == (tmp_path / "logged" / "tokenizer.model").read_bytes()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_tokenizer_training_at_once(pg19_mini, tmp_path, signum):
     # Settings that train for many seconds, so the signal comes while sentencepiece is busy.

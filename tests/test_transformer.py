@@ -38,7 +38,7 @@ def test_a_chunk_over_a_long_cache_attends_in_query_blocks_of_bounded_scores(mon
         full, _ = model(ids)
         _, cache = model(ids[:, :18])
         # 5 queries over 30 keys, 2 sequences x 4 heads
-        monkeypatch.setattr(transformer, "ATTENTION_SCORES", 2 * 4 * 30 * 5, raising=False)
+        monkeypatch.setattr(transformer, "ATTENTION_SCORES", 2 * 4 * 30 * 5)
         calls = []
         sdpa = transformer.F.scaled_dot_product_attention
         monkeypatch.setattr(transformer.F, "scaled_dot_product_attention",
