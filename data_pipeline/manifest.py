@@ -27,11 +27,21 @@ def shard_name(index):
     return f"shard-{index:06d}.tar"
 
 
+def _prepared_splits(fs, split_dir):
+    """Which splits the folder above a missing one holds, for the error: a misspelt or unprepared split."""
+    parent = split_dir.rstrip("/").rsplit("/", 1)[0]
+    if not fs.isdir(parent):
+        return ""
+    splits = sorted(path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(parent, detail=False)
+                    if fs.isfile(join(path, NAME)))
+    return f" (prepared splits there: {', '.join(splits)})" if splits else " (no prepared splits there)"
+
+
 def load(fs, split_dir):
     """The manifest of a split folder; refuses a missing folder, a missing or unfinished manifest."""
     path = join(split_dir, NAME)
     if not fs.isdir(split_dir):
-        raise DataError(f"{display(fs, split_dir)}: no such directory")
+        raise DataError(f"{display(fs, split_dir)}: no such directory{_prepared_splits(fs, split_dir)}")
     try:
         manifest = json.loads(fs.cat_file(path))
     except FileNotFoundError:

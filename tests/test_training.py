@@ -530,7 +530,8 @@ def test_a_split_the_data_lacks_is_named_with_the_key_that_chose_it(pg19_shards,
     with pytest.raises(DataError) as error:
         data.train_dataset(cfg, pg19_shards.checksum)
         data.validation_batches(cfg, pg19_shards.checksum, dp_rank=0, dp_world=1)
-    assert str(error.value) == f"{pg19_shards.root}/dev: no such directory ({key}='dev')"
+    assert str(error.value) == (f"{pg19_shards.root}/dev: no such directory (prepared splits there: test, train, "
+                                f"validation); set by {key}='dev'")
 
 
 def test_train_batches_are_the_ranks_samples_of_the_seeds_order_as_windows_without_a_mask(pg19_shards):
@@ -1474,7 +1475,8 @@ def test_bad_input_stops_with_one_line_before_training(problem, pg19_shards, str
     overrides, expected = {
         "missing key": ([], "error: missing key train.max_steps"),
         "no shards": ([f"data.path={tmp_path}"],
-                      f"error: {tmp_path}/train: no such directory (data.train_split='train')"),
+                      f"error: {tmp_path}/train: no such directory (no prepared splits there); set by "
+                      "data.train_split='train'"),
         "vocabulary": (["model.vocab_size=512"], "error: model.vocab_size (512) is smaller than the tokenizer's"),
         "model shape": ([f"checkpoint.resume={latest}", "model.d_model=32"],
                         f"error: {latest}: checkpoint of a different model: parameter embedding.weight is "

@@ -104,7 +104,7 @@ def _split_named(key: str, split: str):
     try:
         yield
     except DataError as error:
-        raise DataError(f"{error} ({key}={split!r})") from None
+        raise DataError(f"{error}; set by {key}={split!r}") from None
 
 
 def _dataset(cfg: RunConfig, split: str, seed: int, tokenizer_checksum: str | None) -> Dataset:
