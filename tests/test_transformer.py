@@ -61,7 +61,9 @@ def test_one_pass_equals_the_reference_written_from_the_equations():
     (lambda m, ids, cache: TransformerLM(TransformerConfig(d_model=32, n_layer=2, n_head=2, vocab_size=50))(ids, cache),
      ValueError, "keys of 4 heads of width 8 where this model's config makes 2 of width 16"),
     (lambda m, ids, cache: m(ids, (cache.layers, cache.position)), TypeError, "state must be the KVCache"),
-], ids=["empty", "1d", "float", "step-2d", "batch", "more-layers", "heads", "not-a-cache"])
+    (lambda m, ids, cache: m(ids[:0]), ValueError, r"input_ids holds no sequences \(shape \[0, 30\]\)"),
+    (lambda m, ids, cache: m.step(ids[:0, 0], None), ValueError, r"token holds no sequences"),
+], ids=["empty", "1d", "float", "step-2d", "batch", "more-layers", "heads", "not-a-cache", "no-rows", "step-no-rows"])
 def test_malformed_inputs_and_foreign_caches_are_refused_with_the_reason(call, error, message):
     model = make()
     ids = torch.randint(0, 50, (2, 30))
