@@ -79,8 +79,8 @@ class Block(nn.Module):
         B, T, D = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.n_head, -1).unbind(2)
         q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
-        if cache is not None:
-            k, v = torch.cat([cache[0], k], 1), torch.cat([cache[1], v], 1)
+        if cache is not None:   # (in this layer's dtype: a cache may come from the model before a .to(dtype))
+            k, v = torch.cat([cache[0].to(k.dtype), k], 1), torch.cat([cache[1].to(v.dtype), v], 1)
         x = x + self.proj(attention(q, k, v).reshape(B, T, D))
         x = x + self.fc_out(F.gelu(self.fc(self.norm2(x))))
         return x, (k, v)

@@ -28,6 +28,21 @@ def test_chunked_and_step_forms_equal_one_pass():
     assert cache.position == state.position == 30 and cache.layers[0][0].shape[1] == 30
 
 
+def test_a_cache_of_another_dtype_continues_the_sequence():
+    """As MemMamba's state does: an fp32 cache continued by the model in bf16 (model.to(torch.bfloat16) after a
+    prefill) used to stop the attention over mixed dtypes."""
+    model = make()
+    ids = torch.randint(0, 50, (2, 30))
+    with torch.no_grad():
+        full, _ = model(ids)
+        _, cache = model(ids[:, :20])
+        model.to(torch.bfloat16)
+        logits, cache = model(ids[:, 20:29], cache)
+        last, _ = model.step(ids[:, 29], cache)
+    torch.testing.assert_close(logits.float(), full[:, 20:29], rtol=0.02, atol=0.02)
+    torch.testing.assert_close(last.float(), full[:, 29], rtol=0.02, atol=0.02)
+
+
 def test_causality():
     model = make()
     ids = torch.randint(0, 50, (1, 20))
