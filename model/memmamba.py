@@ -124,6 +124,7 @@ class MemMambaLayer(nn.Module):
 class MemMambaLM(GenerationMixin, nn.Module):
     def __init__(self, config: MemMambaConfig):
         super().__init__()
+        config.check()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(MemMambaLayer(config, i) for i in range(config.n_layer))

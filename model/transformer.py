@@ -89,6 +89,7 @@ class Block(nn.Module):
 class TransformerLM(GenerationMixin, nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
+        config.check()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
