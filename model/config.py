@@ -165,9 +165,9 @@ def _check_positive_numbers(config, keys: list[str]) -> None:
     for key in keys:
         value = getattr(config, key)
         # NaN fails the comparison too. At 0 or below, norm_eps (under a square root) and rope_base (raised to a
-        # negative power) give inf or NaN outputs, not an error.
-        if not value > 0:
-            raise ConfigError(f"model.{key} must be a positive number, got {value}")
+        # negative power) give inf or NaN outputs, not an error; at inf, a norm of zeros and rotations by 0.
+        if not 0 < value < math.inf:
+            raise ConfigError(f"model.{key} must be a finite positive number, got {value}")
 
 
 def _check_types(config) -> None:

@@ -35,10 +35,13 @@ from model.config import ARCHS
     ({"arch": "transformer", "pool_size": 4}, "unknown key model.pool_size for arch 'transformer'"),
     ({"size": ["tiny"]}, "model.size must be one of ['130m', '200m', 'tiny'] for arch 'memmamba', got ['tiny']"),
     ({"arch": ["memmamba"]}, "model.arch must be one of ['memmamba', 'transformer'], got ['memmamba']"),
-    ({"norm_eps": 0}, "model.norm_eps must be a positive number, got 0"),
-    ({"norm_eps": float("nan")}, "model.norm_eps must be a positive number, got nan"),
-    ({"arch": "transformer", "norm_eps": -1e-5}, "model.norm_eps must be a positive number, got -1e-05"),
-    ({"arch": "transformer", "rope_base": 0}, "model.rope_base must be a positive number, got 0"),
+    ({"norm_eps": 0}, "model.norm_eps must be a finite positive number, got 0"),
+    ({"norm_eps": float("nan")}, "model.norm_eps must be a finite positive number, got nan"),
+    ({"arch": "transformer", "norm_eps": -1e-5}, "model.norm_eps must be a finite positive number, got -1e-05"),
+    ({"arch": "transformer", "rope_base": 0}, "model.rope_base must be a finite positive number, got 0"),
+    # every logit 0, and rotary positions that move only one pair of channels
+    ({"norm_eps": float("inf")}, "model.norm_eps must be a finite positive number, got inf"),
+    ({"arch": "transformer", "rope_base": float("inf")}, "model.rope_base must be a finite positive number, got inf"),
 ])
 def test_bad_model_config(section, message):
     with pytest.raises(ConfigError) as error:
