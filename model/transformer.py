@@ -111,7 +111,7 @@ class TransformerLM(GenerationMixin, nn.Module):
         hidden, state = self.hidden_states(input_ids, state)
         return self.lm_head(hidden), state
 
-    def hidden_states(self, input_ids: Tensor, state: KVCache | None = None, final_state: bool = True
+    def hidden_states(self, input_ids: Tensor, state: KVCache | None = None, *, final_state: bool = True
                       ) -> tuple[Tensor, KVCache | None]:
         """The final normed hidden states and, if `final_state`, the KV cache after them."""
         check_token_ids(input_ids, "input_ids", 2)

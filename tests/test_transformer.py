@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model import TransformerConfig, TransformerLM
+from model import MemMambaConfig, MemMambaLM, TransformerConfig, TransformerLM
 
 
 def make():
@@ -86,3 +86,18 @@ def test_malformed_inputs_and_foreign_caches_are_refused_with_the_reason(call, e
         _, cache = model(ids[:, :4])
         with pytest.raises(error, match=message):
             call(model, ids, cache)
+
+
+@pytest.mark.parametrize("make_model", [make, lambda: MemMambaLM(MemMambaConfig(d_model=32, n_layer=2, vocab_size=50))],
+                         ids=["transformer", "memmamba"])
+def test_hidden_states_takes_final_state_by_keyword_in_both_models(make_model):
+    """hidden_states(ids, None, False) meant final_state=False to the Transformer and sp=False to MemMamba, which
+    failed inside on a bool's missing start_position; both now take the options by keyword only."""
+    model = make_model()
+    ids = torch.randint(0, 50, (2, 30))
+    with torch.no_grad():
+        hidden, state = model.hidden_states(ids, final_state=False)
+        torch.testing.assert_close(model.lm_head(hidden), model(ids)[0], rtol=0, atol=0)
+        assert state is None
+        with pytest.raises(TypeError, match="positional argument"):
+            model.hidden_states(ids, None, False)
