@@ -125,6 +125,13 @@ def test_a_compiled_model_saves_as_the_model_it_wraps(tmp_path, tie_embeddings):
         torch.testing.assert_close(load_pretrained(tmp_path)(ids)[0], model(ids)[0], rtol=0, atol=0)
 
 
+def test_metadata_cannot_replace_the_models_config(tmp_path):
+    """metadata={"model": ...} used to replace the config in config.json: the save succeeded, the load failed."""
+    with pytest.raises(ValueError, match="metadata cannot hold \"model\": config.json's \"model\" section is the"):
+        save_pretrained(build_model({"arch": "memmamba", "size": "tiny"}), tmp_path, {"model": "memmamba-tiny"})
+    assert not (tmp_path / "config.json").exists()
+
+
 def test_saved_files_are_readable_as_the_umask_allows(tmp_path):
     previous = os.umask(0o027)
     try:
