@@ -48,6 +48,11 @@ class MemMambaConfig:
     arch = "memmamba"
 
     def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Raise ConfigError for the first bad field. Runs when the config is made and again when a model is built
+        from it: the fields of a config may have been set since."""
         _check_types(self)
         positive = ["d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand",
                     "summary_dim", "pool_size", "note_window", "cross_layer_every",
@@ -94,6 +99,10 @@ class TransformerConfig:
     arch = "transformer"
 
     def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """As MemMambaConfig.check."""
         _check_types(self)
         for key in ("d_model", "n_layer", "n_head", "vocab_size", "mlp_ratio"):
             if getattr(self, key) <= 0:
@@ -156,9 +165,9 @@ def _check_positive_numbers(config, keys: list[str]) -> None:
     for key in keys:
         value = getattr(config, key)
         # NaN fails the comparison too. At 0 or below, norm_eps (under a square root) and rope_base (raised to a
-        # negative power) give inf or NaN outputs, not an error.
-        if not value > 0:
-            raise ConfigError(f"model.{key} must be a positive number, got {value}")
+        # negative power) give inf or NaN outputs, not an error; at inf, a norm of zeros and rotations by 0.
+        if not 0 < value < math.inf:
+            raise ConfigError(f"model.{key} must be a finite positive number, got {value}")
 
 
 def _check_types(config) -> None:

@@ -91,7 +91,8 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
 
 
 def check_token_ids(ids, name: str, dims: int) -> None:
-    """ids must be a tensor of token ids, [batch, tokens] (dims 2, at least one token) or [batch] (dims 1).
+    """ids must be a tensor of token ids, [batch, tokens] (dims 2, at least one token) or [batch] (dims 1), with at
+    least one sequence.
 
     Shape and dtype only, which needs no device sync: a model's forward runs this on every call.
     """
@@ -101,6 +102,8 @@ def check_token_ids(ids, name: str, dims: int) -> None:
     if ids.dim() != dims:
         raise ValueError(f"{name} must have shape {'[batch, tokens]' if dims == 2 else '[batch]'}, "
                          f"got shape {list(ids.shape)}")
+    if ids.shape[0] == 0:
+        raise ValueError(f"{name} holds no sequences (shape {list(ids.shape)}); a batch needs at least one")
     if dims == 2 and ids.shape[1] == 0:
         raise ValueError(f"{name} has no tokens (shape {list(ids.shape)}); a forward needs at least one token (a "
                          "prompt may be just the end-of-sequence id, which starts a new document)")

@@ -124,6 +124,7 @@ class MemMambaLayer(nn.Module):
 class MemMambaLM(GenerationMixin, nn.Module):
     def __init__(self, config: MemMambaConfig):
         super().__init__()
+        config.check()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(MemMambaLayer(config, i) for i in range(config.n_layer))
@@ -149,17 +150,18 @@ class MemMambaLM(GenerationMixin, nn.Module):
     def allocate_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
         return ModelState([layer.allocate_state(batch_size, device, dtype) for layer in self.layers], 0)
 
-    def forward(self, input_ids: Tensor, state: ModelState | None = None, sp=None
+    def forward(self, input_ids: Tensor, state: ModelState | None = None, *, sp=None
                 ) -> tuple[Tensor, ModelState]:
         """input_ids [B, T] -> (logits [B, T, V], state after the last token)."""
-        hidden, state = self.hidden_states(input_ids, state, sp)
+        hidden, state = self.hidden_states(input_ids, state, sp=sp)
         return self.lm_head(hidden), state
 
-    def hidden_states(self, input_ids: Tensor, state: ModelState | None = None, sp=None, final_state: bool = True
+    def hidden_states(self, input_ids: Tensor, state: ModelState | None = None, *, sp=None, final_state: bool = True
                       ) -> tuple[Tensor, ModelState | None]:
         """The final normed hidden states [B, T, D] (what the LM head reads) and, if `final_state`, the state.
 
-        Without the state (a training forward over whole sequences) the kernels fuse more.
+        Without the state (a training forward over whole sequences) the kernels fuse more. `sp` and `final_state` by
+        keyword, as the Transformer baseline takes `final_state`.
         """
         check_token_ids(input_ids, "input_ids", 2)
         if state is not None and sp is None:

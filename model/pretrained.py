@@ -38,6 +38,9 @@ def save_pretrained(model: nn.Module, folder: str | Path, metadata: dict[str, An
 
     Each file is written beside the folder's others and then moved in whole: an interrupted save leaves no
     half-written file, and the files a save replaces stay readable until then."""
+    model = getattr(model, "_orig_mod", model)   # torch.compile(model)'s weights are the model's, under a prefix
+    if "model" in (metadata or {}):
+        raise ValueError("metadata cannot hold \"model\": config.json's \"model\" section is the model's config")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".save-", dir=folder))

@@ -90,8 +90,8 @@ class Block(nn.Module):
         B, T, D = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.n_head, -1).unbind(2)
         q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
-        if cache is not None:
-            k, v = torch.cat([cache[0], k], 1), torch.cat([cache[1], v], 1)
+        if cache is not None:   # (in this layer's dtype: a cache may come from the model before a .to(dtype))
+            k, v = torch.cat([cache[0].to(k.dtype), k], 1), torch.cat([cache[1].to(v.dtype), v], 1)
         x = x + self.proj(attention(q, k, v).reshape(B, T, D))
         x = x + self.fc_out(F.gelu(self.fc(self.norm2(x))))
         return x, (k, v)
@@ -100,6 +100,7 @@ class Block(nn.Module):
 class TransformerLM(GenerationMixin, nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
+        config.check()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
@@ -121,7 +122,7 @@ class TransformerLM(GenerationMixin, nn.Module):
         hidden, state = self.hidden_states(input_ids, state)
         return self.lm_head(hidden), state
 
-    def hidden_states(self, input_ids: Tensor, state: KVCache | None = None, final_state: bool = True
+    def hidden_states(self, input_ids: Tensor, state: KVCache | None = None, *, final_state: bool = True
                       ) -> tuple[Tensor, KVCache | None]:
         """The final normed hidden states and, if `final_state`, the KV cache after them."""
         check_token_ids(input_ids, "input_ids", 2)

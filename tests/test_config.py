@@ -4,7 +4,7 @@ from typing import get_type_hints
 
 import pytest
 
-from model import ConfigError, MemMambaConfig, build_model, model_config_from_dict
+from model import ConfigError, MemMambaConfig, MemMambaLM, TransformerLM, build_model, model_config_from_dict
 from model.config import ARCHS
 
 
@@ -35,10 +35,13 @@ from model.config import ARCHS
     ({"arch": "transformer", "pool_size": 4}, "unknown key model.pool_size for arch 'transformer'"),
     ({"size": ["tiny"]}, "model.size must be one of ['130m', '200m', 'tiny'] for arch 'memmamba', got ['tiny']"),
     ({"arch": ["memmamba"]}, "model.arch must be one of ['memmamba', 'transformer'], got ['memmamba']"),
-    ({"norm_eps": 0}, "model.norm_eps must be a positive number, got 0"),
-    ({"norm_eps": float("nan")}, "model.norm_eps must be a positive number, got nan"),
-    ({"arch": "transformer", "norm_eps": -1e-5}, "model.norm_eps must be a positive number, got -1e-05"),
-    ({"arch": "transformer", "rope_base": 0}, "model.rope_base must be a positive number, got 0"),
+    ({"norm_eps": 0}, "model.norm_eps must be a finite positive number, got 0"),
+    ({"norm_eps": float("nan")}, "model.norm_eps must be a finite positive number, got nan"),
+    ({"arch": "transformer", "norm_eps": -1e-5}, "model.norm_eps must be a finite positive number, got -1e-05"),
+    ({"arch": "transformer", "rope_base": 0}, "model.rope_base must be a finite positive number, got 0"),
+    # every logit 0, and rotary positions that move only one pair of channels
+    ({"norm_eps": float("inf")}, "model.norm_eps must be a finite positive number, got inf"),
+    ({"arch": "transformer", "rope_base": float("inf")}, "model.rope_base must be a finite positive number, got inf"),
 ])
 def test_bad_model_config(section, message):
     with pytest.raises(ConfigError) as error:
@@ -71,6 +74,22 @@ def test_cross_layer_every_p_layers_counted_from_one():
     assert [i for i in range(8) if config.has_cross_layer(i)] == [3, 7]
     plain = MemMambaConfig(n_layer=8, cross_layer_every=4, notes=False)     # plain Mamba reads no notes
     assert not any(plain.has_cross_layer(i) for i in range(8))
+
+
+@pytest.mark.parametrize("arch, key, value, message", [
+    # each used to build a model without an error: 'sum' pooling summed the notes, 'lifo' kept the newest
+    ("memmamba", "pooling", "sum", "model.pooling must be one of 'max', 'mean', got 'sum'"),
+    ("memmamba", "pool_policy", "lifo", "model.pool_policy must be one of 'fifo', 'priority', got 'lifo'"),
+    ("memmamba", "pool_size", 0, "model.pool_size must be a positive integer, got 0"),
+    ("memmamba", "attn_heads", 3, r"model.attn_dim \(256\) must be divisible by model.attn_heads \(3\)"),
+    ("transformer", "n_head", 3, r"model.d_model \(64\) must split into model.n_head \(3\) heads"),
+])
+def test_a_config_changed_after_it_was_made_is_checked_when_a_model_is_built(arch, key, value, message):
+    config = model_config_from_dict({"arch": arch})
+    setattr(config, key, value)
+    for build in (build_model, {"memmamba": MemMambaLM, "transformer": TransformerLM}[arch]):
+        with pytest.raises(ConfigError, match=message):
+            build(config)
 
 
 @pytest.mark.parametrize("config", ["tiny", None, MemMambaConfig])

@@ -487,7 +487,11 @@ def test_generating_no_tokens_returns_the_prompt():
     (lambda m, ids: m.step(ids[:, :1], None), ValueError, r"token must have shape \[batch\], got shape \[3, 1\]"),
     (lambda m, ids: m.step(ids[:, 0].float(), None), TypeError, "token must be a tensor of token ids"),
     (lambda m, ids: m.generate(ids[0], 2), ValueError, r"input_ids must have shape \[batch, tokens\]"),
-], ids=["empty", "1d", "float", "step-2d", "step-float", "generate-1d"])
+    # a batch of no sequences failed in a reshape inside the notes, or in generate's check of the ids' range
+    (lambda m, ids: m(ids[:0]), ValueError, r"input_ids holds no sequences \(shape \[0, 41\]\)"),
+    (lambda m, ids: m.step(ids[:0, 0], None), ValueError, r"token holds no sequences \(shape \[0\]\)"),
+    (lambda m, ids: m.generate(ids[:0], 2), ValueError, r"input_ids holds no sequences"),
+], ids=["empty", "1d", "float", "step-2d", "step-float", "generate-1d", "no-rows", "step-no-rows", "generate-no-rows"])
 def test_malformed_token_ids_are_refused_with_the_reason(call, error, message):
     with pytest.raises(error, match=message), torch.no_grad():
         call(make_model(), tokens())

@@ -113,6 +113,25 @@ def test_save_and_load_round_trip(tmp_path, section):
     assert loaded.lm_head.weight.data_ptr() == loaded.embedding.weight.data_ptr()
 
 
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_a_compiled_model_saves_as_the_model_it_wraps(tmp_path, tie_embeddings):
+    """torch.compile(model) names its weights _orig_mod.*: saved as they were, the tied head (the embedding under a
+    second name) stopped safetensors, and an untied model's export did not load."""
+    torch.manual_seed(0)
+    model = build_model({"arch": "memmamba", "size": "tiny", "tie_embeddings": tie_embeddings}).eval()
+    save_pretrained(torch.compile(model), tmp_path)
+    ids = torch.randint(0, 1024, (2, 37))
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(tmp_path)(ids)[0], model(ids)[0], rtol=0, atol=0)
+
+
+def test_metadata_cannot_replace_the_models_config(tmp_path):
+    """metadata={"model": ...} used to replace the config in config.json: the save succeeded, the load failed."""
+    with pytest.raises(ValueError, match="metadata cannot hold \"model\": config.json's \"model\" section is the"):
+        save_pretrained(build_model({"arch": "memmamba", "size": "tiny"}), tmp_path, {"model": "memmamba-tiny"})
+    assert not (tmp_path / "config.json").exists()
+
+
 def test_saved_files_are_readable_as_the_umask_allows(tmp_path):
     previous = os.umask(0o027)
     try:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model import TransformerConfig, TransformerLM, transformer
+from model import MemMambaConfig, MemMambaLM, TransformerConfig, TransformerLM, transformer
 
 
 def make():
@@ -48,6 +48,21 @@ def test_a_chunk_over_a_long_cache_attends_in_query_blocks_of_bounded_scores(mon
     torch.testing.assert_close(rest, full[:, 18:], rtol=1e-5, atol=1e-5)
 
 
+def test_a_cache_of_another_dtype_continues_the_sequence():
+    """As MemMamba's state does: an fp32 cache continued by the model in bf16 (model.to(torch.bfloat16) after a
+    prefill) used to stop the attention over mixed dtypes."""
+    model = make()
+    ids = torch.randint(0, 50, (2, 30))
+    with torch.no_grad():
+        full, _ = model(ids)
+        _, cache = model(ids[:, :20])
+        model.to(torch.bfloat16)
+        logits, cache = model(ids[:, 20:29], cache)
+        last, _ = model.step(ids[:, 29], cache)
+    torch.testing.assert_close(logits.float(), full[:, 20:29], rtol=0.02, atol=0.02)
+    torch.testing.assert_close(last.float(), full[:, 29], rtol=0.02, atol=0.02)
+
+
 def test_causality():
     model = make()
     ids = torch.randint(0, 50, (1, 20))
@@ -81,7 +96,9 @@ def test_one_pass_equals_the_reference_written_from_the_equations():
     (lambda m, ids, cache: TransformerLM(TransformerConfig(d_model=32, n_layer=2, n_head=2, vocab_size=50))(ids, cache),
      ValueError, "keys of 4 heads of width 8 where this model's config makes 2 of width 16"),
     (lambda m, ids, cache: m(ids, (cache.layers, cache.position)), TypeError, "state must be the KVCache"),
-], ids=["empty", "1d", "float", "step-2d", "batch", "more-layers", "heads", "not-a-cache"])
+    (lambda m, ids, cache: m(ids[:0]), ValueError, r"input_ids holds no sequences \(shape \[0, 30\]\)"),
+    (lambda m, ids, cache: m.step(ids[:0, 0], None), ValueError, r"token holds no sequences"),
+], ids=["empty", "1d", "float", "step-2d", "batch", "more-layers", "heads", "not-a-cache", "no-rows", "step-no-rows"])
 def test_malformed_inputs_and_foreign_caches_are_refused_with_the_reason(call, error, message):
     model = make()
     ids = torch.randint(0, 50, (2, 30))
@@ -89,3 +106,18 @@ def test_malformed_inputs_and_foreign_caches_are_refused_with_the_reason(call, e
         _, cache = model(ids[:, :4])
         with pytest.raises(error, match=message):
             call(model, ids, cache)
+
+
+@pytest.mark.parametrize("make_model", [make, lambda: MemMambaLM(MemMambaConfig(d_model=32, n_layer=2, vocab_size=50))],
+                         ids=["transformer", "memmamba"])
+def test_hidden_states_takes_final_state_by_keyword_in_both_models(make_model):
+    """hidden_states(ids, None, False) meant final_state=False to the Transformer and sp=False to MemMamba, which
+    failed inside on a bool's missing start_position; both now take the options by keyword only."""
+    model = make_model()
+    ids = torch.randint(0, 50, (2, 30))
+    with torch.no_grad():
+        hidden, state = model.hidden_states(ids, final_state=False)
+        torch.testing.assert_close(model.lm_head(hidden), model(ids)[0], rtol=0, atol=0)
+        assert state is None
+        with pytest.raises(TypeError, match="positional argument"):
+            model.hidden_states(ids, None, False)
