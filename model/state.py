@@ -56,9 +56,21 @@ class ModelState:
         return ModelState([_map(layer, fn) for layer in self.layers], self.position)
 
     def select(self, batch_index: Tensor | list[int]) -> "ModelState":
-        """The state of a subset of the batch (beam search, dropping finished rows)."""
-        index = torch.as_tensor(batch_index, device=self.layers[0].mixer.ssm.device)
+        """The state of a subset of the batch (beam search, dropping finished rows): row indices, or a bool mask
+        over the batch."""
+        index = batch_rows(batch_index, self.layers[0].mixer.ssm.device)
         return self.map(lambda t: t.index_select(0, index))
+
+
+def batch_rows(batch_index: Tensor | list, device: torch.device) -> Tensor:
+    """The row indices that a state's `select` takes: given as indices, or as a bool mask over the batch."""
+    index = torch.as_tensor(batch_index, device=device)
+    if index.dtype == torch.bool:
+        index = index.nonzero().flatten()
+    if index.dim() != 1 or len(index) == 0 or index.is_floating_point():
+        raise ValueError(f"select takes row indices or a bool mask over the batch, and at least one row; got "
+                         f"{batch_index!r}")
+    return index
 
 
 def _map(obj, fn):

@@ -18,6 +18,7 @@ from model.config import TransformerConfig
 from model.generation import GenerationMixin, check_token_ids
 from model.lm_head import LMHead
 from model.memmamba import RMSNorm
+from model.state import batch_rows
 
 try:  # optional fast path, CUDA only
     from flash_attn import flash_attn_func
@@ -34,7 +35,8 @@ class KVCache:
         return KVCache([(fn(k), fn(v)) for k, v in self.layers], self.position)
 
     def select(self, batch_index) -> "KVCache":
-        index = torch.as_tensor(batch_index, device=self.layers[0][0].device)
+        """As ModelState.select: row indices, or a bool mask over the batch."""
+        index = batch_rows(batch_index, self.layers[0][0].device)
         return self.map(lambda t: t.index_select(0, index))
 
 

@@ -547,6 +547,25 @@ def test_a_selected_state_continues_the_sequences_it_holds(overrides):
     torch.testing.assert_close(last, alone[:, 20], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["memmamba", "transformer"])
+def test_a_state_selects_rows_by_a_bool_mask_and_refuses_no_rows(arch):
+    model = build_model({"arch": arch, "size": "tiny", "n_layer": 2})
+    with torch.no_grad():
+        _, state = model(tokens(batch=3, T=13))
+
+    def tensors(state):
+        found = []
+        state.map(lambda t: found.append(t) or t)
+        return found
+
+    by_mask, by_rows = state.select(torch.tensor([True, False, True])), state.select([0, 2])
+    assert all(torch.equal(a, b) for a, b in zip(tensors(by_mask), tensors(by_rows), strict=True))
+    for nothing in ([], torch.zeros(3, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="select takes row indices or a bool mask over the batch, and at least "
+                                             "one row"):
+            state.select(nothing)
+
+
 def test_a_detached_state_continues_exactly_and_cuts_backpropagation_to_the_chunk_before():
     """state.map(Tensor.detach) between chunks (truncated backpropagation): every tensor of the state detached,
     the same values and position."""
