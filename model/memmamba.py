@@ -227,6 +227,11 @@ class MemMambaLM(GenerationMixin, nn.Module):
             if tuple(shape) != want:
                 raise ValueError(f"the state has {name} of shape {list(shape)} where this model's config makes "
                                  f"{list(want)}: it comes from a model with another config")
+        # a whole state cast to a float dtype (state.map(lambda t: t.to(torch.bfloat16))) rounds the window
+        # indices, which would then evict or keep the wrong notes without an error
+        if c.notes and first.notes.window.dtype != torch.long:
+            raise ValueError(f"the state's note window indices are {first.notes.window.dtype}, not torch.long: cast "
+                             f"only its floating-point tensors")
 
     def _recent_views(self, views: tuple[PoolView, ...], view: PoolView | None) -> tuple[PoolView, ...]:
         """The pool views a later layer may read: the last cross_layer_span - 1 (it adds its own).

@@ -518,7 +518,10 @@ def test_int32_ids_give_what_long_ids_give():
     (lambda: make_model(notes=False)(tokens(T=5))[1], "a model with notes off and this model has them on"),
     (lambda: make_model().allocate_state(1), "the state holds 1 sequences and the input 3"),
     (lambda: (None, 5)[1], "state must be the ModelState a MemMambaLM returns"),
-], ids=["batch", "fewer-layers", "more-layers", "pool-size", "d-model", "notes-off", "allocated-batch", "not-a-state"])
+    (lambda: make_model()(tokens(T=5))[1].map(lambda t: t.to(torch.bfloat16)),
+     "the state's note window indices are torch.bfloat16, not torch.long"),
+], ids=["batch", "fewer-layers", "more-layers", "pool-size", "d-model", "notes-off", "allocated-batch", "not-a-state",
+        "cast-whole"])
 @pytest.mark.parametrize("form", ["forward", "step"])
 def test_a_state_from_another_batch_model_or_config_is_refused(make_state, message, form):
     model = make_model()
