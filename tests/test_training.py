@@ -490,7 +490,10 @@ def test_scan_and_causal_attention_flops_cover_every_layer_and_training_is_three
 
 def test_the_datasheet_peak_is_that_of_the_longest_name_in_the_devices(monkeypatch):
     for name, expected in [("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 80GB HBM3", "H100"),
-                           ("NVIDIA H800 PCIe", "H800 PCIe"), ("Tesla T4", None)]:
+                           ("NVIDIA H800 PCIe", "H800 PCIe"), ("NVIDIA H800", "H800"),
+                           ("NVIDIA GeForce RTX 4090", "RTX 4090"), ("NVIDIA A100-SXM4-80GB", "A100"),
+                           ("NVIDIA A100 80GB PCIe", "A100"), ("NVIDIA GH200 480GB", "H200"), ("Tesla T4", None),
+                           ("NVIDIA RTX A1000 6GB Laptop GPU", None)]:   # not an A100: measured instead
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
         assert flops.peak_flops(torch.device("cuda")) == flops.PEAK_BF16_FLOPS.get(expected), name
     assert flops.peak_flops(torch.device("cpu")) is None   # measured instead (measure_peak_flops)

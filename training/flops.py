@@ -8,6 +8,7 @@ Elementwise work other than the selective scan (norms, activations, gating) is l
 """
 from __future__ import annotations
 
+import re
 import time
 
 import torch
@@ -18,7 +19,7 @@ from model import MemMambaConfig, TransformerConfig
 SCAN_FLOPS = 9
 
 # Dense bf16 tensor-core peak per device, from the vendors' datasheets (no sparsity). Longer names are matched
-# first, so "H100 PCIe" wins over "H100".
+# first, so "H100 PCIe" wins over "H100"; a name followed by a digit is another GPU ("A100" is not the RTX A1000).
 PEAK_BF16_FLOPS = {
     "RTX 4090": 165.2e12,
     "A100": 312e12,
@@ -73,7 +74,7 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if key in name:
+        if re.search(re.escape(key) + r"(?!\d)", name):
             return PEAK_BF16_FLOPS[key]
     return None
 
