@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from data_pipeline import DataError
 from model import ConfigError, build_model, load_pretrained, save_pretrained
 from training import checkpoint, data, flops
+from training import train as train_module
 from training.checkpoint import (FORMAT, META_KEYS, CheckpointError, check_no_later, check_shapes,
                                  check_tokenizer, complete_checkpoints, needs_universal, read_meta, remove_partial,
                                  resolve_resume)
@@ -497,6 +498,24 @@ def test_the_datasheet_peak_is_that_of_the_longest_name_in_the_devices(monkeypat
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
         assert flops.peak_flops(torch.device("cuda")) == flops.PEAK_BF16_FLOPS.get(expected), name
     assert flops.peak_flops(torch.device("cpu")) is None   # measured instead (measure_peak_flops)
+
+
+def test_mfu_is_taken_against_the_peak_of_the_runs_own_precision(monkeypatch):
+    """A bf16 run on a GPU missing from the table against a bf16 matmul, not an fp32 one (several times slower on
+    tensor cores); an fp32 run against fp32, not the datasheet's bf16 peak."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
+    measured = {torch.bfloat16: 3e14, torch.float32: 9e13}
+    monkeypatch.setattr(train_module, "measure_peak_flops", lambda device, dtype=torch.float32: measured[dtype])
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for precision, device, expected in [("auto", cuda, 3e14), ("fp32", cuda, 9e13), ("auto", cpu, 9e13),
+                                        ("bf16", cpu, 3e14)]:
+        cfg = config_from_dict(tiny_config(**{"train.precision": precision}))
+        assert train_module._peak_flops(cfg, device) == expected, (precision, device)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert train_module._peak_flops(config_from_dict(tiny_config()), cuda) == 989e12
+    assert train_module._peak_flops(config_from_dict(tiny_config(**{"train.precision": "fp32"})), cuda) == 9e13
+    given = tiny_config(**{"train.precision": "fp32", "logging.peak_tflops": 50})
+    assert train_module._peak_flops(config_from_dict(given), cuda) == 50e12
 
 
 def test_memmamba_dense_flops_within_one_percent_of_a_flop_counter():

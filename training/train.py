@@ -476,9 +476,12 @@ def _hold_output_dir(cfg: RunConfig, held: contextlib.ExitStack) -> None:
 
 
 def _peak_flops(cfg: RunConfig, device: torch.device) -> float:
+    """The peak that MFU is taken against: that of the matmuls the run does, bf16 under autocast, else fp32."""
     if cfg.logging.peak_tflops:
         return cfg.logging.peak_tflops * 1e12
-    return peak_flops(device) or measure_peak_flops(device)
+    if _bf16(cfg, device):
+        return peak_flops(device) or measure_peak_flops(device, torch.bfloat16)
+    return measure_peak_flops(device, torch.float32)
 
 
 def _announce(run: Run, resume_from: Path | None, meta: dict | None) -> None:
