@@ -2,13 +2,13 @@
 
 Scalars (TensorBoard tag, console name):
     train/loss, train/ppl         mean over the steps since the last line (all ranks)
-    train/lr, train/grad_norm     at the last step (grad_norm before clipping; inf on a skipped step)
+    train/lr, train/grad_norm     at the last step (grad_norm before clipping; inf or NaN on a skipped step)
     train/skipped_steps           steps skipped so far for a non-finite loss or gradient
     train/tokens_seen
     perf/tps, perf/tps_total      tokens per second per device, and over all devices, in the steps' own time
                                   (validation and checkpoint saves between them do not count)
     perf/tflops, perf/mfu         model TFLOP/s per device (training/flops.py) and its share of the peak, in %
-    perf/memory_gib               peak memory of the device (the process's peak RSS on the CPU)
+    perf/memory_gib               peak memory of the device since the last line (the process's peak RSS on the CPU)
     perf/data_wait_s              seconds per step spent waiting for batches
     val/loss, val/ppl
 """
