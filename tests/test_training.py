@@ -715,7 +715,20 @@ def test_each_line_reports_the_steps_since_the_last_and_a_resume_replaces_what_w
     resumed.validation(3, 1000.0)   # a diverged run: its perplexity is logged, not an OverflowError
     resumed.close()
     assert scalars(tmp_path, "train/loss") == {2: 3.0, 3: 5.0}
-    assert 1e20 < scalars(tmp_path, "val/ppl")[3] < math.inf
+    assert scalars(tmp_path, "val/ppl")[3] == math.inf
+
+
+@pytest.mark.parametrize("loss, ppl", [(60.0, math.exp(60.0)), (math.inf, math.inf), (1000.0, math.inf)])
+def test_the_perplexity_of_a_diverging_run_is_its_loss_exponentiated(tmp_path, capsys, loss, ppl):
+    """Not held at exp(50) above a loss of 50, nor NaN for a loss of inf."""
+    metrics = Metrics(True, tmp_path / "tensorboard", every=1, progress_bar=False, start_step=0, max_steps=1,
+                      tokens_per_step=1000, world_size=1, flops_per_token=6.0, peak_flops=None,
+                      device=torch.device("cpu"))
+    metrics.step(loss, data_wait=0.0, seconds=1.0)
+    metrics.log(1, 1, lr=1e-3, grad_norm=math.inf, skipped=1, tokens_seen=1000)
+    metrics.close()
+    assert scalars(tmp_path, "train/ppl") == {1: pytest.approx(ppl, rel=1e-6)}   # (stored as float32)
+    assert f"| ppl {ppl:.2f} |" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -106,7 +106,11 @@ class Metrics:
 
 
 def _ppl(loss: float) -> float:
-    return math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.nan
+    """exp(loss): inf past the largest float (a diverged run, or a loss of inf), NaN for a NaN loss."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def _peak_memory(device: torch.device) -> float:
