@@ -731,6 +731,23 @@ def test_the_perplexity_of_a_diverging_run_is_its_loss_exponentiated(tmp_path, c
     assert f"| ppl {ppl:.2f} |" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("rows, columns", [(24, 0), (0, 0)], ids=["no width", "no size"])
+def test_a_terminal_that_reports_no_size_shows_the_progress_bar(rows, columns, tmp_path, monkeypatch):
+    """`script` without a terminal of its own reports 0 x 0; tqdm drew nothing there."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    with open(terminal, "w") as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        metrics = Metrics(True, tmp_path / "tensorboard", every=1, progress_bar=True, start_step=1, max_steps=3,
+                          tokens_per_step=1000, world_size=1, flops_per_token=6.0, peak_flops=None,
+                          device=torch.device("cpu"))
+        metrics.step(2.5, data_wait=0.0, seconds=0.5)
+        metrics.close()
+    text = os.read(controller, 1 << 16).decode(errors="replace")
+    os.close(controller)
+    assert re.search(r"\b2/3 \[\d\d:\d\d<\d\d:\d\d, +[\d.?]+(step/s|s/step), loss=2\.5000\]", text), text
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("columns", [120, 0], ids=["120 columns", "no width"])
 def test_a_terminal_shows_a_progress_bar_with_the_time_left(columns, pg19_shards, tmp_path):

@@ -39,11 +39,12 @@ class Metrics:
             # purge_step: TensorBoard hides what an interrupted earlier run logged after the resumed step.
             self.writer = SummaryWriter(str(tensorboard_dir), purge_step=start_step + 1)
             if progress_bar and sys.stderr.isatty():
-                # Some terminals report a width of 0 columns (`script` without a terminal of its own, say), in
-                # which tqdm would draw nothing: give those 80.
-                width = os.get_terminal_size(sys.stderr.fileno()).columns
-                self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=width > 0,
-                                ncols=None if width > 0 else 80)
+                # Some terminals report a size of 0 columns or 0 rows (`script` without a terminal of its own, say:
+                # 0 x 0), in which tqdm would draw nothing: give those 80 x 24.
+                size = os.get_terminal_size(sys.stderr.fileno())
+                known = size.columns > 0 and size.lines > 0
+                self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=known,
+                                ncols=None if known else 80, nrows=None if known else 24)
         self._reset()
 
     def _reset(self) -> None:
