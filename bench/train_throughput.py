@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import shlex
 import statistics
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.config import load_config  # noqa: E402
+from data_pipeline import DataError  # noqa: E402
+from training.config import ConfigError, load_config  # noqa: E402
 from training.flops import train_flops_per_token  # noqa: E402
 from training.train import setup, train_step  # noqa: E402
 
@@ -83,7 +85,7 @@ def variant_overrides(name: str, model: dict) -> list[str]:
     return [f"model={json.dumps(transformer)}"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny_cpu.json")
     parser.add_argument("--data", required=True, help="a prepared data folder whose tokenizer fits the config")
@@ -95,9 +97,20 @@ def main() -> None:
                         choices=["memmamba", "mamba", "transformer", "mamba_ssm", "memmamba_compiled", "mamba_compiled"])
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides for every variant, e.g. model.n_layer=4")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if "mamba_ssm" in args.variants and not (torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm")):
+        print("error: the variant mamba_ssm needs a CUDA GPU and the mamba_ssm package "
+              "(pip install -r requirements-cuda.txt --no-build-isolation)", file=sys.stderr)
+        return 1
+    try:
+        return measure(args)
+    except (OSError, ConfigError, DataError) as error:   # a missing config or data folder, a mistyped --set
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
-    model_section = json.loads(Path(args.config).read_text())["model"]
+
+def measure(args: argparse.Namespace) -> int:
+    model_section = load_config(args.config, [f"data.path={args.data}", *args.overrides]).model
     runs, seconds, memory = {}, {name: [] for name in args.variants}, {name: 0.0 for name in args.variants}
     first_step = {}   # seconds: compiling, for the compiled variants
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as held:
@@ -155,6 +168,7 @@ def main() -> None:
         if name in seconds and base in seconds:
             ratio = speed_ratio(seconds, name, base)
             print(f"bar: {label} >= {bar}x {base_label} tokens/s: {ratio:.2f}x, {'met' if ratio >= bar else 'MISSED'}")
+    return 0
 
 
 def speed_ratio(seconds: dict[str, list[float]], name: str, base: str) -> float:
@@ -163,4 +177,4 @@ def speed_ratio(seconds: dict[str, list[float]], name: str, base: str) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

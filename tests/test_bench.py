@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench import train_throughput
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,6 +36,18 @@ def test_train_throughput_steps_each_variant_and_compares_memmamba_with_mamba(pg
     assert all(float(cells[0].replace(",", "")) > 0 for cells in table.values())   # tokens/s
     assert table["mamba"][3] == "1.00x"
     assert re.search(r"^bar: MemMamba >= 0.85x Mamba tokens/s: \d+\.\d\dx, (met|MISSED)$", out, re.M)
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--variants", "mamba", "mamba_ssm"], "error: the variant mamba_ssm needs a CUDA GPU and the mamba_ssm package "
+                                           "(pip install -r requirements-cuda.txt --no-build-isolation)"),
+    (["--set", "model.n_layr=2"], "error: unknown key model.n_layr for arch 'memmamba'; allowed: "),
+    (["--config", "configs/nope.json"], "error: configs/nope.json: no such config file"),
+])
+def test_train_throughput_names_what_cannot_run_in_one_line_before_setting_anything_up(args, error, capsys):
+    assert train_throughput.main(["--data", "data/pg19-mini", *args]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(error) and err.count("\n") == 1
 
 
 def test_step_overhead_counts_the_operations_of_each_phase(pg19_shards):
