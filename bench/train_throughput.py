@@ -85,19 +85,34 @@ def variant_overrides(name: str, model: dict) -> list[str]:
     return [f"model={json.dumps(transformer)}"]
 
 
+def whole(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
+def positive(text: str) -> int:
+    if whole(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny_cpu.json")
     parser.add_argument("--data", required=True, help="a prepared data folder whose tokenizer fits the config")
-    parser.add_argument("--seq-len", type=int, default=8000)
-    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per step")
-    parser.add_argument("--warmup", type=int, default=2, help="steps per variant before measuring")
-    parser.add_argument("--steps", type=int, default=10, help="measured steps per variant")
+    parser.add_argument("--seq-len", type=positive, default=8000)
+    parser.add_argument("--micro-batch", type=positive, default=1, help="sequences per step")
+    parser.add_argument("--warmup", type=whole, default=2,
+                        help="steps per variant before measuring (at least 1 for the compiled variants)")
+    parser.add_argument("--steps", type=positive, default=10, help="measured steps per variant")
     parser.add_argument("--variants", nargs="+", default=["memmamba", "mamba", "transformer"],
                         choices=["memmamba", "mamba", "transformer", "mamba_ssm", "memmamba_compiled", "mamba_compiled"])
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides for every variant, e.g. model.n_layer=4")
     args = parser.parse_args(argv)
+    if args.warmup == 0 and any(name.endswith("_compiled") for name in args.variants):
+        parser.error("the compiled variants compile in their first step: --warmup must be at least 1")
     if "mamba_ssm" in args.variants and not (torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm")):
         print("error: the variant mamba_ssm needs a CUDA GPU and the mamba_ssm package "
               "(pip install -r requirements-cuda.txt --no-build-isolation)", file=sys.stderr)

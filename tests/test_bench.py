@@ -50,6 +50,13 @@ def test_train_throughput_names_what_cannot_run_in_one_line_before_setting_anyth
     assert out == "" and err.startswith(error) and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--variants", "mamba_compiled", "--warmup", "0"]])
+def test_train_throughput_refuses_runs_that_would_measure_nothing_or_compiling(args, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train_throughput.main(["--data", "data/pg19-mini", *args])
+    assert exit.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
 def test_step_overhead_counts_the_operations_of_each_phase(pg19_shards):
     table = rows(bench("step_overhead.py", "--config", ROOT / "configs" / "tiny_cpu.json", "--data",
                        pg19_shards.root))
