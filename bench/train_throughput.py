@@ -9,6 +9,8 @@ Every variant is set up by `training.train.setup` from the config plus `--set` o
 them alike. Tokens/s is the median over the measured steps; "vs Mamba" is the median of the per-turn ratios.
 MFU is taken against the datasheet peak of a known GPU, or against a measured matmul peak (e.g. on a CPU).
 "first step" is the time of each variant's first step: for the compiled variants, mostly compiling.
+Every step's times are printed as it ends; stopped by SIGTERM (a time limit) or Ctrl-C, the benchmark prints the
+table of the steps measured so far and exits with 130.
 
 The variant `mamba_ssm` (CUDA, needs the mamba_ssm package) is mamba_ssm's own MambaLMHeadModel of the same
 size, stepped the way the stack steps: fp32 weights, bf16 autocast, fused AdamW, clipping, no activation
@@ -24,6 +26,7 @@ import contextlib
 import importlib.util
 import json
 import shlex
+import signal
 import statistics
 import sys
 import tempfile
@@ -128,6 +131,7 @@ def measure(args: argparse.Namespace) -> int:
     model_section = load_config(args.config, [f"data.path={args.data}", *args.overrides]).model
     runs, seconds, memory = {}, {name: [] for name in args.variants}, {name: 0.0 for name in args.variants}
     first_step = {}   # seconds: compiling, for the compiled variants
+    stopped = False
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as held:
         for name in args.variants:
             overrides = [f"data.path={args.data}", f"data.seq_len={args.seq_len}", "data.num_workers=0",
@@ -136,43 +140,55 @@ def measure(args: argparse.Namespace) -> int:
                          f"output_dir={tmp}/{name}", *args.overrides, *variant_overrides(name, model_section)]
             print(f"# {name}: --set {shlex.join(overrides)}", flush=True)
             if name != "mamba_ssm":
-                # a benchmark is stopped by killing it: no stop signals
+                # stop signals end the benchmark (below), not the run after a checkpoint
                 runs[name] = setup(args.config, overrides, stop_signal=[], held=held)
             else:
                 model_config = load_config(args.config, overrides).model_config
                 runs[name] = MambaSsmStep(model_config, args.micro_batch, args.seq_len, torch.device("cuda"))
         stack_runs = [run for name, run in runs.items() if name != "mamba_ssm"]
         cuda = torch.cuda.is_available()
-        for step in range(args.warmup + args.steps):
-            for name, run in runs.items():
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                started = time.perf_counter()
-                run.step() if name == "mamba_ssm" else train_step(run)
-                elapsed = time.perf_counter() - started
-                if step == 0:
-                    first_step[name] = elapsed
-                if step >= args.warmup:
-                    seconds[name].append(elapsed)
-                if cuda:
-                    memory[name] = max(memory[name], torch.cuda.max_memory_allocated() / 2 ** 30)
+        # Killed by a time limit (SIGTERM) or Ctrl-C, the benchmark prints the table of the steps measured so far.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            for step in range(args.warmup + args.steps):
+                turn = {}   # seconds of each variant's step
+                for name, run in runs.items():
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats()
+                    started = time.perf_counter()
+                    run.step() if name == "mamba_ssm" else train_step(run)
+                    elapsed = turn[name] = time.perf_counter() - started
+                    if step == 0:
+                        first_step[name] = elapsed
+                    if step >= args.warmup:
+                        seconds[name].append(elapsed)
+                    if cuda:
+                        memory[name] = max(memory[name], torch.cuda.max_memory_allocated() / 2 ** 30)
+                kind = "warm-up" if step < args.warmup else "measured"
+                print(f"step {step + 1} of {args.warmup + args.steps} ({kind}): "
+                      + ", ".join(f"{name} {elapsed:.3f} s" for name, elapsed in turn.items()), flush=True)
+        except KeyboardInterrupt:
+            stopped = True
+            print(f"# stopped: the table has the {min(map(len, seconds.values()))} steps measured so far", flush=True)
         for run in stack_runs:
             run.close()
 
     any_run = stack_runs[0]
     peak = any_run.metrics.peak_flops
     print(f"\n{Path(args.config).name}, {args.seq_len} tokens per sequence, micro-batch {args.micro_batch}, "
-          f"{args.steps} steps per "
+          f"{min(map(len, seconds.values()))} steps per "
           f"variant after {args.warmup} warm-up, taking turns; {any_run.place.device}, "
           f"{torch.get_num_threads()} threads, peak {peak / 1e12:.3f} TFLOP/s")
     print("| model | tokens/s | TFLOP/s | MFU | vs Mamba | first step |" + (" peak memory |" if cuda else ""))
     print("|---|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""))
     for name, run in runs.items():
+        if not seconds[name]:
+            continue
         tps = args.micro_batch * args.seq_len / statistics.median(seconds[name])
         model_config = run.model_config if name == "mamba_ssm" else run.cfg.model_config
         flops = tps * train_flops_per_token(model_config, args.seq_len)
         base = "mamba_compiled" if name.endswith("_compiled") else "mamba"
-        ratio = f"{speed_ratio(seconds, name, base):.2f}x" if base in seconds else "-"
+        ratio = f"{speed_ratio(seconds, name, base):.2f}x" if seconds.get(base) else "-"
         print(f"| {name} | {tps:,.0f} | {flops / 1e12:.4f} | {100 * flops / peak:.1f}% | {ratio} "
               f"| {first_step[name]:.1f} s |"
               + (f" {memory[name]:.1f} GiB |" if cuda else ""))
@@ -180,10 +196,10 @@ def measure(args: argparse.Namespace) -> int:
             ("compiled MemMamba", "memmamba_compiled", "compiled Mamba", "mamba_compiled", BAR),
             ("compiled Mamba", "mamba_compiled", "mamba_ssm", "mamba_ssm", REFERENCE_BAR)]
     for label, name, base_label, base, bar in bars:
-        if name in seconds and base in seconds:
+        if seconds.get(name) and seconds.get(base):
             ratio = speed_ratio(seconds, name, base)
             print(f"bar: {label} >= {bar}x {base_label} tokens/s: {ratio:.2f}x, {'met' if ratio >= bar else 'MISSED'}")
-    return 0
+    return 130 if stopped else 0
 
 
 def speed_ratio(seconds: dict[str, list[float]], name: str, base: str) -> float:

@@ -3,7 +3,9 @@
 No figure is checked against a target (that is what the scripts are for); the tests keep them runnable as the
 stack under them changes.
 """
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +38,26 @@ def test_train_throughput_steps_each_variant_and_compares_memmamba_with_mamba(pg
     assert all(float(cells[0].replace(",", "")) > 0 for cells in table.values())   # tokens/s
     assert table["mamba"][3] == "1.00x"
     assert re.search(r"^bar: MemMamba >= 0.85x Mamba tokens/s: \d+\.\d\dx, (met|MISSED)$", out, re.M)
+
+
+def test_train_throughput_stopped_by_a_time_limit_prints_the_steps_measured_so_far(pg19_shards):
+    """A GPU session's command is ended by SIGTERM at its time limit: the figures measured until then are kept."""
+    bench = subprocess.Popen([sys.executable, ROOT / "bench" / "train_throughput.py", "--data", pg19_shards.root,
+                              "--seq-len", "64", "--warmup", "1", "--steps", "300", "--variants", "memmamba", "mamba"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    printed = []
+    for line in bench.stdout:   # each step is printed as it ends
+        printed.append(line)
+        if line.startswith("step 2 of 301 (measured): memmamba "):
+            bench.send_signal(signal.SIGTERM)
+            break
+    out = "".join(printed) + bench.communicate(timeout=60)[0]
+    assert bench.returncode == 130, out
+    table = rows(out)
+    assert table.keys() == {"memmamba", "mamba"} and table["mamba"][3] == "1.00x"
+    assert re.search(r"^tiny_cpu.json, 64 tokens per sequence, micro-batch 1, [1-9]\d* steps per variant", out, re.M)
+    assert re.search(r"^bar: MemMamba >= 0.85x Mamba tokens/s: \d+\.\d\dx", out, re.M)
 
 
 @pytest.mark.parametrize("args, error", [
