@@ -10,7 +10,8 @@ them alike. Tokens/s is the median over the measured steps; "vs Mamba" is the me
 MFU is taken against the datasheet peak of a known GPU, or against a measured matmul peak (e.g. on a CPU).
 "first step" is the time of each variant's first step: for the compiled variants, mostly compiling.
 Every step's times are printed as it ends; stopped by SIGTERM (a time limit) or Ctrl-C, the benchmark prints the
-table of the steps measured so far and exits with 130.
+table of the steps measured so far and exits with 130. A variant whose step fails (out of memory, say) is dropped
+with its error in its row, and the others go on (exit 1).
 
 The variant `mamba_ssm` (CUDA, needs the mamba_ssm package) is mamba_ssm's own MambaLMHeadModel of the same
 size, stepped the way the stack steps: fp32 weights, bf16 autocast, fused AdamW, clipping, no activation
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.util
 import json
 import shlex
@@ -131,7 +133,7 @@ def measure(args: argparse.Namespace) -> int:
     model_section = load_config(args.config, [f"data.path={args.data}", *args.overrides]).model
     runs, seconds, memory = {}, {name: [] for name in args.variants}, {name: 0.0 for name in args.variants}
     first_step = {}   # seconds: compiling, for the compiled variants
-    stopped = False
+    model_configs, failed, stopped = {}, {}, False
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as held:
         for name in args.variants:
             overrides = [f"data.path={args.data}", f"data.seq_len={args.seq_len}", "data.num_workers=0",
@@ -141,22 +143,30 @@ def measure(args: argparse.Namespace) -> int:
             print(f"# {name}: --set {shlex.join(overrides)}", flush=True)
             if name != "mamba_ssm":
                 # stop signals end the benchmark (below), not the run after a checkpoint
-                runs[name] = setup(args.config, overrides, stop_signal=[], held=held)
+                run = runs[name] = setup(args.config, overrides, stop_signal=[], held=held)
+                model_configs[name], device, peak = run.cfg.model_config, run.place.device, run.metrics.peak_flops
             else:
-                model_config = load_config(args.config, overrides).model_config
-                runs[name] = MambaSsmStep(model_config, args.micro_batch, args.seq_len, torch.device("cuda"))
-        stack_runs = [run for name, run in runs.items() if name != "mamba_ssm"]
+                model_configs[name] = load_config(args.config, overrides).model_config
+                runs[name] = MambaSsmStep(model_configs[name], args.micro_batch, args.seq_len, torch.device("cuda"))
         cuda = torch.cuda.is_available()
         # Killed by a time limit (SIGTERM) or Ctrl-C, the benchmark prints the table of the steps measured so far.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             for step in range(args.warmup + args.steps):
                 turn = {}   # seconds of each variant's step
-                for name, run in runs.items():
+                for name in list(runs):
                     if cuda:
                         torch.cuda.reset_peak_memory_stats()
                     started = time.perf_counter()
-                    run.step() if name == "mamba_ssm" else train_step(run)
+                    try:
+                        runs[name].step() if name == "mamba_ssm" else train_step(runs[name])
+                    except Exception as error:   # out of memory, say: the other variants go on without it
+                        failed[name] = f"failed in step {step + 1}: {type(error).__name__}: {error}".splitlines()[0]
+                    if name in failed:   # here, where the error's traceback no longer holds the step's tensors
+                        print(f"# {name} {failed[name]}", flush=True)
+                        seconds[name] = []
+                        close(runs.pop(name))
+                        continue
                     elapsed = turn[name] = time.perf_counter() - started
                     if step == 0:
                         first_step[name] = elapsed
@@ -169,24 +179,25 @@ def measure(args: argparse.Namespace) -> int:
                       + ", ".join(f"{name} {elapsed:.3f} s" for name, elapsed in turn.items()), flush=True)
         except KeyboardInterrupt:
             stopped = True
-            print(f"# stopped: the table has the {min(map(len, seconds.values()))} steps measured so far", flush=True)
-        for run in stack_runs:
-            run.close()
+        measured = min((len(seconds[name]) for name in runs), default=0)
+        if stopped:
+            print(f"# stopped: the table has the {measured} steps measured so far", flush=True)
+        for run in runs.values():
+            close(run)
 
-    any_run = stack_runs[0]
-    peak = any_run.metrics.peak_flops
     print(f"\n{Path(args.config).name}, {args.seq_len} tokens per sequence, micro-batch {args.micro_batch}, "
-          f"{min(map(len, seconds.values()))} steps per "
-          f"variant after {args.warmup} warm-up, taking turns; {any_run.place.device}, "
+          f"{measured} steps per "
+          f"variant after {args.warmup} warm-up, taking turns; {device}, "
           f"{torch.get_num_threads()} threads, peak {peak / 1e12:.3f} TFLOP/s")
     print("| model | tokens/s | TFLOP/s | MFU | vs Mamba | first step |" + (" peak memory |" if cuda else ""))
     print("|---|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""))
-    for name, run in runs.items():
+    for name in args.variants:
+        if name in failed:
+            print(f"| {name} | {failed[name]} | | | | |" + (" |" if cuda else ""))
         if not seconds[name]:
             continue
         tps = args.micro_batch * args.seq_len / statistics.median(seconds[name])
-        model_config = run.model_config if name == "mamba_ssm" else run.cfg.model_config
-        flops = tps * train_flops_per_token(model_config, args.seq_len)
+        flops = tps * train_flops_per_token(model_configs[name], args.seq_len)
         base = "mamba_compiled" if name.endswith("_compiled") else "mamba"
         ratio = f"{speed_ratio(seconds, name, base):.2f}x" if seconds.get(base) else "-"
         print(f"| {name} | {tps:,.0f} | {flops / 1e12:.4f} | {100 * flops / peak:.1f}% | {ratio} "
@@ -199,7 +210,17 @@ def measure(args: argparse.Namespace) -> int:
         if seconds.get(name) and seconds.get(base):
             ratio = speed_ratio(seconds, name, base)
             print(f"bar: {label} >= {bar}x {base_label} tokens/s: {ratio:.2f}x, {'met' if ratio >= bar else 'MISSED'}")
-    return 130 if stopped else 0
+    return 130 if stopped else 1 if failed else 0
+
+
+def close(run: object) -> None:
+    """Ends a variant's run and frees what it holds on the device for the others."""
+    if not isinstance(run, MambaSsmStep):
+        run.close()
+    del run
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def speed_ratio(seconds: dict[str, list[float]], name: str, base: str) -> float:

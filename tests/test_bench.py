@@ -60,6 +60,32 @@ def test_train_throughput_stopped_by_a_time_limit_prints_the_steps_measured_so_f
     assert re.search(r"^bar: MemMamba >= 0.85x Mamba tokens/s: \d+\.\d\dx", out, re.M)
 
 
+# train_throughput.py whose MemMamba runs out of memory in its second step
+OUT_OF_MEMORY_IN_STEP_2 = """
+import sys, torch
+from bench import train_throughput
+steps = []
+def train_step(run):
+    steps.extend([run] if run.cfg.model_config.notes else [])
+    if len(steps) == 2 and run.cfg.model_config.notes:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\\nmore")
+    return real(run)
+real, train_throughput.train_step = train_throughput.train_step, train_step
+sys.exit(train_throughput.main(sys.argv[1:]))
+"""
+
+
+def test_train_throughput_goes_on_without_a_variant_that_fails(pg19_shards):
+    done = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_IN_STEP_2, "--data", pg19_shards.root, "--seq-len", "64",
+                           "--warmup", "1", "--steps", "2", "--variants", "memmamba", "mamba"],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1, done.stderr[-3000:]
+    table = rows(done.stdout)
+    assert table["memmamba"][0] == "failed in step 2: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB."
+    assert float(table["mamba"][0].replace(",", "")) > 0 and table["mamba"][3] == "1.00x"
+    assert "step 3 of 3 (measured): mamba " in done.stdout and "bar:" not in done.stdout
+
+
 @pytest.mark.parametrize("args, error", [
     (["--variants", "mamba", "mamba_ssm"], "error: the variant mamba_ssm needs a CUDA GPU and the mamba_ssm package "
                                            "(pip install -r requirements-cuda.txt --no-build-isolation)"),
