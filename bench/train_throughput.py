@@ -23,6 +23,7 @@ they are compared with each other.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import gc
 import importlib.util
@@ -74,6 +75,28 @@ class MambaSsmStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+
+class DeviceMemory:
+    """Each variant's peak of allocated GPU memory as if it ran alone. The variants stay set up side by side, so
+    torch's peak counts the others' weights and optimizer states too; a variant's peak is taken as the peak of its
+    step above what was allocated before it, plus what the variant itself holds (what its set-up and its earlier
+    steps left allocated)."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+        self.held, self.peak = collections.Counter(), collections.Counter()   # bytes
+
+    @contextlib.contextmanager
+    def track(self, name: str):
+        if not self.cuda:
+            yield
+            return
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        yield
+        self.peak[name] = max(self.peak[name], self.held[name] + torch.cuda.max_memory_allocated() - before)
+        self.held[name] += torch.cuda.memory_allocated() - before
 
 
 def variant_overrides(name: str, model: dict) -> list[str]:
@@ -131,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure(args: argparse.Namespace) -> int:
     model_section = load_config(args.config, [f"data.path={args.data}", *args.overrides]).model
-    runs, seconds, memory = {}, {name: [] for name in args.variants}, {name: 0.0 for name in args.variants}
+    runs, seconds, memory = {}, {name: [] for name in args.variants}, DeviceMemory()
     first_step = {}   # seconds: compiling, for the compiled variants
     model_configs, failed, stopped = {}, {}, False
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as held:
@@ -141,25 +164,25 @@ def measure(args: argparse.Namespace) -> int:
                          "validation.windows=1", "logging.progress_bar=false", "checkpoint.resume=never",
                          f"output_dir={tmp}/{name}", *args.overrides, *variant_overrides(name, model_section)]
             print(f"# {name}: --set {shlex.join(overrides)}", flush=True)
-            if name != "mamba_ssm":
-                # stop signals end the benchmark (below), not the run after a checkpoint
-                run = runs[name] = setup(args.config, overrides, stop_signal=[], held=held)
-                model_configs[name], device, peak = run.cfg.model_config, run.place.device, run.metrics.peak_flops
-            else:
-                model_configs[name] = load_config(args.config, overrides).model_config
-                runs[name] = MambaSsmStep(model_configs[name], args.micro_batch, args.seq_len, torch.device("cuda"))
-        cuda = torch.cuda.is_available()
+            with memory.track(name):
+                if name != "mamba_ssm":
+                    # stop signals end the benchmark (below), not the run after a checkpoint
+                    run = runs[name] = setup(args.config, overrides, stop_signal=[], held=held)
+                    model_configs[name], device, peak = run.cfg.model_config, run.place.device, run.metrics.peak_flops
+                else:
+                    model_configs[name] = load_config(args.config, overrides).model_config
+                    runs[name] = MambaSsmStep(model_configs[name], args.micro_batch, args.seq_len, torch.device("cuda"))
+        cuda = memory.cuda
         # Killed by a time limit (SIGTERM) or Ctrl-C, the benchmark prints the table of the steps measured so far.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             for step in range(args.warmup + args.steps):
                 turn = {}   # seconds of each variant's step
                 for name in list(runs):
-                    if cuda:
-                        torch.cuda.reset_peak_memory_stats()
                     started = time.perf_counter()
                     try:
-                        runs[name].step() if name == "mamba_ssm" else train_step(runs[name])
+                        with memory.track(name):
+                            runs[name].step() if name == "mamba_ssm" else train_step(runs[name])
                     except Exception as error:   # out of memory, say: the other variants go on without it
                         failed[name] = f"failed in step {step + 1}: {type(error).__name__}: {error}".splitlines()[0]
                     if name in failed:   # here, where the error's traceback no longer holds the step's tensors
@@ -172,8 +195,6 @@ def measure(args: argparse.Namespace) -> int:
                         first_step[name] = elapsed
                     if step >= args.warmup:
                         seconds[name].append(elapsed)
-                    if cuda:
-                        memory[name] = max(memory[name], torch.cuda.max_memory_allocated() / 2 ** 30)
                 kind = "warm-up" if step < args.warmup else "measured"
                 print(f"step {step + 1} of {args.warmup + args.steps} ({kind}): "
                       + ", ".join(f"{name} {elapsed:.3f} s" for name, elapsed in turn.items()), flush=True)
@@ -202,7 +223,7 @@ def measure(args: argparse.Namespace) -> int:
         ratio = f"{speed_ratio(seconds, name, base):.2f}x" if seconds.get(base) else "-"
         print(f"| {name} | {tps:,.0f} | {flops / 1e12:.4f} | {100 * flops / peak:.1f}% | {ratio} "
               f"| {first_step[name]:.1f} s |"
-              + (f" {memory[name]:.1f} GiB |" if cuda else ""))
+              + (f" {memory.peak[name] / 2 ** 30:.1f} GiB |" if cuda else ""))
     bars = [("MemMamba", "memmamba", "Mamba", "mamba", BAR), ("Mamba", "mamba", "mamba_ssm", "mamba_ssm", REFERENCE_BAR),
             ("compiled MemMamba", "memmamba_compiled", "compiled Mamba", "mamba_compiled", BAR),
             ("compiled Mamba", "mamba_compiled", "mamba_ssm", "mamba_ssm", REFERENCE_BAR)]

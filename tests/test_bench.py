@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import train_throughput
 
@@ -58,6 +59,34 @@ def test_train_throughput_stopped_by_a_time_limit_prints_the_steps_measured_so_f
     assert table.keys() == {"memmamba", "mamba"} and table["mamba"][3] == "1.00x"
     assert re.search(r"^tiny_cpu.json, 64 tokens per sequence, micro-batch 1, [1-9]\d* steps per variant", out, re.M)
     assert re.search(r"^bar: MemMamba >= 0.85x Mamba tokens/s: \d+\.\d\dx", out, re.M)
+
+
+def test_train_throughput_peak_memory_is_each_variants_own_with_the_others_set_up_beside_it(monkeypatch):
+    """On a GPU torch's allocated bytes and their peak, here counted by hand: the variants' set-ups and steps
+    allocate as the benchmark takes turns."""
+    allocated, peak = [0], [0]
+
+    def allocate(n):
+        allocated[0] += n
+        peak[0] = max(peak[0], allocated[0])
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: allocated[0])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak[0])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: peak.__setitem__(0, allocated[0]))
+    memory = train_throughput.DeviceMemory()
+    for name, weights in (("large", 10), ("small", 1)):
+        with memory.track(name):
+            allocate(weights)
+    for step in range(2):
+        with memory.track("large"):
+            allocate(20 if step == 0 else 0)   # the optimizer's state, made in the first step
+            allocate(5)    # activations, freed by the end of the step
+            allocate(-5)
+        with memory.track("small"):
+            allocate(2)
+            allocate(-2)
+    assert memory.peak == {"large": 10 + 20 + 5, "small": 1 + 2}
 
 
 # train_throughput.py whose MemMamba runs out of memory in its second step
