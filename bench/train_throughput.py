@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from data_pipeline import DataError  # noqa: E402
 from training.config import ConfigError, load_config  # noqa: E402
-from training.flops import train_flops_per_token  # noqa: E402
+from training.flops import measure_peak_flops, peak_flops, train_flops_per_token  # noqa: E402
 from training.train import setup, train_step  # noqa: E402
 
 BAR = 0.85
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.warmup == 0 and any(name.endswith("_compiled") for name in args.variants):
         parser.error("the compiled variants compile in their first step: --warmup must be at least 1")
-    if "mamba_ssm" in args.variants and not (torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm")):
+    if "mamba_ssm" in args.variants and not mamba_ssm_available():
         print("error: the variant mamba_ssm needs a CUDA GPU and the mamba_ssm package "
               "(pip install -r requirements-cuda.txt --no-build-isolation)", file=sys.stderr)
         return 1
@@ -152,8 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def mamba_ssm_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm") is not None
+
+
 def measure(args: argparse.Namespace) -> int:
-    model_section = load_config(args.config, [f"data.path={args.data}", *args.overrides]).model
+    config = load_config(args.config, [f"data.path={args.data}", *args.overrides])
+    model_section = config.model
+    # the device and peak FLOP/s the stack's runs take; with mamba_ssm alone, those the stack would take
+    device = torch.device("cuda")
+    peak = config.logging.peak_tflops * 1e12 if config.logging.peak_tflops else None
     runs, seconds, memory = {}, {name: [] for name in args.variants}, DeviceMemory()
     first_step = {}   # seconds: compiling, for the compiled variants
     model_configs, failed, stopped = {}, {}, False
@@ -206,6 +214,7 @@ def measure(args: argparse.Namespace) -> int:
         for run in runs.values():
             close(run)
 
+    peak = peak or peak_flops(device) or measure_peak_flops(device)
     print(f"\n{Path(args.config).name}, {args.seq_len} tokens per sequence, micro-batch {args.micro_batch}, "
           f"{measured} steps per "
           f"variant after {args.warmup} warm-up, taking turns; {device}, "

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,25 @@ def test_train_throughput_goes_on_without_a_variant_that_fails(pg19_shards):
     assert table["memmamba"][0] == "failed in step 2: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB."
     assert float(table["mamba"][0].replace(",", "")) > 0 and table["mamba"][3] == "1.00x"
     assert "step 3 of 3 (measured): mamba " in done.stdout and "bar:" not in done.stdout
+
+
+def test_train_throughput_measures_mamba_ssm_alone(monkeypatch, capsys):
+    """mamba_ssm's model on a GPU, here a stand-in that takes 10 ms a step; no variant of the stack is set up."""
+    class MambaSsmStep:
+        def __init__(self, config, micro_batch, seq_len, device):
+            assert config.notes is False and device.type == "cuda"
+
+        def step(self):
+            time.sleep(0.01)
+
+    monkeypatch.setattr(train_throughput, "MambaSsmStep", MambaSsmStep)
+    monkeypatch.setattr(train_throughput, "mamba_ssm_available", lambda: True)
+    assert train_throughput.main(["--data", "data/pg19-mini", "--seq-len", "64", "--warmup", "0", "--steps", "2",
+                                  "--variants", "mamba_ssm", "--set", "logging.peak_tflops=1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 steps per variant after 0 warm-up, taking turns; cuda, " in out
+    tokens_per_s = float(rows(out)["mamba_ssm"][0].replace(",", ""))
+    assert 64 / 0.1 < tokens_per_s < 64 / 0.01
 
 
 @pytest.mark.parametrize("args, error", [
