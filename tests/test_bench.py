@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import train_throughput
+from bench import op_count, step_overhead, train_throughput
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def test_train_throughput_peak_memory_is_each_variants_own_with_the_others_set_u
 # train_throughput.py whose MemMamba runs out of memory in its second step
 OUT_OF_MEMORY_IN_STEP_2 = """
 import sys, torch
-from bench import train_throughput
+from bench import op_count, step_overhead, train_throughput
 steps = []
 def train_step(run):
     steps.extend([run] if run.cfg.model_config.notes else [])
@@ -159,6 +159,17 @@ def test_step_overhead_counts_the_operations_of_each_phase(pg19_shards):
                        pg19_shards.root))
     assert table.keys() == {"forward", "backward", "step"}
     assert all(int(cells[0]) > 0 for cells in table.values())
+
+
+def test_op_count_and_step_overhead_name_a_mistyped_override_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit:
+        op_count.main(["--set", "model.n_layr=2"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and ": error: unknown key model.n_layr for arch 'memmamba'" in err
+    assert "Traceback" not in err
+    assert step_overhead.main(["--data", "data/pg19-mini", "--set", "model.n_layr=2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown key model.n_layr for arch 'memmamba'") and err.count("\n") == 1
 
 
 def test_op_count_finds_the_note_block_adds_operations_to_a_mamba_layer():
