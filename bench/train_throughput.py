@@ -182,7 +182,7 @@ def measure(args: argparse.Namespace) -> int:
                     runs[name] = MambaSsmStep(model_configs[name], args.micro_batch, args.seq_len, torch.device("cuda"))
         cuda = memory.cuda
         # Killed by a time limit (SIGTERM) or Ctrl-C, the benchmark prints the table of the steps measured so far.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        on_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             for step in range(args.warmup + args.steps):
                 turn = {}   # seconds of each variant's step
@@ -208,6 +208,8 @@ def measure(args: argparse.Namespace) -> int:
                       + ", ".join(f"{name} {elapsed:.3f} s" for name, elapsed in turn.items()), flush=True)
         except KeyboardInterrupt:
             stopped = True
+        finally:
+            signal.signal(signal.SIGTERM, on_sigterm)
         measured = min((len(seconds[name]) for name in runs), default=0)
         if stopped:
             print(f"# stopped: the table has the {measured} steps measured so far", flush=True)
