@@ -175,8 +175,9 @@ def measure(args: argparse.Namespace) -> int:
             with memory.track(name):
                 if name != "mamba_ssm":
                     # stop signals end the benchmark (below), not the run after a checkpoint
-                    run = runs[name] = setup(args.config, overrides, stop_signal=[], held=held)
-                    model_configs[name], device, peak = run.cfg.model_config, run.place.device, run.metrics.peak_flops
+                    runs[name] = setup(args.config, overrides, stop_signal=[], held=held)
+                    device, peak = runs[name].place.device, runs[name].metrics.peak_flops
+                    model_configs[name] = runs[name].cfg.model_config
                 else:
                     model_configs[name] = load_config(args.config, overrides).model_config
                     runs[name] = MambaSsmStep(model_configs[name], args.micro_batch, args.seq_len, torch.device("cuda"))
