@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import model.mixer  # noqa: E402
 from model.config import MemMambaConfig  # noqa: E402
 from model.memmamba import MemMambaLM  # noqa: E402
-from training.config import load_config  # noqa: E402
+from training.config import ConfigError, load_config  # noqa: E402
 
 # Operations that launch nothing on a GPU: views, allocations, a dtype query, Python numbers wrapped as CPU scalars.
 NOT_LAUNCHED = {"scalar_tensor", "view", "_unsafe_view", "reshape", "transpose", "permute", "expand", "split",
@@ -103,13 +103,16 @@ def count(config: MemMambaConfig, seq_len: int, checkpointing: bool) -> Operatio
     return ops
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "200m_8k.json"))
     parser.add_argument("--seq-len", type=int, help="default: the config's data.seq_len")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    args = parser.parse_args()
-    config = load_config(args.config, args.set)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.set)
+    except ConfigError as error:   # a missing config, a mistyped --set
+        parser.error(str(error))
     model_config = config.model_config
     seq_len = args.seq_len or config.data.seq_len
     checkpointing = config.train.activation_checkpointing

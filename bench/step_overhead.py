@@ -22,22 +22,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.op_count import OperationCount  # noqa: E402
+from data_pipeline import DataError  # noqa: E402
+from training.config import ConfigError  # noqa: E402
 from training.train import setup, train_step  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "200m_8k.json"))
     parser.add_argument("--data", required=True, help="a prepared data folder whose tokenizer fits the config")
     parser.add_argument("--seq-len", type=int, default=64, help="short: the step's overhead does not depend on it")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as held:
-        run = setup(args.config, [f"data.path={args.data}", f"data.seq_len={args.seq_len}", "data.num_workers=0",
-                                  "train.micro_batch_size=1", "train.grad_accum=1", "train.global_batch_size=null",
-                                  "validation.windows=1", "logging.progress_bar=false", "checkpoint.resume=never",
-                                  f"output_dir={tmp}", *args.overrides], stop_signal=[], held=held)
+        try:
+            run = setup(args.config, [f"data.path={args.data}", f"data.seq_len={args.seq_len}", "data.num_workers=0",
+                                      "train.micro_batch_size=1", "train.grad_accum=1", "train.global_batch_size=null",
+                                      "validation.windows=1", "logging.progress_bar=false", "checkpoint.resume=never",
+                                      f"output_dir={tmp}", *args.overrides], stop_signal=[], held=held)
+        except (ConfigError, DataError) as error:   # a missing config or data folder, a mistyped --set
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         train_step(run)   # warm-up: the optimizer's state is allocated in its first step
         engine, (window, loss_mask) = run.engine, next(run.batches)
         with OperationCount() as ops:
@@ -55,7 +61,8 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: |")
     for phase in ("forward", "backward", "step"):
         print(f"| {phase} | {ops.count[phase]} | {ops.bytes[phase] / 2**20:.0f} | {ops.syncs[phase]} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,6 +9,9 @@ Every variant is set up by `training.train.setup` from the config plus `--set` o
 them alike. Tokens/s is the median over the measured steps; "vs Mamba" is the median of the per-turn ratios.
 MFU is taken against the datasheet peak of a known GPU, or against a measured matmul peak (e.g. on a CPU).
 "first step" is the time of each variant's first step: for the compiled variants, mostly compiling.
+Every step's times are printed as it ends; stopped by SIGTERM (a time limit) or Ctrl-C, the benchmark prints the
+table of the steps measured so far and exits with 130. A variant whose step fails (out of memory, say) is dropped
+with its error in its row, and the others go on (exit 1).
 
 The variant `mamba_ssm` (CUDA, needs the mamba_ssm package) is mamba_ssm's own MambaLMHeadModel of the same
 size, stepped the way the stack steps: fp32 weights, bf16 autocast, fused AdamW, clipping, no activation
@@ -20,9 +23,13 @@ they are compared with each other.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import gc
+import importlib.util
 import json
 import shlex
+import signal
 import statistics
 import sys
 import tempfile
@@ -35,8 +42,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.config import load_config  # noqa: E402
-from training.flops import train_flops_per_token  # noqa: E402
+from data_pipeline import DataError  # noqa: E402
+from training.config import ConfigError, load_config  # noqa: E402
+from training.flops import measure_peak_flops, peak_flops, train_flops_per_token  # noqa: E402
 from training.train import setup, train_step  # noqa: E402
 
 BAR = 0.85
@@ -69,6 +77,28 @@ class MambaSsmStep:
         return loss.item()
 
 
+class DeviceMemory:
+    """Each variant's peak of allocated GPU memory as if it ran alone. The variants stay set up side by side, so
+    torch's peak counts the others' weights and optimizer states too; a variant's peak is taken as the peak of its
+    step above what was allocated before it, plus what the variant itself holds (what its set-up and its earlier
+    steps left allocated)."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+        self.held, self.peak = collections.Counter(), collections.Counter()   # bytes
+
+    @contextlib.contextmanager
+    def track(self, name: str):
+        if not self.cuda:
+            yield
+            return
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        yield
+        self.peak[name] = max(self.peak[name], self.held[name] + torch.cuda.max_memory_allocated() - before)
+        self.held[name] += torch.cuda.memory_allocated() - before
+
+
 def variant_overrides(name: str, model: dict) -> list[str]:
     """The config's model with notes, without, or the Transformer of its size name; compiled or not."""
     if name.endswith("_compiled"):
@@ -83,23 +113,58 @@ def variant_overrides(name: str, model: dict) -> list[str]:
     return [f"model={json.dumps(transformer)}"]
 
 
-def main() -> None:
+def whole(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
+def positive(text: str) -> int:
+    if whole(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny_cpu.json")
     parser.add_argument("--data", required=True, help="a prepared data folder whose tokenizer fits the config")
-    parser.add_argument("--seq-len", type=int, default=8000)
-    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per step")
-    parser.add_argument("--warmup", type=int, default=2, help="steps per variant before measuring")
-    parser.add_argument("--steps", type=int, default=10, help="measured steps per variant")
+    parser.add_argument("--seq-len", type=positive, default=8000)
+    parser.add_argument("--micro-batch", type=positive, default=1, help="sequences per step")
+    parser.add_argument("--warmup", type=whole, default=2,
+                        help="steps per variant before measuring (at least 1 for the compiled variants)")
+    parser.add_argument("--steps", type=positive, default=10, help="measured steps per variant")
     parser.add_argument("--variants", nargs="+", default=["memmamba", "mamba", "transformer"],
                         choices=["memmamba", "mamba", "transformer", "mamba_ssm", "memmamba_compiled", "mamba_compiled"])
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides for every variant, e.g. model.n_layer=4")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.warmup == 0 and any(name.endswith("_compiled") for name in args.variants):
+        parser.error("the compiled variants compile in their first step: --warmup must be at least 1")
+    if "mamba_ssm" in args.variants and not mamba_ssm_available():
+        print("error: the variant mamba_ssm needs a CUDA GPU and the mamba_ssm package "
+              "(pip install -r requirements-cuda.txt --no-build-isolation)", file=sys.stderr)
+        return 1
+    try:
+        return measure(args)
+    except (OSError, ConfigError, DataError) as error:   # a missing config or data folder, a mistyped --set
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
-    model_section = json.loads(Path(args.config).read_text())["model"]
-    runs, seconds, memory = {}, {name: [] for name in args.variants}, {name: 0.0 for name in args.variants}
+
+def mamba_ssm_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm") is not None
+
+
+def measure(args: argparse.Namespace) -> int:
+    config = load_config(args.config, [f"data.path={args.data}", *args.overrides])
+    model_section = config.model
+    # the device and peak FLOP/s the stack's runs take; with mamba_ssm alone, those the stack would take
+    device = torch.device("cuda")
+    peak = config.logging.peak_tflops * 1e12 if config.logging.peak_tflops else None
+    runs, seconds, memory = {}, {name: [] for name in args.variants}, DeviceMemory()
     first_step = {}   # seconds: compiling, for the compiled variants
+    model_configs, failed, stopped = {}, {}, False
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as held:
         for name in args.variants:
             overrides = [f"data.path={args.data}", f"data.seq_len={args.seq_len}", "data.num_workers=0",
@@ -107,54 +172,88 @@ def main() -> None:
                          "validation.windows=1", "logging.progress_bar=false", "checkpoint.resume=never",
                          f"output_dir={tmp}/{name}", *args.overrides, *variant_overrides(name, model_section)]
             print(f"# {name}: --set {shlex.join(overrides)}", flush=True)
-            if name != "mamba_ssm":
-                # a benchmark is stopped by killing it: no stop signals
-                runs[name] = setup(args.config, overrides, stop_signal=[], held=held)
-            else:
-                model_config = load_config(args.config, overrides).model_config
-                runs[name] = MambaSsmStep(model_config, args.micro_batch, args.seq_len, torch.device("cuda"))
-        stack_runs = [run for name, run in runs.items() if name != "mamba_ssm"]
-        cuda = torch.cuda.is_available()
-        for step in range(args.warmup + args.steps):
-            for name, run in runs.items():
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                started = time.perf_counter()
-                run.step() if name == "mamba_ssm" else train_step(run)
-                elapsed = time.perf_counter() - started
-                if step == 0:
-                    first_step[name] = elapsed
-                if step >= args.warmup:
-                    seconds[name].append(elapsed)
-                if cuda:
-                    memory[name] = max(memory[name], torch.cuda.max_memory_allocated() / 2 ** 30)
-        for run in stack_runs:
-            run.close()
+            with memory.track(name):
+                if name != "mamba_ssm":
+                    # stop signals end the benchmark (below), not the run after a checkpoint
+                    runs[name] = setup(args.config, overrides, stop_signal=[], held=held)
+                    device, peak = runs[name].place.device, runs[name].metrics.peak_flops
+                    model_configs[name] = runs[name].cfg.model_config
+                else:
+                    model_configs[name] = load_config(args.config, overrides).model_config
+                    runs[name] = MambaSsmStep(model_configs[name], args.micro_batch, args.seq_len, torch.device("cuda"))
+        cuda = memory.cuda
+        # Killed by a time limit (SIGTERM) or Ctrl-C, the benchmark prints the table of the steps measured so far.
+        on_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            for step in range(args.warmup + args.steps):
+                turn = {}   # seconds of each variant's step
+                for name in list(runs):
+                    started = time.perf_counter()
+                    try:
+                        with memory.track(name):
+                            runs[name].step() if name == "mamba_ssm" else train_step(runs[name])
+                    except Exception as error:   # out of memory, say: the other variants go on without it
+                        failed[name] = f"failed in step {step + 1}: {type(error).__name__}: {error}".splitlines()[0]
+                    if name in failed:   # here, where the error's traceback no longer holds the step's tensors
+                        print(f"# {name} {failed[name]}", flush=True)
+                        seconds[name] = []
+                        close(runs.pop(name))
+                        continue
+                    elapsed = turn[name] = time.perf_counter() - started
+                    if step == 0:
+                        first_step[name] = elapsed
+                    if step >= args.warmup:
+                        seconds[name].append(elapsed)
+                kind = "warm-up" if step < args.warmup else "measured"
+                print(f"step {step + 1} of {args.warmup + args.steps} ({kind}): "
+                      + ", ".join(f"{name} {elapsed:.3f} s" for name, elapsed in turn.items()), flush=True)
+        except KeyboardInterrupt:
+            stopped = True
+        finally:
+            signal.signal(signal.SIGTERM, on_sigterm)
+        measured = min((len(seconds[name]) for name in runs), default=0)
+        if stopped:
+            print(f"# stopped: the table has the {measured} steps measured so far", flush=True)
+        for run in runs.values():
+            close(run)
 
-    any_run = stack_runs[0]
-    peak = any_run.metrics.peak_flops
+    peak = peak or peak_flops(device) or measure_peak_flops(device)
     print(f"\n{Path(args.config).name}, {args.seq_len} tokens per sequence, micro-batch {args.micro_batch}, "
-          f"{args.steps} steps per "
-          f"variant after {args.warmup} warm-up, taking turns; {any_run.place.device}, "
+          f"{measured} steps per "
+          f"variant after {args.warmup} warm-up, taking turns; {device}, "
           f"{torch.get_num_threads()} threads, peak {peak / 1e12:.3f} TFLOP/s")
     print("| model | tokens/s | TFLOP/s | MFU | vs Mamba | first step |" + (" peak memory |" if cuda else ""))
     print("|---|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""))
-    for name, run in runs.items():
+    for name in args.variants:
+        if name in failed:
+            print(f"| {name} | {failed[name]} | | | | |" + (" |" if cuda else ""))
+        if not seconds[name]:
+            continue
         tps = args.micro_batch * args.seq_len / statistics.median(seconds[name])
-        model_config = run.model_config if name == "mamba_ssm" else run.cfg.model_config
-        flops = tps * train_flops_per_token(model_config, args.seq_len)
+        flops = tps * train_flops_per_token(model_configs[name], args.seq_len)
         base = "mamba_compiled" if name.endswith("_compiled") else "mamba"
-        ratio = f"{speed_ratio(seconds, name, base):.2f}x" if base in seconds else "-"
+        ratio = f"{speed_ratio(seconds, name, base):.2f}x" if seconds.get(base) else "-"
         print(f"| {name} | {tps:,.0f} | {flops / 1e12:.4f} | {100 * flops / peak:.1f}% | {ratio} "
               f"| {first_step[name]:.1f} s |"
-              + (f" {memory[name]:.1f} GiB |" if cuda else ""))
+              + (f" {memory.peak[name] / 2 ** 30:.1f} GiB |" if cuda else ""))
     bars = [("MemMamba", "memmamba", "Mamba", "mamba", BAR), ("Mamba", "mamba", "mamba_ssm", "mamba_ssm", REFERENCE_BAR),
             ("compiled MemMamba", "memmamba_compiled", "compiled Mamba", "mamba_compiled", BAR),
             ("compiled Mamba", "mamba_compiled", "mamba_ssm", "mamba_ssm", REFERENCE_BAR)]
     for label, name, base_label, base, bar in bars:
-        if name in seconds and base in seconds:
+        if seconds.get(name) and seconds.get(base):
             ratio = speed_ratio(seconds, name, base)
             print(f"bar: {label} >= {bar}x {base_label} tokens/s: {ratio:.2f}x, {'met' if ratio >= bar else 'MISSED'}")
+    return 130 if stopped else 1 if failed else 0
+
+
+def close(run: object) -> None:
+    """Ends a variant's run and frees what it holds on the device for the others."""
+    if not isinstance(run, MambaSsmStep):
+        run.close()
+    del run
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def speed_ratio(seconds: dict[str, list[float]], name: str, base: str) -> float:
@@ -163,4 +262,4 @@ def speed_ratio(seconds: dict[str, list[float]], name: str, base: str) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
