@@ -4,9 +4,9 @@
     python bench/train_throughput.py --config configs/200m_8k.json --data data/pg19 --variants memmamba mamba
 
 Every variant is set up by `training.train.setup` from the config plus `--set` overrides (printed): one rank,
-`--micro-batch` sequences per step (1), no accumulation, a scratch output folder. Then the variants take turns, one optimizer step each
-(`training.train.train_step`: forward, backward, DeepSpeed's step), so that a machine whose load changes slows
-them alike. Tokens/s is the median over the measured steps; "vs Mamba" is the median of the per-turn ratios.
+`--micro-batch` sequences per step (1), no accumulation, a scratch output folder. Then the variants take turns,
+one optimizer step each (`training.train.train_step`: forward, backward, DeepSpeed's step), so that a machine
+whose load changes slows them alike. Tokens/s is the median over the measured steps; "vs Mamba" is the median of the per-turn ratios.
 MFU is taken against the datasheet peak of a known GPU, or against a measured matmul peak (e.g. on a CPU).
 "first step" is the time of each variant's first step: for the compiled variants, mostly compiling.
 Every step's times are printed as it ends; stopped by SIGTERM (a time limit) or Ctrl-C, the benchmark prints the
@@ -168,7 +168,8 @@ def measure(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as held:
         for name in args.variants:
             overrides = [f"data.path={args.data}", f"data.seq_len={args.seq_len}", "data.num_workers=0",
-                         f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1", "train.global_batch_size=null",
+                         f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1",
+                         "train.global_batch_size=null",
                          "validation.windows=1", "logging.progress_bar=false", "checkpoint.resume=never",
                          f"output_dir={tmp}/{name}", *args.overrides, *variant_overrides(name, model_section)]
             print(f"# {name}: --set {shlex.join(overrides)}", flush=True)
@@ -250,7 +251,7 @@ def close(run: object) -> None:
     """Ends a variant's run and frees what it holds on the device for the others."""
     if not isinstance(run, MambaSsmStep):
         run.close()
-    del run
+    del run   # this frame's reference, before the collection
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

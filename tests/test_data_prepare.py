@@ -520,7 +520,8 @@ def test_the_tokenizer_command_logs_its_training_unless_quiet(pg19_mini, tmp_pat
     quiet = run_cli("tokenizer", *settings, "--output", tmp_path / "quiet", "--quiet")
     assert logged.returncode == quiet.returncode == 0, logged.stderr + quiet.stderr
     assert "tokenizer: training on " in logged.stderr and quiet.stderr == ""
-    assert (tmp_path / "quiet" / "tokenizer.model").read_bytes() == (tmp_path / "logged" / "tokenizer.model").read_bytes()
+    assert (tmp_path / "quiet" / "tokenizer.model").read_bytes() == \
+        (tmp_path / "logged" / "tokenizer.model").read_bytes()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
