@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from data_pipeline import DataError  # noqa: E402
 from training.config import ConfigError, load_config  # noqa: E402
-from training.flops import measure_peak_flops, peak_flops, train_flops_per_token  # noqa: E402
-from training.train import setup, train_step  # noqa: E402
+from training.flops import train_flops_per_token  # noqa: E402
+from training.train import mfu_peak_flops, setup, train_step  # noqa: E402
 
 BAR = 0.85
 REFERENCE_BAR = 0.9
@@ -160,8 +160,7 @@ def measure(args: argparse.Namespace) -> int:
     config = load_config(args.config, [f"data.path={args.data}", *args.overrides])
     model_section = config.model
     # the device and peak FLOP/s the stack's runs take; with mamba_ssm alone, those the stack would take
-    device = torch.device("cuda")
-    peak = config.logging.peak_tflops * 1e12 if config.logging.peak_tflops else None
+    device, peak = torch.device("cuda"), None
     runs, seconds, memory = {}, {name: [] for name in args.variants}, DeviceMemory()
     first_step = {}   # seconds: compiling, for the compiled variants
     model_configs, failed, stopped = {}, {}, False
@@ -218,7 +217,7 @@ def measure(args: argparse.Namespace) -> int:
         for run in runs.values():
             close(run)
 
-    peak = peak or peak_flops(device) or measure_peak_flops(device)
+    peak = peak or mfu_peak_flops(config, device)
     print(f"\n{Path(args.config).name}, {args.seq_len} tokens per sequence, micro-batch {args.micro_batch}, "
           f"{measured} steps per "
           f"variant after {args.warmup} warm-up, taking turns; {device}, "

@@ -510,12 +510,12 @@ def test_mfu_is_taken_against_the_peak_of_the_runs_own_precision(monkeypatch):
     for precision, device, expected in [("auto", cuda, 3e14), ("fp32", cuda, 9e13), ("auto", cpu, 9e13),
                                         ("bf16", cpu, 3e14)]:
         cfg = config_from_dict(tiny_config(**{"train.precision": precision}))
-        assert train_module._peak_flops(cfg, device) == expected, (precision, device)
+        assert train_module.mfu_peak_flops(cfg, device) == expected, (precision, device)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert train_module._peak_flops(config_from_dict(tiny_config()), cuda) == 989e12
-    assert train_module._peak_flops(config_from_dict(tiny_config(**{"train.precision": "fp32"})), cuda) == 9e13
+    assert train_module.mfu_peak_flops(config_from_dict(tiny_config()), cuda) == 989e12
+    assert train_module.mfu_peak_flops(config_from_dict(tiny_config(**{"train.precision": "fp32"})), cuda) == 9e13
     given = tiny_config(**{"train.precision": "fp32", "logging.peak_tflops": 50})
-    assert train_module._peak_flops(config_from_dict(given), cuda) == 50e12
+    assert train_module.mfu_peak_flops(config_from_dict(given), cuda) == 50e12
 
 
 def test_memmamba_dense_flops_within_one_percent_of_a_flop_counter():

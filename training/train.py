@@ -165,7 +165,7 @@ def setup(config_path: str, overrides: list[str], stop_signal: list[str], held: 
                       progress_bar=cfg.logging.progress_bar, start_step=state.step, max_steps=cfg.train.max_steps,
                       tokens_per_step=layout.global_batch_size * cfg.data.seq_len, world_size=place.world_size,
                       flops_per_token=train_flops_per_token(cfg.model_config, cfg.data.seq_len),
-                      peak_flops=_peak_flops(cfg, place.device), device=place.device)
+                      peak_flops=mfu_peak_flops(cfg, place.device), device=place.device)
     batches = iter(data.train_batches(dataset, cfg, dp_rank, layout.dp_world, state.consumed_samples,
                                       pin_memory=place.device.type == "cuda"))
     run = Run(cfg, place, dp_rank, layout, engine, state, dataset, batches, val_batches,
@@ -475,7 +475,7 @@ def _hold_output_dir(cfg: RunConfig, held: contextlib.ExitStack) -> None:
     raise_on_every_rank(taken, DataError)
 
 
-def _peak_flops(cfg: RunConfig, device: torch.device) -> float:
+def mfu_peak_flops(cfg: RunConfig, device: torch.device) -> float:
     """The peak that MFU is taken against: that of the matmuls the run does, bf16 under autocast, else fp32."""
     if cfg.logging.peak_tflops:
         return cfg.logging.peak_tflops * 1e12
