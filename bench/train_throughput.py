@@ -6,7 +6,8 @@
 Every variant is set up by `training.train.setup` from the config plus `--set` overrides (printed): one rank,
 `--micro-batch` sequences per step (1), no accumulation, a scratch output folder. Then the variants take turns,
 one optimizer step each (`training.train.train_step`: forward, backward, DeepSpeed's step), so that a machine
-whose load changes slows them alike. Tokens/s is the median over the measured steps; "vs Mamba" is the median of the per-turn ratios.
+whose load changes slows them alike. Tokens/s is the median over the measured steps; "vs Mamba" is the median
+of the per-turn ratios.
 MFU is taken against the datasheet peak of a known GPU, or against a measured matmul peak (e.g. on a CPU).
 "first step" is the time of each variant's first step: for the compiled variants, mostly compiling.
 Every step's times are printed as it ends; stopped by SIGTERM (a time limit) or Ctrl-C, the benchmark prints the

@@ -93,7 +93,7 @@ def test_train_throughput_peak_memory_is_each_variants_own_with_the_others_set_u
 # train_throughput.py whose MemMamba runs out of memory in its second step
 OUT_OF_MEMORY_IN_STEP_2 = """
 import sys, torch
-from bench import op_count, step_overhead, train_throughput
+from bench import train_throughput
 steps = []
 def train_step(run):
     steps.extend([run] if run.cfg.model_config.notes else [])

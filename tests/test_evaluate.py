@@ -120,6 +120,7 @@ def test_progress_counts_tokens_so_the_time_left_holds_when_long_windows_come_la
     assert "100/900 tokens (11%)" in lines[1] and "left" in lines[1] and "window 2/2 of 50 tokens" in lines[1]
     assert "900/900 tokens (100%)" in lines[-1] and "left" not in lines[-1]
 
+
 def test_a_long_window_shows_progress_chunk_by_chunk_before_it_ends(checkpoints, pg19_shards, capsys, monkeypatch,
                                                                      tmp_path):
     class EveryChunk(common.Progress):   # a log line whenever one is due, not every 30 s
